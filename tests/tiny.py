@@ -1,0 +1,43 @@
+"""Tiny random mlx-lm models written to disk, for tests that need a real model but not a good one.
+
+They load through the same `mlx_lm.utils.load_model` path as any downloaded model, so a stage
+built on one exercises exactly the code a real deployment runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+
+FAMILIES = ("llama", "qwen3")
+
+
+def make_tiny_model(dest: Path, family: str, *, n_layers: int = 4, hidden: int = 64,
+                    vocab: int = 256, tied: bool = False, seed: int = 0) -> Path:
+    config = {
+        "model_type": family,
+        "hidden_size": hidden,
+        "num_hidden_layers": n_layers,
+        "intermediate_size": hidden * 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden // 4,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tied,
+    }
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    # Default inits give near-uniform logits; scale them up so greedy picks are far from ties.
+    weights = {k: v * 4 if v.ndim == 2 else v for k, v in tree_flatten(model.parameters())}
+    dest.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest

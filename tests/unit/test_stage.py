@@ -1,0 +1,112 @@
+"""Split equivalence: a model cut into stages computes exactly what the unsplit mlx-lm model does."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
+
+from tests.tiny import FAMILIES, make_tiny_model
+from zmqinfer.stage import Stage, StageError
+from zmqinfer.wire import SeqId
+
+N_LAYERS = 4
+DECODE_STEPS = 16
+PROMPT = [3, 17, 250, 9, 41, 77, 5, 128, 64, 2, 199]
+
+
+@pytest.fixture(scope="module", params=[(f, tied) for f in FAMILIES for tied in (False, True)],
+                ids=lambda p: f"{p[0]}{'-tied' if p[1] else ''}")
+def tiny(request, tmp_path_factory) -> Path:
+    family, tied = request.param
+    return make_tiny_model(tmp_path_factory.mktemp(family), family, n_layers=N_LAYERS, tied=tied)
+
+
+def reference(path: Path) -> tuple[list[int], list[mx.array]]:
+    """Greedy tokens and logits of the unsplit model, prefilling as mlx-lm's generate_step does
+    (all but the last prompt token, then the last one alone)."""
+    model, _ = load_model(path)
+    cache = make_prompt_cache(model)
+    model(mx.array(PROMPT[:-1])[None], cache=cache)
+    y = mx.array(PROMPT[-1:])
+    tokens, logits = [], []
+    for _ in range(DECODE_STEPS + 1):
+        out = model(y[None], cache=cache)[:, -1, :]
+        logits.append(out)
+        tokens.append(int(mx.argmax(out, axis=-1).item()))
+        y = mx.array(tokens[-1:])
+    return tokens, logits
+
+
+def run_split(stages: list[Stage], seq: SeqId) -> tuple[list[int], list[mx.array]]:
+    def through(start: int, ids: list[int], want: bool) -> mx.array:
+        toks = mx.array(ids, dtype=mx.int32)
+        h = None
+        for st in stages:
+            h = st.forward(seq, start, toks, h, want_logits=want)
+        return h
+
+    through(0, PROMPT[:-1], False)
+    pos, y = len(PROMPT) - 1, PROMPT[-1]
+    tokens, logits = [], []
+    for _ in range(DECODE_STEPS + 1):
+        out = through(pos, [y], True)
+        pos += 1
+        logits.append(out)
+        tokens.append(int(mx.argmax(out, axis=-1).item()))
+        y = tokens[-1]
+    return tokens, logits
+
+
+def cuts(n_stages: int) -> list[list[int]]:
+    """Every way to cut N_LAYERS into n_stages non-empty contiguous ranges."""
+    return [[0, *c, N_LAYERS] for c in itertools.combinations(range(1, N_LAYERS), n_stages - 1)]
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_every_cut_equals_unsplit(tiny: Path, n_stages: int) -> None:
+    ref_tokens, ref_logits = reference(tiny)
+    assert len(set(ref_tokens)) > 1, "degenerate reference: the test would prove little"
+    for bounds in cuts(n_stages):
+        stages = [Stage(tiny, a, b) for a, b in zip(bounds, bounds[1:])]
+        tokens, logits = run_split(stages, SeqId(1))
+        assert tokens == ref_tokens, f"cut {bounds}"
+        for i, (a, b) in enumerate(zip(logits, ref_logits)):
+            assert mx.array_equal(a, b).item(), f"cut {bounds}: logits differ at step {i}"
+
+
+def test_stages_hold_only_their_layers(tiny: Path) -> None:
+    whole = Stage(tiny, 0, N_LAYERS)
+    parts = [Stage(tiny, 0, 1), Stage(tiny, 1, 3), Stage(tiny, 3, N_LAYERS)]
+    assert [len(p.layers) for p in parts] == [1, 2, 1]
+    assert parts[0].embed is not None and parts[0].norm is None and parts[0].head is None
+    assert parts[1].embed is None and parts[1].norm is None
+    assert parts[2].norm is not None and parts[2].head is not None
+    # The middle stage is pure layers: strictly smaller than its share of the whole.
+    assert sum(p.shard_bytes for p in parts) >= whole.shard_bytes
+    assert parts[1].shard_bytes < whole.shard_bytes / 2
+
+
+def test_sequences_are_isolated_and_positions_checked(tiny: Path) -> None:
+    stage = Stage(tiny, 0, N_LAYERS)
+    a, b = SeqId(1), SeqId(2)
+    toks = mx.array([1, 2, 3], dtype=mx.int32)
+    first = stage.forward(a, 0, toks, None, True)
+    stage.forward(b, 0, mx.array([9, 9], dtype=mx.int32), None, True)
+    again = stage.forward(SeqId(3), 0, toks, None, True)
+    assert mx.array_equal(first, again).item(), "another sequence's cache leaked into this one"
+    with pytest.raises(StageError, match="position 5"):
+        stage.forward(a, 5, toks, None, True)
+    with pytest.raises(StageError, match="no cache"):
+        stage.forward(SeqId(4), 3, toks, None, True)
+    stage.release([a, b])
+    assert stage.sequences == 1
+
+
+def test_bad_layer_range_is_refused(tiny: Path) -> None:
+    with pytest.raises(StageError, match="outside"):
+        Stage(tiny, 2, N_LAYERS + 1)

@@ -1,0 +1,310 @@
+"""The `zmqinfer` command: up, node, gateway, status, ping, model path.
+
+`up` is the one-command local cluster: it resolves (and on first use converts) the model with a
+progress bar, starts N node processes and runs the gateway in this process, prints the endpoint
+and the layer split once the ring is serving, and stops every process on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, GatewaySpec,
+                     NodeSpec, load_cluster, parse_layer_counts)
+from .wire import NodeId
+
+CLIENT_TIMEOUT_S = 5.0  # status: the gateway answers from memory, so 5 s means it is not there
+PING_CLIENT_TIMEOUT_S = 15.0  # ping waits on every node (1 s each, in parallel) and one probe
+NODE_STOP_GRACE_S = 5.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a local cluster (N nodes + gateway) and serve until Ctrl-C")
+    up.add_argument("--nodes", type=int, default=3, help="node processes to start (default 3)")
+    up.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="HTTP port (default 8100); "
+                    "control/results use port+1/+2, nodes port+10..")
+    up.add_argument("--host", default="127.0.0.1", help="address to serve the API on")
+    up.add_argument("--model", default=None, help="embedded default, a local mlx-lm directory or a hub id")
+    up.add_argument("--layers", default=None, help="layer counts per node, e.g. 10,10,10")
+    up.set_defaults(func=cmd_up)
+
+    node = sub.add_parser("node", help="run one node (on each machine)")
+    node.add_argument("--name", required=True, help="this node's id, as in nodes.toml")
+    node.add_argument("--config", type=Path, default=None, help="nodes.toml (for the gateway address and ports)")
+    node.add_argument("--gateway", default=None, help="gateway IP[:control_port], overrides the config")
+    node.add_argument("--port", type=int, default=None, help=f"data port (default {DEFAULT_DATA_PORT})")
+    node.add_argument("--bind", default="0.0.0.0", help="address to bind the data port on")
+    node.set_defaults(func=cmd_node)
+
+    gw = sub.add_parser("gateway", help="run the gateway (on one machine)")
+    gw.add_argument("--config", type=Path, default=Path("nodes.toml"), help="nodes.toml (default ./nodes.toml)")
+    gw.add_argument("--model", default=None, help="overrides the config's model")
+    gw.add_argument("--port", type=int, default=None, help="HTTP port, overrides the config")
+    gw.add_argument("--layers", default=None, help="layer counts per node, e.g. 10,9,9")
+    gw.set_defaults(func=cmd_gateway)
+
+    for name, fn, text in (("status", cmd_status, "show the ring: nodes, addresses, layers, health"),
+                           ("ping", cmd_ping, "round trip to each node and through the whole ring")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
+        c.add_argument("--json", action="store_true", help="print the raw JSON")
+        c.set_defaults(func=fn)
+
+    model = sub.add_parser("model", help="model utilities")
+    msub = model.add_subparsers(required=True, metavar="ACTION")
+    mp = msub.add_parser("path", help="print the local mlx-lm directory of a model (converting the default)")
+    mp.add_argument("model", nargs="?", default=None)
+    mp.set_defaults(func=cmd_model_path)
+    return p
+
+
+# ---- model ---------------------------------------------------------------------------------
+
+
+def _resolve_with_progress(model: str | None) -> Path:
+    from rich.progress import Progress
+
+    from .model import resolve_model
+
+    with Progress(transient=True) as bar:
+        task = None
+
+        def progress(stage: str, done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task(stage, total=total)
+            bar.update(task, completed=done, total=total, description=stage)
+
+        return resolve_model(model, progress=progress)
+
+
+def cmd_model_path(args: argparse.Namespace) -> int:
+    from .model import ModelNotFound
+
+    try:
+        print(_resolve_with_progress(args.model))
+    except ModelNotFound as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from . import log
+    from .node import NodeOptions, run_node
+
+    cfg = load_cluster(args.config) if args.config else ClusterConfig()
+    spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
+    host, port = cfg.gateway.address, cfg.gateway.control_port
+    if args.gateway:
+        host, _, p = args.gateway.partition(":")
+        port = int(p) if p else port
+    log.setup(f"node:{args.name}")
+    opts = NodeOptions(NodeId(args.name), _ip_only(host, "--gateway"), port,
+                       args.port or spec.port, args.bind)
+    asyncio.run(run_node(opts))
+    return 0
+
+
+def _ip_only(host: str, what: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{what} {host!r} is not an IP address (names are never handed to the "
+                          "system resolver; .local names will come from zeroconf discovery)") from None
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    cfg = load_cluster(args.config)
+    gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
+    counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
+    return _serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [])
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not 1 <= args.nodes <= 32:
+        raise ConfigError(f"--nodes {args.nodes}: choose 1..32")
+    counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
+    host = _ip_only(args.host, "--host")
+    gspec = GatewaySpec(address="127.0.0.1", bind=host, port=args.port,
+                        control_port=args.port + 1, result_port=args.port + 2)
+    nodes = [NodeSpec(NodeId(f"node{i}"), "127.0.0.1", args.port + 10 + i) for i in range(args.nodes)]
+    model_path = _resolve_or_exit(args.model)
+    if model_path is None:
+        return 1
+    procs = []
+    for n in nodes:
+        cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
+               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port)]
+        # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+    # Local nodes load the very directory the gateway resolved: no second conversion.
+    return _serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
+                  model_id=args.model)
+
+
+def _resolve_or_exit(model: str | None) -> Path | None:
+    from .model import ModelNotFound
+
+    try:
+        return _resolve_with_progress(model)
+    except ModelNotFound as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return None
+
+
+def _serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
+           api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
+           model_id: str | None = None) -> int:
+    from . import log
+    from .gateway import Gateway
+    from .model import DEFAULT_MODEL
+
+    if model_path is None:
+        model_path = _resolve_or_exit(model)
+        if model_path is None:
+            return 1
+    log.setup("gateway")
+    gw: Any = None
+    base = f"http://{gspec.bind if gspec.bind != '0.0.0.0' else '127.0.0.1'}:{gspec.port}/v1"
+
+    def on_ready(placement: list[Any]) -> None:
+        split = "  ".join(f"{p.node}=[{p.start},{p.end})" for p in placement)
+        print(f"zmqinfer serving {gw.model_id} at {base}\n  layers: {split}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        nonlocal gw
+        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
+                     model_id=model_id or model or DEFAULT_MODEL)
+        async with asyncio.TaskGroup() as tg:
+            if procs:
+                tg.create_task(_watch(procs, stop))
+            await gw.run(stop)
+
+    try:
+        asyncio.run(run())
+    finally:
+        _stop_processes(procs)
+    return 0
+
+
+async def _watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
+    """Report a node process that dies (the gateway takes the ring down by itself)."""
+    reported: set[int] = set()
+    while not stop.is_set():
+        for p in procs:
+            if p.poll() is not None and p.pid not in reported:
+                reported.add(p.pid)
+                print(f"zmqinfer: node process {p.pid} exited with status {p.returncode}", file=sys.stderr)
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            pass
+
+
+def _stop_processes(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + NODE_STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ---- status and ping -----------------------------------------------------------------------
+
+
+def _fetch(url: str, method: str, timeout: float) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read() or b"{}")
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise SystemExit(f"zmqinfer: no gateway at {url} within {timeout:.0f}s ({reason})") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _fetch(args.url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0 if st.get("ready") else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    state = "[green]ready[/]" if st.get("ready") else f"[red]not ready[/]: {st.get('reason', '?')}"
+    c.print(f"model {st.get('model')}  ({st.get('n_layers')} layers)  epoch {st.get('epoch')}  {state}")
+    t = Table("node", "address", "layers", "health", "beat", "device", "rss", "shard", "busy")
+    for n in st.get("nodes", []):
+        layers = f"[{n['layers'][0]},{n['layers'][1]})" if n.get("layers") else "-"
+        beat = f"{n['last_heartbeat_s']:.1f}s" if n.get("last_heartbeat_s") is not None else "-"
+        t.add_row(n["name"], f"{n.get('address') or '?'}:{n.get('data_port')}", layers,
+                  n["health"] if n["health"] == "ok" else f"[red]{n['health']}[/]", beat,
+                  n.get("device") or "-", _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
+                  f"{100 * n.get('busy_fraction', 0):.0f}%")
+    c.print(t)
+    return 0 if st.get("ready") else 1
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    res = _fetch(args.url.rstrip("/") + "/cluster/ping", "POST", PING_CLIENT_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for n in res.get("nodes", []):
+            what = f"{n['control_ms']:.2f} ms" if "control_ms" in n else n.get("error", "?")
+            print(f"{n['name']:<12} {n.get('address') or '?':<16} control {what}")
+        ring = f"{res['ring_ms']:.2f} ms" if res.get("ring_ms") is not None else res.get("ring_error", "?")
+        print(f"{'ring':<12} {'':<16} probe   {ring}")
+    ok = res.get("ring_ms") is not None and all("control_ms" in n for n in res.get("nodes", []))
+    return 0 if ok else 1
+
+
+def _mib(n: int | None) -> str:
+    return f"{n / 2**20:.0f} MiB" if n else "-"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""nodes.toml (and CLI overrides) -> frozen dataclasses. All validation lives here.
+
+Every mistake is reported with the file and the key that holds it, before anything starts.
+Addresses must be literal IPs: a host name would go to the system resolver, and `.local` names
+in particular cannot be resolved there (zeroconf discovery will resolve them itself).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .wire import NodeId
+
+DEFAULT_API_PORT = 8100
+DEFAULT_CONTROL_PORT = 8101
+DEFAULT_RESULT_PORT = 8102
+DEFAULT_DATA_PORT = 8110
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    address: str = "127.0.0.1"  # how nodes reach the gateway's control and result ports
+    bind: str = "0.0.0.0"
+    port: int = DEFAULT_API_PORT
+    control_port: int = DEFAULT_CONTROL_PORT
+    result_port: int = DEFAULT_RESULT_PORT
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"tcp://{self.address}:{self.control_port}"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: NodeId
+    address: str | None = None  # None: take the address the node's control connection came from
+    port: int = DEFAULT_DATA_PORT
+    layers: int | None = None  # pinned layer count; None = placement decides
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str | None = None  # None: the embedded default
+    gateway: GatewaySpec = field(default_factory=GatewaySpec)
+    nodes: tuple[NodeSpec, ...] = ()
+    api_keys: frozenset[str] = frozenset()
+    source: str = "<defaults>"
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"{self.source}: no [[node]] named {name!r} "
+                          f"(known: {', '.join(n.name for n in self.nodes) or 'none'})")
+
+
+def load_cluster(path: Path) -> ClusterConfig:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_cluster(data, str(path))
+
+
+def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
+    _only(data, {"model", "gateway", "node", "api"}, source, "")
+    model = data.get("model")
+    if model is not None:
+        model = _typed(model, str, source, "model")
+    gw = data.get("gateway", {})
+    _typed(gw, dict, source, "gateway")
+    _only(gw, {"address", "bind", "port", "control_port", "result_port"}, source, "gateway.")
+    gateway = GatewaySpec(
+        address=_ip(gw.get("address", "127.0.0.1"), source, "gateway.address"),
+        bind=_ip(gw.get("bind", "0.0.0.0"), source, "gateway.bind"),
+        port=_port(gw.get("port", DEFAULT_API_PORT), source, "gateway.port"),
+        control_port=_port(gw.get("control_port", DEFAULT_CONTROL_PORT), source, "gateway.control_port"),
+        result_port=_port(gw.get("result_port", DEFAULT_RESULT_PORT), source, "gateway.result_port"),
+    )
+    if len({gateway.port, gateway.control_port, gateway.result_port}) != 3:
+        raise ConfigError(f"{source}: gateway.port, control_port and result_port must differ")
+    raw_nodes = data.get("node", [])
+    _typed(raw_nodes, list, source, "node")
+    nodes = []
+    for i, n in enumerate(raw_nodes):
+        where = f"node[{i}]."
+        _typed(n, dict, source, where.rstrip("."))
+        _only(n, {"name", "address", "port", "layers"}, source, where)
+        if "name" not in n:
+            raise ConfigError(f"{source}: {where}name is required")
+        name = _typed(n["name"], str, source, where + "name")
+        if not _NAME.match(name):
+            raise ConfigError(f"{source}: {where}name {name!r}: use letters, digits, '.', '_', '-'")
+        layers = n.get("layers")
+        if layers is not None and (_typed(layers, int, source, where + "layers") < 1):
+            raise ConfigError(f"{source}: {where}layers must be at least 1, got {layers}")
+        nodes.append(NodeSpec(
+            name=NodeId(name),
+            address=_ip(n["address"], source, where + "address") if "address" in n else None,
+            port=_port(n.get("port", DEFAULT_DATA_PORT), source, where + "port"),
+            layers=layers,
+        ))
+    names = [n.name for n in nodes]
+    dups = sorted({x for x in names if names.count(x) > 1})
+    if dups:
+        raise ConfigError(f"{source}: duplicate node name(s): {', '.join(dups)}")
+    api = data.get("api", {})
+    _typed(api, dict, source, "api")
+    _only(api, {"keys"}, source, "api.")
+    keys = api.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise ConfigError(f"{source}: api.keys must be a list of non-empty strings")
+    return ClusterConfig(model=model, gateway=gateway, nodes=tuple(nodes),
+                         api_keys=frozenset(keys), source=source)
+
+
+def parse_layer_counts(text: str, n_nodes: int) -> list[int]:
+    """`--layers 10,10,10` -> [10, 10, 10], one count per node."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: expected comma-separated layer counts, e.g. 10,9,9") from None
+    if len(counts) != n_nodes:
+        raise ConfigError(f"--layers {text!r}: {len(counts)} counts for {n_nodes} nodes")
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"--layers {text!r}: every node needs at least one layer")
+    return counts
+
+
+def _only(d: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
+                          f"(allowed: {', '.join(sorted(prefix + a for a in allowed))})")
+
+
+def _typed(value: Any, tp: type, source: str, key: str) -> Any:
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _port(value: Any, source: str, key: str) -> int:
+    _typed(value, int, source, key)
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{source}: {key} {value} is not a TCP port (1-65535)")
+    return value
+
+
+def _ip(value: Any, source: str, key: str) -> str:
+    _typed(value, str, source, key)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        hint = (" (.local names are resolved by zeroconf discovery, never here)"
+                if value.endswith(".local") else "")
+        raise ConfigError(f"{source}: {key} {value!r} is not an IP address{hint}") from None

@@ -1,0 +1,75 @@
+"""Last-stage sampling: logits -> (token, logprob, top alternatives), per sequence.
+
+Built from mlx-lm's own pieces (`make_logits_processors`, `apply_top_p` / `apply_min_p` /
+`apply_top_k`) in the order `make_sampler` applies them, so a request samples as it would in
+mlx-lm. Two differences, both deliberate: the random draw uses a per-sequence key (seeded from
+the request's `seed`) instead of mlx's global state, so concurrent requests never perturb each
+other's randomness; and the processors see every token of the sequence (prompt included), which
+travel the ring with each chunk. Runs on the mlx thread only.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from .wire import Sample, SamplingParams, SeqId, TokenLogprob
+
+
+class SeqSampler:
+    def __init__(self, seq: SeqId, params: SamplingParams) -> None:
+        self.seq = seq
+        self.params = params
+        self._processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None,
+            repetition_penalty=params.repetition_penalty,
+            repetition_context_size=params.penalty_context,
+            presence_penalty=params.presence_penalty,
+            presence_context_size=params.penalty_context,
+            frequency_penalty=params.frequency_penalty,
+            frequency_context_size=params.penalty_context,
+        )
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._key = mx.random.key(seed)
+        # Only the penalties read history, and only its last `penalty_context` tokens.
+        self._history: list[int] = []
+
+    def observe(self, tokens: list[int]) -> None:
+        """Every token that enters the sequence, in order (prompt chunks and sampled tokens)."""
+        if self._processors:
+            self._history.extend(tokens)
+            del self._history[: -self.params.penalty_context]
+
+    def sample(self, logits: mx.array) -> Sample:
+        """logits: [1, vocab] of the sequence's newest position."""
+        p = self.params
+        if self._processors and self._history:
+            hist = mx.array(self._history, dtype=mx.int32)
+            for proc in self._processors:
+                logits = proc(hist, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if p.temperature == 0:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            filtered = logprobs
+            if 0 < p.top_p < 1.0:
+                filtered = apply_top_p(filtered, p.top_p)
+            if p.min_p != 0.0:
+                filtered = apply_min_p(filtered, p.min_p)
+            if 0 < p.top_k < logprobs.shape[-1]:
+                filtered = apply_top_k(filtered, p.top_k)
+            self._key, draw = mx.random.split(self._key)
+            token = mx.random.categorical(filtered * (1.0 / p.temperature), key=draw)
+        tok = int(token.item())
+        lp = logprobs[0]
+        top: tuple[TokenLogprob, ...] = ()
+        if p.top_logprobs > 0:
+            k = min(p.top_logprobs, lp.shape[-1])
+            ids = mx.argpartition(-lp, kth=k - 1)[:k]
+            vals = lp[ids]
+            order = mx.argsort(-vals)
+            top = tuple(TokenLogprob(int(i), float(v))
+                        for i, v in zip(ids[order].tolist(), vals[order].tolist()))
+        return Sample(self.seq, tok, float(lp[tok].item()), top)

@@ -1,0 +1,97 @@
+"""One factory per socket role. Every option is here with the failure it prevents.
+
+    gateway: control ROUTER (bind)   results ROUTER (bind)   data PUSH -> node 0
+    node:    control DEALER -> gateway (routing id = node id)
+             data PULL (bind)  ->  data PUSH -> next node   |   results DEALER -> gateway (last)
+
+Endpoints handed to these are always tcp://<ip>:<port>: an mDNS `.local` name must never reach
+ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
+"""
+
+from __future__ import annotations
+
+import zmq
+import zmq.asyncio
+
+from .wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES
+
+# A peer cannot make us allocate more than one maximal tensor frame plus its header.
+MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + MAX_HEADER_BYTES
+# Data-plane high-water marks are a safety net only: the gateway's credits bound what is in
+# flight. 1000 messages is far above any sane number of micro-batches.
+DATA_HWM = 1000
+# Reconnect quickly after a node restarts, but back off to 2 s so a dead peer costs nothing.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+# ZMTP heartbeats let TCP-level failures surface on connections that are otherwise quiet; our
+# own liveness lives in control-plane messages (liveness.py), these only clean up dead pipes.
+ZMTP_HEARTBEAT_IVL_MS = 1000
+ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context()
+
+
+def _common(s: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
+    s.setsockopt(zmq.LINGER, 0)  # never block process exit on undeliverable messages
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the connection
+    s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    s.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
+    return s
+
+
+def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.ROUTER))
+    # A send to a node that is gone raises EHOSTUNREACH instead of vanishing silently.
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A restarted node reuses its routing id; without handover it would be ignored forever.
+    s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    s.bind(endpoint)
+    return s
+
+
+def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.DEALER))
+    s.setsockopt(zmq.ROUTING_ID, node_id.encode())
+    # Control messages are only meaningful fresh: don't queue Ready/heartbeats for a gateway that
+    # is not connected yet; the loops resend on their own schedule.
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.setsockopt(zmq.SNDHWM, 100)
+    s.connect(endpoint)
+    return s
+
+
+def results_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.ROUTER))
+    s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a re-assigned last stage reconnects with its id
+    s.setsockopt(zmq.RCVHWM, DATA_HWM)
+    s.bind(endpoint)
+    return s
+
+
+def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.DEALER))
+    s.setsockopt(zmq.ROUTING_ID, node_id.encode())
+    s.setsockopt(zmq.SNDHWM, DATA_HWM)
+    s.connect(endpoint)
+    return s
+
+
+def data_pull(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.PULL))
+    s.setsockopt(zmq.RCVHWM, DATA_HWM)
+    s.bind(endpoint)
+    return s
+
+
+def data_push(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+    s = _common(ctx.socket(zmq.PUSH))
+    s.setsockopt(zmq.SNDHWM, DATA_HWM)
+    # Queue only on a completed connection: a send to a hop that is down then waits (under the
+    # caller's deadline) instead of piling hidden states into a pipe nobody will read.
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.connect(endpoint)
+    return s

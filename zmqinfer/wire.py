@@ -1,0 +1,379 @@
+"""THE protocol between the gateway and the nodes.
+
+Every message is a list of ZeroMQ frames (zguide's "Cheap or Nasty" framing):
+
+    frame 0   PROTOCOL_VERSION, compared byte for byte (a mismatch is refused, never guessed at)
+    frame 1   msgpack map: {"kind": <message kind>, <field>: <value>, ...}
+    frame 2.. raw tensor bytes, one frame per `Tensor` field that is not None, in field order;
+              the header holds each one's dtype and shape, so the bytes are never copied or parsed
+
+Messages are frozen dataclasses; `encode(msg) -> frames` and `decode(frames) -> msg` are the only
+way in or out. `decode` trusts nothing: msgpack runs with size limits (never pickle, never ext
+types), every field is type-checked against the dataclass annotation, unknown kinds and missing
+or extra fields are refused, and every tensor frame must have exactly the byte length its header
+declares. A `WireError` says what was wrong; the caller drops the message and logs it.
+
+Data plane (PUSH/PULL along the ring, DEALER -> ROUTER back to the gateway):
+    Forward   tokens (+ hidden states after stage 0) for one micro-batch of sequence chunks
+    Release   free these sequences' KV caches (travels the ring in order behind their last Forward)
+    Sampled   the last stage's sampled tokens and logprobs, one per sampled chunk
+    StepFailed  a stage could not run a Forward (sent on the control plane so it never queues)
+Control plane (node DEALER, routing id = node id  <->  gateway ROUTER):
+    Heartbeat (doubles as READY), Assign, Loaded, Ping, Pong, Bye
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NewType, Union
+
+import msgpack
+
+PROTOCOL_VERSION = b"zmqinfer/1"
+
+SeqId = NewType("SeqId", int)
+NodeId = NewType("NodeId", str)
+Epoch = NewType("Epoch", int)
+
+# Limits on what a peer may send. A header is small: token ids and hidden states travel as tensor
+# frames, so 1 MiB of msgpack is already generous (a logit_bias map of 300 entries is ~5 KiB).
+MAX_HEADER_BYTES = 1 << 20
+# A prefill chunk of 8192 tokens x 8192 hidden x 4 bytes is 256 MiB: the largest sane frame.
+MAX_TENSOR_BYTES = 256 << 20
+MAX_ENTRIES = 4096  # sequences in one micro-batch, results in one Sampled
+
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
+    "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4,
+}
+
+
+class WireError(ValueError):
+    """A message that does not follow this protocol. Drop it; never act on part of it."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A dense row-major array as raw bytes; `tensors.py` converts to and from mx.array."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: Any = dataclasses.field(repr=False, compare=False)  # bytes-like: bytes, memoryview, zmq.Frame
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+# ---- data plane ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything the last stage needs to turn logits into a token, fixed per request."""
+
+    temperature: float = 0.0  # 0 = greedy (argmax), exactly as mlx-lm
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    penalty_context: int = 20  # tokens the penalties look back over (mlx-lm's default)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0  # alternatives to report per token (OpenAI's top_logprobs)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`length` consecutive tokens of one sequence, starting at position `start`.
+
+    A node checks `start` against its KV cache, so a lost or reordered chunk is detected instead
+    of silently corrupting the sequence. `params` rides on a sequence's first chunk only (the
+    last stage keeps it); `sample` asks the last stage for a token after this chunk.
+    """
+
+    seq: SeqId
+    start: int
+    length: int
+    sample: bool
+    params: SamplingParams | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    KIND: ClassVar[str] = "forward"
+    epoch: Epoch
+    step: int  # gateway's id for this micro-batch, echoed in Sampled
+    chunks: tuple[Chunk, ...]
+    tokens: Tensor  # int32 [sum(lengths)]: every stage passes them on (penalties need them last)
+    hidden: Tensor | None = None  # [sum(lengths), hidden_size] after stage 0
+
+
+@dataclass(frozen=True)
+class Release:
+    KIND: ClassVar[str] = "release"
+    epoch: Epoch
+    seqs: tuple[SeqId, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    seq: SeqId
+    token: int
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sampled:
+    KIND: ClassVar[str] = "sampled"
+    epoch: Epoch
+    step: int
+    samples: tuple[Sample, ...]
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    KIND: ClassVar[str] = "step_failed"
+    epoch: Epoch
+    step: int
+    node: NodeId
+    seqs: tuple[SeqId, ...]
+    reason: str
+
+
+# ---- control plane ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A node's periodic beat. It doubles as READY: it carries everything the gateway needs to
+    admit the node, so a gateway that restarts learns the whole ring from the next beats."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    node: NodeId
+    data_port: int
+    mem_total: int
+    mem_free: int
+    device: str
+    pid: int
+    epoch: Epoch  # the epoch it serves, 0 when unassigned
+    loaded: bool  # its stage for `epoch` is loaded and serving
+    rss_bytes: int
+    busy_seconds: float  # time spent computing since start: busy fraction = d(busy)/d(wall)
+    sequences: int  # live KV caches
+
+
+@dataclass(frozen=True)
+class Assign:
+    """The gateway's plan for one node. `next_hop` is a tcp:// endpoint, or None for the last
+    stage, which sends its samples to the gateway's result port instead."""
+
+    KIND: ClassVar[str] = "assign"
+    epoch: Epoch
+    model: str
+    start: int
+    end: int
+    n_layers: int
+    next_hop: str | None
+    result_port: int
+
+
+@dataclass(frozen=True)
+class Loaded:
+    KIND: ClassVar[str] = "loaded"
+    epoch: Epoch
+    node: NodeId
+    ok: bool
+    detail: str  # the error when not ok
+    fingerprint: str  # of the model files it loaded: every stage must load the same model
+    shard_bytes: int
+    rss_bytes: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Ping:
+    KIND: ClassVar[str] = "ping"
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    KIND: ClassVar[str] = "pong"
+    nonce: int
+    node: NodeId
+
+
+@dataclass(frozen=True)
+class Bye:
+    KIND: ClassVar[str] = "bye"
+    node: NodeId
+    reason: str
+
+
+Message = Union[Forward, Release, Sampled, StepFailed, Heartbeat, Assign, Loaded, Ping, Pong, Bye]
+MESSAGES: dict[str, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
+
+
+# ---- encoding --------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list[bytes | Any]:
+    """Frames for `msg`: version, header, then the tensor payloads (not copied)."""
+    payloads: list[Any] = []
+    header = {"kind": msg.KIND}
+    header.update(_to_plain(msg, payloads))
+    return [PROTOCOL_VERSION, msgpack.packb(header, use_bin_type=True), *payloads]
+
+
+def _to_plain(obj: Any, payloads: list[Any]) -> Any:
+    if isinstance(obj, Tensor):
+        payloads.append(obj.data)
+        return [obj.dtype, list(obj.shape)]
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name), payloads) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v, payloads) for v in obj]
+    return obj
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+def decode(frames: list[Any]) -> Message:
+    """The message in `frames` (bytes or zmq.Frame), or WireError saying what is wrong."""
+    if len(frames) < 2:
+        raise WireError(f"expected at least 2 frames, got {len(frames)}")
+    version = bytes(frames[0])
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version[:32]!r}, expected {PROTOCOL_VERSION!r}")
+    raw = memoryview(frames[1])
+    if raw.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"header of {raw.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=MAX_HEADER_BYTES, max_bin_len=0, max_ext_len=0,
+            max_array_len=MAX_ENTRIES * 8, max_map_len=64,
+        )
+    except (ValueError, msgpack.UnpackException) as e:
+        raise WireError(f"bad msgpack header: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    kind = header.pop("kind", None)
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"unknown message kind {kind!r}")
+    payloads = [memoryview(f) if not isinstance(f, memoryview) else f for f in frames[2:]]
+    reader = _TensorReader(payloads)
+    msg = _from_plain(cls, header, reader, kind)
+    if reader.left:
+        raise WireError(f"{kind}: {reader.left} tensor frame(s) more than the header declares")
+    return msg
+
+
+class _TensorReader:
+    def __init__(self, payloads: list[memoryview]) -> None:
+        self._payloads = payloads
+        self._next = 0
+
+    @property
+    def left(self) -> int:
+        return len(self._payloads) - self._next
+
+    def take(self, spec: Any, where: str) -> Tensor:
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list) and all(type(d) is int and d >= 0 for d in spec[1])):
+            raise WireError(f"{where}: tensor spec must be [dtype, [dims...]]")
+        dtype, shape = spec[0], tuple(spec[1])
+        if dtype not in DTYPE_SIZES:
+            raise WireError(f"{where}: unsupported dtype {dtype!r}")
+        if self._next >= len(self._payloads):
+            raise WireError(f"{where}: tensor frame missing")
+        data = self._payloads[self._next]
+        self._next += 1
+        t = Tensor(dtype, shape, data)
+        if t.nbytes > MAX_TENSOR_BYTES or data.nbytes != t.nbytes:
+            raise WireError(f"{where}: frame has {data.nbytes} bytes, header says {dtype}{list(shape)}"
+                            f" = {t.nbytes} (limit {MAX_TENSOR_BYTES})")
+        return t
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _from_plain(tp: Any, value: Any, reader: _TensorReader, where: str) -> Any:
+    """Check `value` against the annotation `tp` and build it. Type-driven so that a new message
+    needs no decoding code of its own."""
+    tp = getattr(tp, "__supertype__", tp)  # NewType -> its base
+    origin = typing.get_origin(tp)
+    if tp is Tensor:
+        return reader.take(value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected a map for {tp.__name__}")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = set(value) - set(fields)
+        if unknown:
+            raise WireError(f"{where}: unknown field(s) {sorted(unknown)}")
+        hints = _hints(tp)
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _from_plain(hints[name], value[name], reader, f"{where}.{name}")
+            elif f.default is dataclasses.MISSING:
+                raise WireError(f"{where}: missing field {name!r}")
+        return tp(**kwargs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise WireError(f"{where}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _from_plain(inner[0], value, reader, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected an array")
+        if len(args) == 2 and args[1] is Ellipsis:
+            if len(value) > MAX_ENTRIES:
+                raise WireError(f"{where}: {len(value)} items exceed {MAX_ENTRIES}")
+            return tuple(_from_plain(args[0], v, reader, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise WireError(f"{where}: expected {len(args)} items")
+        return tuple(_from_plain(a, v, reader, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise WireError(f"{where}: {value!r} not one of {typing.get_args(tp)}")
+        return value
+    if tp is float:
+        if type(value) not in (float, int):
+            raise WireError(f"{where}: expected a number")
+        return float(value)
+    if tp in (int, str, bool):
+        if type(value) is not tp:  # bool is an int subclass: insist on the exact type
+            raise WireError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise WireError(f"{where}: cannot decode type {tp}")  # a protocol bug, not a peer's
