@@ -160,15 +160,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     model_path = _resolve_or_exit(args.model)
     if model_path is None:
         return 1
+    from .model import DEFAULT_MODEL
+
+    # N nodes share this machine's cores: OpenBLAS's default (a thread per core, spinning while
+    # idle) in every process would make them fight over the same cores.
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nodes)))
     procs = []
     for n in nodes:
         cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
                "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port)]
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
-        procs.append(subprocess.Popen(cmd, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
     # Local nodes load the very directory the gateway resolved: no second conversion.
     return _serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
-                  model_id=args.model)
+                  model_id=args.model or DEFAULT_MODEL)
 
 
 def _resolve_or_exit(model: str | None) -> Path | None:
@@ -277,12 +283,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = "[green]ready[/]" if st.get("ready") else f"[red]not ready[/]: {st.get('reason', '?')}"
     c.print(f"model {st.get('model')}  ({st.get('n_layers')} layers)  epoch {st.get('epoch')}  {state}")
     t = Table("node", "address", "layers", "health", "beat", "device", "rss", "shard", "busy")
+    for col in t.columns[:3]:
+        col.no_wrap = True
     for n in st.get("nodes", []):
         layers = f"[{n['layers'][0]},{n['layers'][1]})" if n.get("layers") else "-"
         beat = f"{n['last_heartbeat_s']:.1f}s" if n.get("last_heartbeat_s") is not None else "-"
         t.add_row(n["name"], f"{n.get('address') or '?'}:{n.get('data_port')}", layers,
                   n["health"] if n["health"] == "ok" else f"[red]{n['health']}[/]", beat,
-                  n.get("device") or "-", _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
+                  (n.get("device") or "-").split(" (")[0], _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
                   f"{100 * n.get('busy_fraction', 0):.0f}%")
     c.print(t)
     return 0 if st.get("ready") else 1

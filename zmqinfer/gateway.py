@@ -147,7 +147,7 @@ class Gateway:
                 "busy_fraction": round(m.busy_fraction, 3), "sequences": b.sequences if b else 0,
             })
         return {"ready": self._ready.is_set(), "reason": "" if self._ready.is_set() else self.reason,
-                "model": self.model, "n_layers": self.n_layers, "epoch": self.epoch,
+                "model": self.model_id, "n_layers": self.n_layers, "epoch": self.epoch,
                 "active_requests": self.scheduler.active, "nodes": nodes}
 
     async def cluster_ping(self) -> dict[str, Any]:

@@ -206,7 +206,14 @@ class Node:
                 if self.assignment is not None and self.assignment.next_hop is not None:
                     await self._send_out(msg, msg.seqs, -1)
                 continue
-            out, failures = await self._mlx(self.worker.run, msg)
+            try:
+                out, failures = await self._mlx(self.worker.run, msg)
+            except Exception as e:  # a bug must cost this step, not the node and every request on it
+                self.log.exception("step crashed", step=msg.step)
+                seqs = tuple(c.seq for c in msg.chunks)
+                await self._send_control(StepFailed(msg.epoch, msg.step, self.opts.name, seqs,
+                                                    f"internal error: {type(e).__name__}: {e}"))
+                continue
             for seqs, reason in failures:
                 self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
                 await self._send_control(StepFailed(msg.epoch, msg.step, self.opts.name, seqs, reason))

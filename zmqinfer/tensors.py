@@ -19,6 +19,8 @@ def to_wire(a: mx.array) -> Tensor:
     """A Tensor whose data is a view of `a`'s memory (evaluates `a`)."""
     name = str(a.dtype).removeprefix("mlx.core.")
     bits = a.view(mx.uint16) if name in _VIEW_AS_UINT16 else a
+    if a.size == 0:  # a probe's empty batch: memoryview cannot flatten a zero-sized shape
+        return Tensor(name, tuple(a.shape), b"")
     mx.eval(bits)
     view = memoryview(bits)
     if not view.c_contiguous:  # a transposed or sliced view: frames must be one flat buffer

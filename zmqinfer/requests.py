@@ -1,0 +1,436 @@
+"""OpenAI request bodies -> frozen, validated requests. Every 400 the API gives is decided here.
+
+Contract:
+
+* `parse_body(raw)` -> the JSON object of a request body (strict JSON: no NaN/Infinity).
+* `parse_chat(body)` / `parse_completion(body)` -> `ChatRequest` / `CompletionRequest`. They
+  check types and ranges of every field, refuse unknown fields by name, and refuse features this
+  server does not have (tools, n>1, echo, images, ...) instead of silently ignoring them.
+* `plan(request, tokenizer, context_length)` -> `Plan`: the prompt token ids (chat template or
+  the tokenizer's default `encode`) and the completion budget, checked against the vocabulary
+  and the context length. It is CPU work (tokenization), so the API runs it off the event loop.
+
+Each failure is a `RequestError` whose message says what to fix and whose `param` names the
+offending field, ready to be rendered as OpenAI's `{"error": {...}}` body.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jinja2 import TemplateError
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .wire import SamplingParams
+
+# What a request gets when it names no budget: OpenAI has no fixed default (it runs to the
+# context limit), but an unbounded default lets one forgetful client hold the ring for minutes.
+DEFAULT_MAX_TOKENS = 512
+# OpenAI's own default; clients that want reproducible output send temperature 0 or a seed.
+DEFAULT_TEMPERATURE = 1.0
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 1000  # a stop string longer than this is a mistake, and each token rescans it
+MAX_LOGIT_BIAS = 300  # OpenAI's limit; also keeps the wire header small (see wire.py)
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits for chat / legacy completions
+MAX_COMPLETION_LOGPROBS = 5
+
+Role = Literal["system", "user", "assistant"]
+
+
+class RequestError(Exception):
+    """A request the API refuses; rendered as OpenAI's error object with HTTP `status`."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Options:
+    """What both endpoints share: budget, stopping, sampling and output shape."""
+
+    max_tokens: int | None  # None: DEFAULT_MAX_TOKENS, capped by what the context leaves
+    max_tokens_param: str  # the field the client used, for error messages
+    stop: tuple[str, ...]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None: no logprobs; k: each token's logprob plus k alternatives
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str | None  # echoed nowhere: the gateway serves one model and answers with its id
+    messages: tuple[Message, ...]
+    options: Options
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str | None
+    prompt: str | tuple[int, ...]
+    options: Options
+
+
+@dataclass(frozen=True)
+class Plan:
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+# ---- body -------------------------------------------------------------------------------------
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object in `raw`, or RequestError."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise RequestError(f"the request body is not valid JSON: {e}",
+                           code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# ---- field readers: None (absent or null) gives the default --------------------------------
+
+
+def _err(name: str, message: str, code: str = "invalid_value") -> RequestError:
+    return RequestError(f"{name} {message}", param=name, code=code)
+
+
+def _number(body: Mapping[str, Any], name: str, default: float | None, lo: float, hi: float,
+            *, lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not math.isfinite(value):  # bool is not a number here
+        raise _err(name, "must be a number", "invalid_type")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise _err(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}")
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
+             hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is not int:
+        raise _err(name, "must be an integer", "invalid_type")
+    if value < lo or (hi is not None and value > hi):
+        raise _err(name, f"must be {f'between {lo} and {hi}' if hi is not None else f'>= {lo}'},"
+                         f" got {value}")
+    return value
+
+
+def _boolean(body: Mapping[str, Any], name: str, default: bool, where: str = "") -> bool:
+    value = body.get(name)
+    if value is not None and type(value) is not bool:
+        raise _err(where + name, "must be true or false", "invalid_type")
+    return default if value is None else value
+
+
+def _string(body: Mapping[str, Any], name: str, where: str = "") -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _err(where + name, "must be a string", "invalid_type")
+    return value
+
+
+def _check_fields(body: Mapping[str, Any], known: frozenset[str],
+                  unsupported: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    unknown = sorted(set(body) - known - set(unsupported))
+    if unknown:
+        also = f" (also {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
+        raise RequestError(f"unknown field {unknown[0]!r}{also}", param=unknown[0],
+                           code="unknown_parameter")
+    for name, (harmless, why) in unsupported.items():
+        if name in body and body[name] is not None and not harmless(body[name]):
+            raise RequestError(f"{name}: {why}", param=name, code="unsupported_parameter")
+
+
+# Fields OpenAI defines that this server cannot honour: accepted only with a value that asks for
+# nothing (null, or the default), refused otherwise.
+_NOT_TOOLS = "tool and function calling is not supported"
+_CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: v == [], _NOT_TOOLS),
+    "tool_choice": (lambda v: v == "none", _NOT_TOOLS),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), _NOT_TOOLS),  # moot without tools
+    "functions": (lambda v: v == [], _NOT_TOOLS),
+    "function_call": (lambda v: v == "none", _NOT_TOOLS),
+    "response_format": (lambda v: v == {"type": "text"},
+                        "only {\"type\": \"text\"} is supported (no JSON mode or schemas)"),
+    "modalities": (lambda v: v == ["text"], "only text output is supported"),
+    "audio": (lambda v: False, "audio output is not supported"),
+    "prediction": (lambda v: False, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: False, "reasoning effort is not supported"),
+    "web_search_options": (lambda v: False, "web search is not supported"),
+    "store": (lambda v: v is False, "stored completions are not supported"),
+    "metadata": (lambda v: False, "metadata is only used with store, which is not supported"),
+    "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported"),
+}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "echo": (lambda v: v is False, "echo=true is not supported"),
+    "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
+    "best_of": (lambda v: v == 1, "best_of>1 is not supported"),
+}
+_COMMON = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
+    "stream", "stream_options", "user", "n",
+})
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_COMPLETION_FIELDS = _COMMON | {"prompt"}
+
+
+# ---- shared options ---------------------------------------------------------------------------
+
+
+def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
+    if (_integer(body, "n", 1, 1) or 1) > 1:
+        raise RequestError("n>1 is not supported; send one request per completion", param="n",
+                           code="unsupported_parameter")
+    _string(body, "user")  # accepted and, like OpenAI's abuse tracking, not used for generation
+
+    max_tokens, param = _integer(body, "max_tokens", None, 1), "max_tokens"
+    newer = _integer(body, "max_completion_tokens", None, 1)
+    if newer is not None:
+        if max_tokens is not None and max_tokens != newer:
+            raise _err("max_completion_tokens", "and max_tokens disagree; send only one")
+        max_tokens, param = newer, "max_completion_tokens"
+
+    stream = _boolean(body, "stream", False)
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not stream:
+            raise _err("stream_options", "is only allowed when stream is true")
+        if not isinstance(stream_options, dict):
+            raise _err("stream_options", "must be an object", "invalid_type")
+        extra = sorted(set(stream_options) - {"include_usage"})
+        if extra:
+            raise _err(f"stream_options.{extra[0]}", "is an unknown field", "unknown_parameter")
+        include_usage = _boolean(stream_options, "include_usage", False, "stream_options.")
+
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+    sampling = SamplingParams(
+        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", 0, 0),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        # OpenAI seeds are signed 64-bit; mlx keys are unsigned: the same bits either way.
+        seed=None if seed is None else seed % (1 << 64),
+        # Penalties stay None (not a neutral value) when absent: the sampler then skips them.
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, 10.0, lo_open=True),
+        presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        top_logprobs=logprobs or 0,
+    )
+    return Options(max_tokens=max_tokens, max_tokens_param=param, stop=_stop(body.get("stop")),
+                   sampling=sampling, stream=stream, include_usage=include_usage,
+                   logprobs=logprobs)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if stops is None:
+        return ()
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _err("stop", "must be a string or a list of strings", "invalid_type")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise _err("stop", f"takes at most {MAX_STOP_SEQUENCES} strings, got {len(stops)}")
+    if not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise _err("stop", f"strings must each be 1 to {MAX_STOP_CHARS} characters long")
+    return tuple(dict.fromkeys(stops))  # duplicates would only cost time
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _err("logit_bias", "must be an object mapping token ids to biases", "invalid_type")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _err("logit_bias", f"takes at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise _err("logit_bias", f"keys must be token ids (decimal integers), got {key!r}")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:  # NaN fails both tests
+            raise _err("logit_bias", f"values must be numbers between -100 and 100, got {bias!r}"
+                                     f" for {key!r}")
+        out[int(key)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+
+def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
+    """A validated /v1/chat/completions request, or RequestError."""
+    _check_fields(body, _CHAT_FIELDS, _CHAT_UNSUPPORTED)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and type(logprobs) is not bool:
+        raise _err("logprobs", "must be true or false for chat completions", "invalid_type")
+    top = _integer(body, "top_logprobs", None, 0, MAX_CHAT_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise _err("top_logprobs", "requires logprobs to be true")
+    options = _options(body, (top or 0) if logprobs else None)
+    return ChatRequest(model=_string(body, "model"), messages=_messages(body.get("messages")),
+                       options=options)
+
+
+def _messages(value: Any) -> tuple[Message, ...]:
+    if value is None:
+        raise _err("messages", "is required", "missing_required_parameter")
+    if not isinstance(value, list) or not value:
+        raise _err("messages", "must be a non-empty list of message objects")
+    return tuple(_message(m, f"messages[{i}]") for i, m in enumerate(value))
+
+
+def _message(m: Any, where: str) -> Message:
+    if not isinstance(m, dict):
+        raise _err(where, "must be an object with role and content", "invalid_type")
+    role = m.get("role")
+    if role in ("tool", "function"):
+        raise _err(f"{where}.role", f"{role!r} is not supported: {_NOT_TOOLS}",
+                   "unsupported_parameter")
+    if role not in ("system", "developer", "user", "assistant"):
+        raise _err(f"{where}.role", f"must be one of system, developer, user, assistant;"
+                                    f" got {role!r}")
+    extra = next((k for k in m if k not in ("role", "content", "name")), None)
+    if extra is not None:  # tool_calls, refusal, audio, ...: all things we cannot honour
+        raise _err(f"{where}.{extra}", "is not supported", "unsupported_parameter")
+    name = _string(m, "name", f"{where}.")
+    # Chat templates know system/user/assistant; "developer" is OpenAI's newer name for system.
+    return Message(role="system" if role == "developer" else role,
+                   content=_content(m.get("content"), f"{where}.content"), name=name)
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise _err(where, "is required", "missing_required_parameter")
+    if not isinstance(content, list):
+        raise _err(where, "must be a string or a list of text parts", "invalid_type")
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image_url", "input_image", "input_audio", "file"):
+            raise _err(f"{where}[{i}]", f"is {kind}: {kind} input is not supported (text only)",
+                       "unsupported_parameter")
+        if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise _err(f"{where}[{i}]", 'must be {"type": "text", "text": <string>}')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# ---- legacy completions -----------------------------------------------------------------------
+
+
+def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
+    """A validated /v1/completions request, or RequestError."""
+    _check_fields(body, _COMPLETION_FIELDS, _COMPLETION_UNSUPPORTED)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (type(logprobs) is not int
+                                 or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
+        raise _err("logprobs", f"must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}"
+                               " for completions")
+    return CompletionRequest(model=_string(body, "model"), prompt=_prompt(body.get("prompt")),
+                             options=_options(body, logprobs))
+
+
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    if value is None:
+        raise _err("prompt", "is required", "missing_required_parameter")
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(type(t) is int for t in value):
+        return tuple(value)
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise _err("prompt", "is a batch: batched prompts (a list of strings or of token lists)"
+                             " are not supported; send one prompt per request",
+                   "unsupported_parameter")
+    raise _err("prompt", "must be a non-empty string or a non-empty list of token ids")
+
+
+# ---- tokenization and budget ------------------------------------------------------------------
+
+
+def plan(request: ChatRequest | CompletionRequest, tokenizer: TokenizerWrapper,
+         context_length: int) -> Plan:
+    """Prompt token ids and completion budget for `request`, or RequestError."""
+    vocab = len(tokenizer)
+    if isinstance(request, ChatRequest):
+        prompt, param = _chat_prompt(request.messages, tokenizer), "messages"
+    elif isinstance(request.prompt, str):
+        prompt, param = [int(t) for t in tokenizer.encode(request.prompt)], "prompt"
+    else:
+        prompt, param = list(request.prompt), "prompt"
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise _err("prompt", f"has token id {bad}, outside the vocabulary [0, {vocab})")
+    if not prompt:
+        raise _err(param, "encodes to no tokens")
+    options = request.options
+    bad = next((t for t, _ in options.sampling.logit_bias if t >= vocab), None)
+    if bad is not None:
+        raise _err("logit_bias", f"has token id {bad}, outside the vocabulary [0, {vocab})")
+
+    room = context_length - len(prompt)
+    if options.max_tokens is None:
+        if room < 1:
+            raise RequestError(
+                f"This model's maximum context length is {context_length} tokens, but the prompt"
+                f" has {len(prompt)} tokens, leaving no room for a completion. Shorten the"
+                f" {param}.", param=param, code="context_length_exceeded")
+        return Plan(tuple(prompt), min(DEFAULT_MAX_TOKENS, room))
+    if options.max_tokens > room:
+        raise RequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you"
+            f" requested {len(prompt) + options.max_tokens} tokens ({len(prompt)} in the prompt,"
+            f" {options.max_tokens} for the completion). Shorten the {param} or lower"
+            f" {options.max_tokens_param}.", param=options.max_tokens_param,
+            code="context_length_exceeded")
+    return Plan(tuple(prompt), options.max_tokens)
+
+
+def _chat_prompt(messages: tuple[Message, ...], tokenizer: TokenizerWrapper) -> list[int]:
+    if not tokenizer.has_chat_template:
+        raise RequestError("this model has no chat template; use /v1/completions with a plain"
+                           " prompt", param="messages", code="no_chat_template")
+    dicts = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
+             for m in messages]
+    try:
+        ids = tokenizer.apply_chat_template(dicts, add_generation_prompt=True, tokenize=True)
+    except (TemplateError, ValueError) as e:  # templates' raise_exception(): about the input
+        raise RequestError(f"the model's chat template rejected these messages: {e}",
+                           param="messages", code="invalid_value") from None
+    # Some transformers versions return a BatchEncoding or a batch of one; we need list[int].
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
