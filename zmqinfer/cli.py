@@ -1,4 +1,4 @@
-"""The `zmqinfer` command: up, node, gateway, status, ping, model path.
+"""The `zmqinfer` command: up, node, gateway, status, ping, bench, model path.
 
 `up` is the one-command local cluster: it resolves (and on first use converts) the model with a
 progress bar, starts N node processes and runs the gateway in this process, prints the endpoint
@@ -71,7 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
         c.add_argument("--json", action="store_true", help="print the raw JSON")
+        c.add_argument("--api-key", default=os.environ.get("ZMQINFER_API_KEY"),
+                       help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
         c.set_defaults(func=fn)
+
+    bench = sub.add_parser("bench", help="single-stream speed: ring vs single-process mlx-lm, side by side")
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--nodes", default="1,3", help="ring sizes to measure (default 1,3)")
+    bench.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
+    bench.add_argument("--reps", type=int, default=3, help="repetitions per setup (default 3)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the report here")
+    bench.set_defaults(func=cmd_bench)
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(required=True, metavar="ACTION")
@@ -162,10 +172,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     from .model import DEFAULT_MODEL
 
-    # N nodes share this machine's cores: OpenBLAS's default (a thread per core, spinning while
-    # idle) in every process would make them fight over the same cores.
+    # N nodes share this machine's cores. Only one stage computes at a time for a single stream,
+    # so each may use every core, but OpenBLAS's idle threads spin for a long while by default
+    # and starve the stage that is working: 3 nodes on 2 cores decoded at 4.2 tok/s with the
+    # default spin, 7.6-8.0 with the shortest one (single process: 8.2). Measured 2026-11-27.
     env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nodes)))
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
     procs = []
     for n in nodes:
         cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
@@ -253,26 +265,42 @@ def _stop_processes(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    counts = [int(x) for x in args.nodes.split(",")]
+    report = bench.run(args.model, counts, args.tokens, args.reps)
+    print(bench.table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
 # ---- status and ping -----------------------------------------------------------------------
 
 
-def _fetch(url: str, method: str, timeout: float) -> dict[str, Any]:
+def _fetch(url: str, method: str, timeout: float, api_key: str | None) -> dict[str, Any]:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return json.loads(e.read() or b"{}")
+        body = json.loads(e.read() or b"{}")
+        if e.code in (401, 403):
+            raise SystemExit(f"zmqinfer: {url}: {body.get('error', {}).get('message', e.reason)} "
+                             "(pass --api-key or set ZMQINFER_API_KEY)") from None
+        return body
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", e)
         raise SystemExit(f"zmqinfer: no gateway at {url} within {timeout:.0f}s ({reason})") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _fetch(args.url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S)
+    st = _fetch(args.url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S, args.api_key)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0 if st.get("ready") else 1
@@ -297,7 +325,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    res = _fetch(args.url.rstrip("/") + "/cluster/ping", "POST", PING_CLIENT_TIMEOUT_S)
+    res = _fetch(args.url.rstrip("/") + "/cluster/ping", "POST", PING_CLIENT_TIMEOUT_S, args.api_key)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -92,7 +92,7 @@ class Gateway:
         self.tokenizer: TokenizerWrapper = load_tokenizer(model_path)
         self.epoch = Epoch(0)
         self.placement: list[Placement] = []
-        self.reason = "waiting for nodes"
+        self.reason = self._describe(list(self.members.values()), time.monotonic())
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # a Loaded arrived (the planner waits on it)
         self.scheduler = Scheduler(self, set(self.tokenizer.eos_token_ids))
@@ -283,13 +283,16 @@ class Gateway:
                           if not self.members[p.node].alive(now)
                           or self.members[p.node].beat.epoch != self.epoch]
                 if broken:
-                    self._take_down("; ".join(f"{m.where()} {_health(m, now, self.epoch)}" for m in broken))
+                    self._take_down(self._describe(broken, now))
                 continue
             missing = [m for m in self.members.values() if not m.alive(now)]
             if missing:
-                self.reason = "; ".join(f"{m.where()} {_health(m, now, self.epoch)}" for m in missing)
+                self.reason = self._describe(missing, now)
                 continue
             await self._assign_all()
+
+    def _describe(self, members: list[Member], now: float) -> str:
+        return "; ".join(f"{m.where()} {_health(m, now, self.epoch)}" for m in members)
 
     def _take_down(self, reason: str) -> None:
         self._ready.clear()
@@ -335,8 +338,7 @@ class Gateway:
             now = time.monotonic()
             dead = [m for m in ms if not m.alive(now)]
             if dead or now > deadline:
-                self.reason = "; ".join(f"{m.where()} {_health(m, now, epoch)}" for m in dead) or \
-                    f"nodes did not load within {LOAD_TIMEOUT_S:.0f}s"
+                self.reason = self._describe(dead, now) or f"nodes did not load within {LOAD_TIMEOUT_S:.0f}s"
                 return
             self._changed.clear()
             try:

@@ -15,7 +15,9 @@ import urllib.request
 import openai
 import pytest
 
-from tests.loopback.conftest import Cluster, Reference, start_cluster, stop_cluster
+from tests.loopback.conftest import Reference
+from zmqinfer import launch
+from zmqinfer.launch import LocalCluster as Cluster
 
 PROMPTS = [
     "What is the capital of France?",
@@ -212,7 +214,7 @@ def test_node_memory_is_its_shard_not_the_model(cluster: Cluster, model_dir) -> 
 
 
 def test_a_dead_node_is_named_within_a_deadline(tmp_path) -> None:
-    c = start_cluster(tmp_path, nodes=2)
+    c = launch.start(tmp_path, nodes=2)
     try:
         victim = c.node_pids()["node1"]
         os.kill(victim, signal.SIGKILL)
@@ -238,7 +240,7 @@ def test_a_dead_node_is_named_within_a_deadline(tmp_path) -> None:
         assert "error" in [n for n in res["nodes"] if n["name"] == "node1"][0]
         assert "control_ms" in [n for n in res["nodes"] if n["name"] == "node0"][0]
     finally:
-        stop_cluster(c)
+        launch.stop(c)
 
 
 def test_cli_reports_a_missing_gateway_quickly() -> None:
