@@ -35,8 +35,9 @@ import structlog
 from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .requests import (ChatRequest, CompletionRequest, Options, Plan, RequestError, parse_body,
-                       parse_chat, parse_completion, plan)
+from .prompt import Plan, plan
+from .requests import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
+                       parse_chat, parse_completion)
 from .scheduler import RingTimeout, RingUnavailable
 from .textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
 from .wire import Sample, SamplingParams

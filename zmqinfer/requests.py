@@ -6,9 +6,7 @@ Contract:
 * `parse_chat(body)` / `parse_completion(body)` -> `ChatRequest` / `CompletionRequest`. They
   check types and ranges of every field, refuse unknown fields by name, and refuse features this
   server does not have (tools, n>1, echo, images, ...) instead of silently ignoring them.
-* `plan(request, tokenizer, context_length)` -> `Plan`: the prompt token ids (chat template or
-  the tokenizer's default `encode`) and the completion budget, checked against the vocabulary
-  and the context length. It is CPU work (tokenization), so the API runs it off the event loop.
+* Tokenization and the context-length check are `prompt.plan`'s.
 
 Each failure is a `RequestError` whose message says what to fix and whose `param` names the
 offending field, ready to be rendered as OpenAI's `{"error": {...}}` body.
@@ -22,8 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jinja2 import TemplateError
-from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .wire import SamplingParams
 
@@ -87,12 +83,6 @@ class CompletionRequest:
     options: Options
 
 
-@dataclass(frozen=True)
-class Plan:
-    prompt: tuple[int, ...]
-    max_tokens: int
-
-
 # ---- body -------------------------------------------------------------------------------------
 
 
@@ -115,7 +105,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 # ---- field readers: None (absent or null) gives the default --------------------------------
 
 
-def _err(name: str, message: str, code: str = "invalid_value") -> RequestError:
+def param_error(name: str, message: str, code: str = "invalid_value") -> RequestError:
     return RequestError(f"{name} {message}", param=name, code=code)
 
 
@@ -125,9 +115,9 @@ def _number(body: Mapping[str, Any], name: str, default: float | None, lo: float
     if value is None:
         return default
     if type(value) not in (int, float) or not math.isfinite(value):  # bool is not a number here
-        raise _err(name, "must be a number", "invalid_type")
+        raise param_error(name, "must be a number", "invalid_type")
     if value < lo or value > hi or (lo_open and value == lo):
-        raise _err(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}")
+        raise param_error(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}")
     return float(value)
 
 
@@ -137,9 +127,9 @@ def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
     if value is None:
         return default
     if type(value) is not int:
-        raise _err(name, "must be an integer", "invalid_type")
+        raise param_error(name, "must be an integer", "invalid_type")
     if value < lo or (hi is not None and value > hi):
-        raise _err(name, f"must be {f'between {lo} and {hi}' if hi is not None else f'>= {lo}'},"
+        raise param_error(name, f"must be {f'between {lo} and {hi}' if hi is not None else f'>= {lo}'},"
                          f" got {value}")
     return value
 
@@ -147,14 +137,14 @@ def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
 def _boolean(body: Mapping[str, Any], name: str, default: bool, where: str = "") -> bool:
     value = body.get(name)
     if value is not None and type(value) is not bool:
-        raise _err(where + name, "must be true or false", "invalid_type")
+        raise param_error(where + name, "must be true or false", "invalid_type")
     return default if value is None else value
 
 
 def _string(body: Mapping[str, Any], name: str, where: str = "") -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise _err(where + name, "must be a string", "invalid_type")
+        raise param_error(where + name, "must be a string", "invalid_type")
     return value
 
 
@@ -217,7 +207,7 @@ def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
     newer = _integer(body, "max_completion_tokens", None, 1)
     if newer is not None:
         if max_tokens is not None and max_tokens != newer:
-            raise _err("max_completion_tokens", "and max_tokens disagree; send only one")
+            raise param_error("max_completion_tokens", "and max_tokens disagree; send only one")
         max_tokens, param = newer, "max_completion_tokens"
 
     stream = _boolean(body, "stream", False)
@@ -225,12 +215,12 @@ def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
     stream_options = body.get("stream_options")
     if stream_options is not None:
         if not stream:
-            raise _err("stream_options", "is only allowed when stream is true")
+            raise param_error("stream_options", "is only allowed when stream is true")
         if not isinstance(stream_options, dict):
-            raise _err("stream_options", "must be an object", "invalid_type")
+            raise param_error("stream_options", "must be an object", "invalid_type")
         extra = sorted(set(stream_options) - {"include_usage"})
         if extra:
-            raise _err(f"stream_options.{extra[0]}", "is an unknown field", "unknown_parameter")
+            raise param_error(f"stream_options.{extra[0]}", "is an unknown field", "unknown_parameter")
         include_usage = _boolean(stream_options, "include_usage", False, "stream_options.")
 
     seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
@@ -258,11 +248,11 @@ def _stop(value: Any) -> tuple[str, ...]:
     if stops is None:
         return ()
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _err("stop", "must be a string or a list of strings", "invalid_type")
+        raise param_error("stop", "must be a string or a list of strings", "invalid_type")
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise _err("stop", f"takes at most {MAX_STOP_SEQUENCES} strings, got {len(stops)}")
+        raise param_error("stop", f"takes at most {MAX_STOP_SEQUENCES} strings, got {len(stops)}")
     if not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise _err("stop", f"strings must each be 1 to {MAX_STOP_CHARS} characters long")
+        raise param_error("stop", f"strings must each be 1 to {MAX_STOP_CHARS} characters long")
     return tuple(dict.fromkeys(stops))  # duplicates would only cost time
 
 
@@ -270,15 +260,15 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise _err("logit_bias", "must be an object mapping token ids to biases", "invalid_type")
+        raise param_error("logit_bias", "must be an object mapping token ids to biases", "invalid_type")
     if len(value) > MAX_LOGIT_BIAS:
-        raise _err("logit_bias", f"takes at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        raise param_error("logit_bias", f"takes at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
     out: dict[int, float] = {}
     for key, bias in value.items():
         if not (key.isascii() and key.isdigit()):
-            raise _err("logit_bias", f"keys must be token ids (decimal integers), got {key!r}")
+            raise param_error("logit_bias", f"keys must be token ids (decimal integers), got {key!r}")
         if type(bias) not in (int, float) or not -100 <= bias <= 100:  # NaN fails both tests
-            raise _err("logit_bias", f"values must be numbers between -100 and 100, got {bias!r}"
+            raise param_error("logit_bias", f"values must be numbers between -100 and 100, got {bias!r}"
                                      f" for {key!r}")
         out[int(key)] = float(bias)
     return tuple(sorted(out.items()))
@@ -292,10 +282,10 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     _check_fields(body, _CHAT_FIELDS, _CHAT_UNSUPPORTED)
     logprobs = body.get("logprobs")
     if logprobs is not None and type(logprobs) is not bool:
-        raise _err("logprobs", "must be true or false for chat completions", "invalid_type")
+        raise param_error("logprobs", "must be true or false for chat completions", "invalid_type")
     top = _integer(body, "top_logprobs", None, 0, MAX_CHAT_TOP_LOGPROBS)
     if top is not None and not logprobs:
-        raise _err("top_logprobs", "requires logprobs to be true")
+        raise param_error("top_logprobs", "requires logprobs to be true")
     options = _options(body, (top or 0) if logprobs else None)
     return ChatRequest(model=_string(body, "model"), messages=_messages(body.get("messages")),
                        options=options)
@@ -303,25 +293,25 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
 
 def _messages(value: Any) -> tuple[Message, ...]:
     if value is None:
-        raise _err("messages", "is required", "missing_required_parameter")
+        raise param_error("messages", "is required", "missing_required_parameter")
     if not isinstance(value, list) or not value:
-        raise _err("messages", "must be a non-empty list of message objects")
+        raise param_error("messages", "must be a non-empty list of message objects")
     return tuple(_message(m, f"messages[{i}]") for i, m in enumerate(value))
 
 
 def _message(m: Any, where: str) -> Message:
     if not isinstance(m, dict):
-        raise _err(where, "must be an object with role and content", "invalid_type")
+        raise param_error(where, "must be an object with role and content", "invalid_type")
     role = m.get("role")
     if role in ("tool", "function"):
-        raise _err(f"{where}.role", f"{role!r} is not supported: {_NOT_TOOLS}",
+        raise param_error(f"{where}.role", f"{role!r} is not supported: {_NOT_TOOLS}",
                    "unsupported_parameter")
     if role not in ("system", "developer", "user", "assistant"):
-        raise _err(f"{where}.role", f"must be one of system, developer, user, assistant;"
+        raise param_error(f"{where}.role", f"must be one of system, developer, user, assistant;"
                                     f" got {role!r}")
     extra = next((k for k in m if k not in ("role", "content", "name")), None)
     if extra is not None:  # tool_calls, refusal, audio, ...: all things we cannot honour
-        raise _err(f"{where}.{extra}", "is not supported", "unsupported_parameter")
+        raise param_error(f"{where}.{extra}", "is not supported", "unsupported_parameter")
     name = _string(m, "name", f"{where}.")
     # Chat templates know system/user/assistant; "developer" is OpenAI's newer name for system.
     return Message(role="system" if role == "developer" else role,
@@ -332,17 +322,17 @@ def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if content is None:
-        raise _err(where, "is required", "missing_required_parameter")
+        raise param_error(where, "is required", "missing_required_parameter")
     if not isinstance(content, list):
-        raise _err(where, "must be a string or a list of text parts", "invalid_type")
+        raise param_error(where, "must be a string or a list of text parts", "invalid_type")
     texts = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("image_url", "input_image", "input_audio", "file"):
-            raise _err(f"{where}[{i}]", f"is {kind}: {kind} input is not supported (text only)",
+            raise param_error(f"{where}[{i}]", f"is {kind}: {kind} input is not supported (text only)",
                        "unsupported_parameter")
         if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
-            raise _err(f"{where}[{i}]", 'must be {"type": "text", "text": <string>}')
+            raise param_error(f"{where}[{i}]", 'must be {"type": "text", "text": <string>}')
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -356,7 +346,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     logprobs = body.get("logprobs")
     if logprobs is not None and (type(logprobs) is not int
                                  or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
-        raise _err("logprobs", f"must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}"
+        raise param_error("logprobs", f"must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}"
                                " for completions")
     return CompletionRequest(model=_string(body, "model"), prompt=_prompt(body.get("prompt")),
                              options=_options(body, logprobs))
@@ -364,73 +354,13 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
 
 def _prompt(value: Any) -> str | tuple[int, ...]:
     if value is None:
-        raise _err("prompt", "is required", "missing_required_parameter")
+        raise param_error("prompt", "is required", "missing_required_parameter")
     if isinstance(value, str) and value:
         return value
     if isinstance(value, list) and value and all(type(t) is int for t in value):
         return tuple(value)
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise _err("prompt", "is a batch: batched prompts (a list of strings or of token lists)"
+        raise param_error("prompt", "is a batch: batched prompts (a list of strings or of token lists)"
                              " are not supported; send one prompt per request",
                    "unsupported_parameter")
-    raise _err("prompt", "must be a non-empty string or a non-empty list of token ids")
-
-
-# ---- tokenization and budget ------------------------------------------------------------------
-
-
-def plan(request: ChatRequest | CompletionRequest, tokenizer: TokenizerWrapper,
-         context_length: int) -> Plan:
-    """Prompt token ids and completion budget for `request`, or RequestError."""
-    vocab = len(tokenizer)
-    if isinstance(request, ChatRequest):
-        prompt, param = _chat_prompt(request.messages, tokenizer), "messages"
-    elif isinstance(request.prompt, str):
-        prompt, param = [int(t) for t in tokenizer.encode(request.prompt)], "prompt"
-    else:
-        prompt, param = list(request.prompt), "prompt"
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise _err("prompt", f"has token id {bad}, outside the vocabulary [0, {vocab})")
-    if not prompt:
-        raise _err(param, "encodes to no tokens")
-    options = request.options
-    bad = next((t for t, _ in options.sampling.logit_bias if t >= vocab), None)
-    if bad is not None:
-        raise _err("logit_bias", f"has token id {bad}, outside the vocabulary [0, {vocab})")
-
-    room = context_length - len(prompt)
-    if options.max_tokens is None:
-        if room < 1:
-            raise RequestError(
-                f"This model's maximum context length is {context_length} tokens, but the prompt"
-                f" has {len(prompt)} tokens, leaving no room for a completion. Shorten the"
-                f" {param}.", param=param, code="context_length_exceeded")
-        return Plan(tuple(prompt), min(DEFAULT_MAX_TOKENS, room))
-    if options.max_tokens > room:
-        raise RequestError(
-            f"This model's maximum context length is {context_length} tokens. However, you"
-            f" requested {len(prompt) + options.max_tokens} tokens ({len(prompt)} in the prompt,"
-            f" {options.max_tokens} for the completion). Shorten the {param} or lower"
-            f" {options.max_tokens_param}.", param=options.max_tokens_param,
-            code="context_length_exceeded")
-    return Plan(tuple(prompt), options.max_tokens)
-
-
-def _chat_prompt(messages: tuple[Message, ...], tokenizer: TokenizerWrapper) -> list[int]:
-    if not tokenizer.has_chat_template:
-        raise RequestError("this model has no chat template; use /v1/completions with a plain"
-                           " prompt", param="messages", code="no_chat_template")
-    dicts = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
-             for m in messages]
-    try:
-        ids = tokenizer.apply_chat_template(dicts, add_generation_prompt=True, tokenize=True)
-    except (TemplateError, ValueError) as e:  # templates' raise_exception(): about the input
-        raise RequestError(f"the model's chat template rejected these messages: {e}",
-                           param="messages", code="invalid_value") from None
-    # Some transformers versions return a BatchEncoding or a batch of one; we need list[int].
-    if isinstance(ids, Mapping):
-        ids = ids["input_ids"]
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(t) for t in ids]
+    raise param_error("prompt", "must be a non-empty string or a non-empty list of token ids")

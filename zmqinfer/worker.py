@@ -15,7 +15,7 @@ from .model import model_fingerprint, resolve_model
 from .sampling import SeqSampler
 from .stage import Stage, StageError
 from .tensors import from_wire, to_wire
-from .wire import Forward, Sample, Sampled, SeqId
+from .wire import Forward, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 

@@ -1,0 +1,80 @@
+"""A validated request -> the prompt's token ids and its completion budget.
+
+`plan(request, tokenizer, context_length)` applies the chat template (or the tokenizer's
+default `encode`), checks token ids against the vocabulary and the total against the context
+length, and returns a `Plan` or a `RequestError` that says what to fix. It is CPU work
+(tokenization), so the API runs it off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .requests import DEFAULT_MAX_TOKENS, ChatRequest, CompletionRequest, Message, RequestError, param_error
+
+
+@dataclass(frozen=True)
+class Plan:
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+def plan(request: ChatRequest | CompletionRequest, tokenizer: TokenizerWrapper,
+         context_length: int) -> Plan:
+    """Prompt token ids and completion budget for `request`, or RequestError."""
+    vocab = len(tokenizer)
+    if isinstance(request, ChatRequest):
+        prompt, param = _chat_prompt(request.messages, tokenizer), "messages"
+    elif isinstance(request.prompt, str):
+        prompt, param = [int(t) for t in tokenizer.encode(request.prompt)], "prompt"
+    else:
+        prompt, param = list(request.prompt), "prompt"
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise param_error("prompt", f"has token id {bad}, outside the vocabulary [0, {vocab})")
+    if not prompt:
+        raise param_error(param, "encodes to no tokens")
+    options = request.options
+    bad = next((t for t, _ in options.sampling.logit_bias if t >= vocab), None)
+    if bad is not None:
+        raise param_error("logit_bias", f"has token id {bad}, outside the vocabulary [0, {vocab})")
+
+    room = context_length - len(prompt)
+    if options.max_tokens is None:
+        if room < 1:
+            raise RequestError(
+                f"This model's maximum context length is {context_length} tokens, but the prompt"
+                f" has {len(prompt)} tokens, leaving no room for a completion. Shorten the"
+                f" {param}.", param=param, code="context_length_exceeded")
+        return Plan(tuple(prompt), min(DEFAULT_MAX_TOKENS, room))
+    if options.max_tokens > room:
+        raise RequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you"
+            f" requested {len(prompt) + options.max_tokens} tokens ({len(prompt)} in the prompt,"
+            f" {options.max_tokens} for the completion). Shorten the {param} or lower"
+            f" {options.max_tokens_param}.", param=options.max_tokens_param,
+            code="context_length_exceeded")
+    return Plan(tuple(prompt), options.max_tokens)
+
+
+def _chat_prompt(messages: tuple[Message, ...], tokenizer: TokenizerWrapper) -> list[int]:
+    if not tokenizer.has_chat_template:
+        raise RequestError("this model has no chat template; use /v1/completions with a plain"
+                           " prompt", param="messages", code="no_chat_template")
+    dicts = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
+             for m in messages]
+    try:
+        ids = tokenizer.apply_chat_template(dicts, add_generation_prompt=True, tokenize=True)
+    except (TemplateError, ValueError) as e:  # templates' raise_exception(): about the input
+        raise RequestError(f"the model's chat template rejected these messages: {e}",
+                           param="messages", code="invalid_value") from None
+    # Some transformers versions return a BatchEncoding or a batch of one; we need list[int].
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
