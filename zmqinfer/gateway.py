@@ -217,7 +217,8 @@ class Gateway:
             self.ctx.term()
 
     async def _send_control(self, name: NodeId, msg: Message) -> None:
-        await self.control.send_multipart([name.encode(), *encode(msg)])
+        """Raises zmq.ZMQError (EHOSTUNREACH: not connected) or TimeoutError; never waits long."""
+        await asyncio.wait_for(self.control.send_multipart([name.encode(), *encode(msg)]), PING_TIMEOUT_S)
 
     async def _control_loop(self) -> None:
         while True:
@@ -306,7 +307,9 @@ class Gateway:
         except PlacementError as e:
             self.reason = f"no placement fits: {e}"
             return
-        self.epoch = Epoch(self.epoch + 1)
+        # Wall-clock milliseconds, so a restarted gateway never reuses an epoch that stale
+        # messages from its previous life could still carry.
+        self.epoch = Epoch(max(self.epoch + 1, int(time.time() * 1000)))
         epoch = self.epoch
         log.info("assigning", epoch=epoch, layers={p.node: f"[{p.start},{p.end})" for p in placement})
         for m in self.members.values():
@@ -317,8 +320,8 @@ class Gateway:
             try:
                 await self._send_control(p.node, Assign(epoch, self.model, p.start, p.end, self.n_layers,
                                                         hop, self.spec.result_port))
-            except zmq.ZMQError as e:
-                self.reason = f"cannot reach {self.members[p.node].where()}: {e}"
+            except (zmq.ZMQError, TimeoutError) as e:
+                self.reason = f"cannot reach {self.members[p.node].where()}: {e or 'send timed out'}"
                 return
         self.reason = f"nodes are loading their layers (epoch {epoch})"
         deadline = time.monotonic() + LOAD_TIMEOUT_S

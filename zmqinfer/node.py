@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 # Paranoid Pirate: beats every 0.5 s and a gateway that misses 3..5 of them declares us dead.
 HEARTBEAT_INTERVAL_S = 0.5
+CONTROL_SEND_TIMEOUT_S = 2.0  # a control message older than this is no longer worth sending
+# How often idle KV caches are swept (stage.IDLE_CACHE_SECONDS says when one is idle).
+EXPIRE_EVERY_S = 30.0
 # A hop that cannot take a message for this long is treated as down; the step fails loudly
 # (StepFailed to the gateway) instead of waiting forever behind a dead peer.
 SEND_TIMEOUT_S = 10.0
@@ -103,7 +106,7 @@ class Node:
         try:
             await asyncio.wait_for(self._send_control(Bye(self.opts.name, "shutdown")), 0.5)
         except (TimeoutError, zmq.ZMQError):
-            pass  # the gateway will notice the silence instead
+            self.log.info("gateway did not take the goodbye; it will notice the silence")
         self.log.info("node stopped")
 
     def _close(self) -> None:
@@ -116,23 +119,28 @@ class Node:
     # ---- control plane ----------------------------------------------------------------------
 
     async def _send_control(self, msg: Message) -> None:
-        await self.control.send_multipart(encode(msg))
+        """Best effort under a deadline: with no gateway connected the message is dropped (and
+        logged); the gateway learns the state again from the next heartbeat."""
+        try:
+            await asyncio.wait_for(self.control.send_multipart(encode(msg)), CONTROL_SEND_TIMEOUT_S)
+        except TimeoutError:
+            self.log.warning("gateway not reachable: control message dropped", kind=msg.KIND)
 
     async def _beat(self) -> None:
         proc = psutil.Process()
+        next_sweep = time.monotonic() + EXPIRE_EVERY_S
         while True:
+            if time.monotonic() >= next_sweep:
+                next_sweep += EXPIRE_EVERY_S
+                if expired := await self._mlx(self.worker.expire_idle):
+                    self.log.warning("expired idle sequences", seqs=expired)
             vm = psutil.virtual_memory()
             beat = Heartbeat(
                 node=self.opts.name, data_port=self.opts.data_port, mem_total=vm.total,
                 mem_free=vm.available, device=self._device, pid=os.getpid(), epoch=self.epoch,
                 loaded=self.loaded, rss_bytes=proc.memory_info().rss,
                 busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences)
-            try:
-                # IMMEDIATE: with no gateway connected the send would wait; a beat is only
-                # worth sending fresh, so give up on it and send the next one instead.
-                await asyncio.wait_for(self._send_control(beat), HEARTBEAT_INTERVAL_S)
-            except TimeoutError:
-                pass
+            await self._send_control(beat)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _control_loop(self) -> None:
@@ -160,7 +168,9 @@ class Node:
         self.log.info("assigned", epoch=a.epoch, layers=f"[{a.start},{a.end})", model=a.model,
                       next_hop=a.next_hop or "gateway")
         t0 = time.monotonic()
-        if not same:
+        if same:
+            await self._mlx(self.worker.drop_sequences)
+        else:
             try:
                 await self._mlx(self.worker.load, a.model, a.start, a.end)
             except Exception as e:  # any load failure is reported to the gateway, not fatal here

@@ -115,6 +115,10 @@ class Stage:
     def sequences(self) -> int:
         return len(self._caches)
 
+    @property
+    def seq_ids(self) -> tuple[SeqId, ...]:
+        return tuple(self._caches)
+
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, seq: SeqId, start: int, tokens: mx.array, hidden: mx.array | None,

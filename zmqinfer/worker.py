@@ -48,6 +48,19 @@ class Worker:
         for s in seqs:
             self.samplers.pop(s, None)
 
+    def expire_idle(self) -> list[SeqId]:
+        """Free sequences whose Release never came (a gateway that died mid-request)."""
+        dead = self.stage.expire_idle() if self.stage is not None else []
+        for s in dead:
+            self.samplers.pop(s, None)
+        return dead
+
+    def drop_sequences(self) -> None:
+        """A new epoch: the old ring's sequences are gone, their caches with them."""
+        if self.stage is not None:
+            self.stage.release(list(self.stage.seq_ids))
+        self.samplers.clear()
+
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
         """The message to send on, and the chunks that failed (dropped from it)."""
         assert self.stage is not None
