@@ -106,6 +106,10 @@ class Gateway:
 
     # ---- the Ring the scheduler drives --------------------------------------------------------
 
+    @property
+    def n_stages(self) -> int:
+        return len(self.placement)
+
     async def wait_ready(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -188,7 +192,7 @@ class Gateway:
         fut = self._probes[step] = asyncio.get_running_loop().create_future()
         try:
             t0 = time.perf_counter()
-            await self.send(Forward(self.epoch, step, (), tokens_to_wire([])))
+            await self.send(Forward(self.epoch, step, (), -1, tokens_to_wire([])))
             await asyncio.wait_for(fut, PROBE_TIMEOUT_S)
             return (time.perf_counter() - t0) * 1000
         finally:
@@ -205,7 +209,7 @@ class Gateway:
                      control=self.spec.control_port, results=self.spec.result_port)
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._control_loop()), tg.create_task(self._results_loop()),
-                         tg.create_task(self._planner()), tg.create_task(self.scheduler.release_loop())]
+                         tg.create_task(self._planner()), tg.create_task(self.scheduler.pump())]
                 await stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -273,7 +277,7 @@ class Gateway:
                 if not fut.done():
                     fut.set_result(0.0)
                 continue
-            await self.scheduler.on_sampled(msg)
+            self.scheduler.on_sampled(msg)
 
     async def _planner(self) -> None:
         while True:

@@ -8,6 +8,14 @@ and a node's memory is its shard plus its KV caches, never the whole model.
 The forward mirrors mlx-lm's own `LlamaModel.__call__` (embed -> layers with the causal mask ->
 norm -> head) operation for operation, so a split ring computes bit-identical logits to the
 unsplit model. Only the mlx thread may touch a Stage.
+
+Two kinds of work, with two kinds of KV cache:
+* `forward`: one chunk of one sequence (prefill), on that sequence's own KVCache.
+* `decode`: one new token for each sequence of a micro-batch group, all at once: the group keeps
+  one left-padded mlx-lm BatchKVCache per layer, so the weights are read once for the whole
+  group. A sequence joins its group on its first decode step (its prefill cache is merged in)
+  and leaves when it is released or stops appearing in the group's steps. Measured on the
+  embedded model: a group of 4 decodes bit-identical logits to 4 separate sequences.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.utils import load_model
 
 from .wire import SeqId
@@ -46,6 +54,30 @@ class _SeqCache:
     last_used: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Group:
+    """A micro-batch's sequences in batch order, with one BatchKVCache per layer."""
+
+    order: list[SeqId] = field(default_factory=list)
+    offsets: dict[SeqId, int] = field(default_factory=dict)
+    layers: list[BatchKVCache] | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    def keep(self, seqs: list[SeqId]) -> None:
+        """Keep (and order) just `seqs`, all already members."""
+        if seqs == self.order:
+            return
+        if self.layers is not None:
+            if seqs:
+                idx = mx.array([self.order.index(s) for s in seqs])
+                for c in self.layers:
+                    c.filter(idx)
+            else:
+                self.layers = None
+        self.offsets = {s: self.offsets[s] for s in seqs}
+        self.order = list(seqs)
+
+
 class Stage:
     def __init__(self, model_path: Path, start: int, end: int) -> None:
         model, config = load_model(Path(model_path), lazy=True)
@@ -60,7 +92,8 @@ class Stage:
         self.start, self.end, self.n_layers = start, end, n_layers
         self.is_first, self.is_last = start == 0, end == n_layers
         self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
-        self.sliding_window = getattr(inner, "sliding_window", None)
+        if any(getattr(l, "use_sliding", False) for l in inner.layers):
+            raise StageError("sliding-window attention layers are not supported yet")
 
         self.layers = inner.layers[start:end]
         self.embed = inner.embed_tokens if self.is_first or (self.is_last and self.tied) else None
@@ -82,12 +115,12 @@ class Stage:
         self.shard_bytes = sum(v.nbytes for _, v in tree_flatten(kept.parameters()))
         self.hidden_size = int(config["hidden_size"])
         self._caches: dict[SeqId, _SeqCache] = {}
+        self._groups: dict[int, _Group] = {}
 
     # ---- KV caches --------------------------------------------------------------------------
 
     def _new_cache(self) -> list[Any]:
-        return [RotatingKVCache(max_size=self.sliding_window) if getattr(l, "use_sliding", False)
-                else KVCache() for l in self.layers]
+        return [KVCache() for _ in self.layers]
 
     def _cache_for(self, seq: SeqId, start: int) -> _SeqCache:
         c = self._caches.get(seq)
@@ -102,22 +135,29 @@ class Stage:
         return c
 
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None:
-        for s in seqs:
+        gone = set(seqs)
+        for s in gone:
             self._caches.pop(s, None)
+        for gid, g in list(self._groups.items()):
+            if gone.intersection(g.order):
+                g.keep([s for s in g.order if s not in gone])
+            if not g.order:
+                del self._groups[gid]
 
     def expire_idle(self, now: float | None = None) -> list[SeqId]:
         now = time.monotonic() if now is None else now
         dead = [s for s, c in self._caches.items() if now - c.last_used > IDLE_CACHE_SECONDS]
+        dead += [s for g in self._groups.values() if now - g.last_used > IDLE_CACHE_SECONDS for s in g.order]
         self.release(dead)
         return dead
 
     @property
-    def sequences(self) -> int:
-        return len(self._caches)
+    def seq_ids(self) -> tuple[SeqId, ...]:
+        return tuple(self._caches) + tuple(s for g in self._groups.values() for s in g.order)
 
     @property
-    def seq_ids(self) -> tuple[SeqId, ...]:
-        return tuple(self._caches)
+    def sequences(self) -> int:
+        return len(self.seq_ids)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -139,13 +179,9 @@ class Stage:
                 raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
                                  f" does not match {n} tokens x {self.hidden_size}")
             h = hidden[None]
-        masks: dict[bool, Any] = {}
+        mask = create_attention_mask(h, cache.layers[0])
         for layer, c in zip(self.layers, cache.layers):
-            sliding = bool(getattr(layer, "use_sliding", False))
-            if sliding not in masks:
-                masks[sliding] = create_attention_mask(
-                    h, c, window_size=self.sliding_window if sliding else None)
-            h = layer(h, masks[sliding], cache=c)
+            h = layer(h, mask, cache=c)
         cache.offset += n
         if not self.is_last:
             return h[0]
@@ -153,3 +189,53 @@ class Stage:
             mx.eval([c.state for c in cache.layers])
             return mx.zeros((0,), dtype=h.dtype)
         return self.head(self.norm(h[:, -1:, :]))[:, -1, :]
+
+    def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
+               hidden: mx.array | None) -> mx.array:
+        """One token for each of `seqs` (a micro-batch group), batched.
+
+        tokens: int32 [B]; hidden: [B, hidden_size] (None on stage 0). Returns [B, hidden_size]
+        for the next stage, or the logits [B, vocab] on the last. A sequence not yet in the
+        group joins with its prefill cache (which must end at its start position); members
+        missing from `seqs` have left and are dropped. Raises StageError before computing
+        anything if a position does not match.
+        """
+        g = self._groups.setdefault(group, _Group())
+        joining = [s for s in seqs if s not in g.offsets]
+        for seq, start in zip(seqs, starts):
+            held = g.offsets.get(seq)
+            if held is None:
+                c = self._caches.get(seq)
+                held = c.offset if c is not None else 0
+            if held != start:
+                raise StageError(f"sequence {seq}: decode at position {start}, cache holds {held}")
+        if self.is_first:
+            h = self.embed(tokens[:, None])
+        else:
+            if hidden is None or hidden.shape != (len(seqs), self.hidden_size):
+                raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
+                                 f" does not match {len(seqs)} sequences x {self.hidden_size}")
+            h = hidden[:, None, :]
+        g.keep([s for s in g.order if s in set(seqs)])
+        for seq in joining:  # merge each newcomer's prefill cache into the group's batch cache
+            own = self._caches.pop(seq, None)
+            layers = own.layers if own is not None else self._new_cache()
+            merged = [BatchKVCache.merge([c]) for c in layers]
+            if g.layers is None:
+                g.layers = merged
+            else:
+                for mine, theirs in zip(g.layers, merged):
+                    mine.extend(theirs)
+            g.order.append(seq)
+            g.offsets[seq] = own.offset if own is not None else 0
+        g.keep(list(seqs))
+        g.last_used = time.monotonic()
+        assert g.layers is not None
+        mask = create_attention_mask(h, g.layers[0])
+        for layer, c in zip(self.layers, g.layers):
+            h = layer(h, mask, cache=c)
+        for seq in seqs:
+            g.offsets[seq] += 1
+        if not self.is_last:
+            return h[:, 0, :]
+        return self.head(self.norm(h))[:, -1, :]

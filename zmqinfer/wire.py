@@ -97,7 +97,9 @@ class Chunk:
 
     A node checks `start` against its KV cache, so a lost or reordered chunk is detected instead
     of silently corrupting the sequence. `params` rides on a sequence's first chunk only (the
-    last stage keeps it); `sample` asks the last stage for a token after this chunk.
+    last stage keeps it). `sample=False` is a prefill chunk (any length, on the sequence's own
+    cache); `sample=True` is a decode step (length 1) of the Forward's micro-batch group, run
+    batched with the group's other sequences, after which the last stage samples a token.
     """
 
     seq: SeqId
@@ -113,6 +115,7 @@ class Forward:
     epoch: Epoch
     step: int  # gateway's id for this micro-batch, echoed in Sampled
     chunks: tuple[Chunk, ...]
+    group: int  # the micro-batch group its decode chunks belong to
     tokens: Tensor  # int32 [sum(lengths)]: every stage passes them on (penalties need them last)
     hidden: Tensor | None = None  # [sum(lengths), hidden_size] after stage 0
 

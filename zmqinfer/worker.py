@@ -7,6 +7,7 @@ on the node's single mlx thread; nothing here knows about sockets.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ from .model import model_fingerprint, resolve_model
 from .sampling import SeqSampler
 from .stage import Stage, StageError
 from .tensors import from_wire, to_wire
-from .wire import Forward, Sampled, SeqId
+from .wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 
@@ -62,45 +63,80 @@ class Worker:
         self.samplers.clear()
 
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
-        """The message to send on, and the chunks that failed (dropped from it)."""
+        """The message to send on, and the chunks that failed (dropped from it).
+
+        Prefill chunks run one by one on their sequences' own caches; the decode chunks run as
+        one batch of the Forward's group. The outgoing Forward lists the prefill chunks first,
+        then the decode chunks, with tokens and hidden rows in that same order.
+        """
         assert self.stage is not None
         t0 = time.perf_counter()
         st = self.stage
         tokens = from_wire(fwd.tokens)
         hidden = from_wire(fwd.hidden) if fwd.hidden is not None else None
-        kept, outs, samples, failures = [], [], [], []
-        kept_tokens: list[mx.array] = []
-        offset = 0
-        for chunk in fwd.chunks:
-            sl = slice(offset, offset + chunk.length)
-            offset += chunk.length
-            toks = tokens[sl]
+        starts = list(itertools.accumulate((c.length for c in fwd.chunks), initial=0))
+        prefill = [(c, starts[i]) for i, c in enumerate(fwd.chunks) if not c.sample]
+        decode = [(c, starts[i]) for i, c in enumerate(fwd.chunks) if c.sample]
+        failures: list[Failure] = []
+        kept: list[Chunk] = []
+        outs: list[mx.array] = []
+        out_tokens: list[mx.array] = []
+        for chunk, at in prefill:
+            sl = slice(at, at + chunk.length)
             try:
-                out = st.forward(chunk.seq, chunk.start, toks, hidden[sl] if hidden is not None else None,
-                                 want_logits=chunk.sample)
+                out = st.forward(chunk.seq, chunk.start, tokens[sl],
+                                 hidden[sl] if hidden is not None else None, want_logits=False)
             except StageError as e:
                 st.release((chunk.seq,))  # a sequence out of step is unrecoverable here
                 failures.append(((chunk.seq,), str(e)))
                 continue
-            if not st.is_last:
-                kept.append(chunk)
-                kept_tokens.append(toks)
+            self._observe(chunk, tokens[sl], failures)
+            kept.append(chunk)
+            out_tokens.append(tokens[sl])
+            outs.append(out)
+        samples: list[Sample] = []
+        if decode:
+            bad = [c for c, _ in decode if c.length != 1]
+            if bad:
+                failures += [((c.seq,), f"sequence {c.seq}: a decode chunk must be 1 token") for c in bad]
+                decode = [(c, at) for c, at in decode if c.length == 1]
+            rows = mx.array([at for _, at in decode], dtype=mx.int32)
+            dec_tokens = tokens[rows]
+            try:
+                out = st.decode(fwd.group, [c.seq for c, _ in decode], [c.start for c, _ in decode],
+                                dec_tokens, hidden[rows] if hidden is not None else None)
+            except StageError as e:  # the whole group is out of step: drop it here, tell the gateway
+                seqs = tuple(c.seq for c, _ in decode)
+                st.release(seqs)
+                failures.append((seqs, str(e)))
+            else:
+                if st.is_last:
+                    mx.eval(out)
+                    for j, (chunk, _) in enumerate(decode):
+                        sampler = self._observe(chunk, dec_tokens[j : j + 1], failures)
+                        if sampler is not None:
+                            samples.append(sampler.sample(out[j : j + 1]))
+                kept += [c for c, _ in decode]
+                out_tokens.append(dec_tokens)
                 outs.append(out)
-                continue
-            sampler = self.samplers.get(chunk.seq)
-            if sampler is None or chunk.params is not None:
-                if chunk.params is None:
-                    failures.append(((chunk.seq,), f"sequence {chunk.seq}: no sampling parameters"))
-                    continue
-                sampler = self.samplers[chunk.seq] = SeqSampler(chunk.seq, chunk.params)
-            sampler.observe(toks.tolist())
-            if chunk.sample:
-                samples.append(sampler.sample(out))
         if st.is_last:
             msg: Forward | Sampled = Sampled(fwd.epoch, fwd.step, tuple(samples))
         else:
             h = mx.concatenate(outs) if outs else mx.zeros((0, st.hidden_size), dtype=mx.float32)
-            toks = mx.concatenate(kept_tokens) if kept_tokens else mx.zeros((0,), dtype=mx.int32)
-            msg = Forward(fwd.epoch, fwd.step, tuple(kept), to_wire(toks), to_wire(h))
+            toks = mx.concatenate(out_tokens) if out_tokens else mx.zeros((0,), dtype=mx.int32)
+            msg = Forward(fwd.epoch, fwd.step, tuple(kept), fwd.group, to_wire(toks), to_wire(h))
         self.busy_seconds += time.perf_counter() - t0
         return msg, failures
+
+    def _observe(self, chunk: Chunk, toks: mx.array, failures: list[Failure]) -> SeqSampler | None:
+        """Last stage: feed the chunk's tokens to its sequence's sampler (made on first sight)."""
+        if not self.stage or not self.stage.is_last:
+            return None
+        sampler = self.samplers.get(chunk.seq)
+        if chunk.params is not None:
+            sampler = self.samplers[chunk.seq] = SeqSampler(chunk.seq, chunk.params)
+        if sampler is None:
+            failures.append(((chunk.seq,), f"sequence {chunk.seq}: no sampling parameters"))
+            return None
+        sampler.observe(toks.tolist())
+        return sampler

@@ -110,3 +110,71 @@ def test_sequences_are_isolated_and_positions_checked(tiny: Path) -> None:
 def test_bad_layer_range_is_refused(tiny: Path) -> None:
     with pytest.raises(StageError, match="outside"):
         Stage(tiny, 2, N_LAYERS + 1)
+
+
+PROMPTS = [PROMPT, [7, 7, 3], [200, 100, 50, 25, 12, 6, 3, 1], [42]]
+
+
+def test_batched_decode_groups_equal_solo_decoding(tiny: Path) -> None:
+    """Sequences of different lengths decoded as one group (joining at different steps, one
+    leaving early) give exactly the logits each gets decoded alone on the unsplit model."""
+    model, _ = load_model(tiny)
+
+    def solo(prompt: list[int], steps: int) -> list[mx.array]:
+        cache = make_prompt_cache(model)
+        if len(prompt) > 1:
+            model(mx.array(prompt[:-1])[None], cache=cache)
+        y, out = prompt[-1], []
+        for _ in range(steps):
+            logits = model(mx.array([[y]]), cache=cache)[:, -1, :]
+            out.append(logits)
+            y = int(mx.argmax(logits, axis=-1).item())
+        return out
+
+    ref = {i: solo(p, 10) for i, p in enumerate(PROMPTS)}
+    stages = [Stage(tiny, 0, 2), Stage(tiny, 2, N_LAYERS)]
+    state = {}  # seq -> (next token, position)
+    got: dict[int, list[mx.array]] = {i: [] for i in range(len(PROMPTS))}
+
+    def prefill(i: int) -> None:
+        p = PROMPTS[i]
+        if len(p) > 1:
+            h = None
+            for st in stages:
+                h = st.forward(SeqId(i), 0, mx.array(p[:-1], dtype=mx.int32), h, want_logits=False)
+        state[i] = (p[-1], len(p) - 1)
+
+    def step(members: list[int]) -> None:
+        toks = mx.array([state[i][0] for i in members], dtype=mx.int32)
+        h = None
+        for st in stages:
+            h = st.decode(7, [SeqId(i) for i in members], [state[i][1] for i in members], toks, h)
+        for j, i in enumerate(members):
+            got[i].append(h[j:j + 1])
+            state[i] = (int(mx.argmax(h[j]).item()), state[i][1] + 1)
+
+    prefill(0)
+    prefill(1)
+    for _ in range(3):
+        step([0, 1])
+    prefill(2)
+    prefill(3)
+    for _ in range(7):
+        step([0, 1, 2, 3])
+    for st in stages:
+        st.release([SeqId(1)])  # sequence 1 leaves mid-way
+    for _ in range(3):
+        step([2, 0, 3])  # and the order may change
+    for i, logits in got.items():
+        n = len(logits)
+        assert n >= 7
+        for k, (a, b) in enumerate(zip(logits, ref[i][:n])):
+            assert mx.array_equal(a, b).item(), f"sequence {i} differs at step {k}"
+    assert stages[0].sequences == 3
+
+
+def test_decode_position_mismatch_is_refused(tiny: Path) -> None:
+    st = Stage(tiny, 0, N_LAYERS)
+    st.forward(SeqId(1), 0, mx.array([1, 2, 3], dtype=mx.int32), None, want_logits=False)
+    with pytest.raises(StageError, match="position 5"):
+        st.decode(0, [SeqId(1)], [5], mx.array([4], dtype=mx.int32), None)
