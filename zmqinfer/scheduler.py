@@ -166,10 +166,9 @@ class Scheduler:
     def _end(self, seq: _Seq) -> None:
         seq.done = True
         self._seqs.pop(seq.id, None)
-        if seq.group is not None:
-            g = self._groups[seq.group]
-            if seq in g.members:
-                g.members.remove(seq)
+        g = self._groups.get(seq.group) if seq.group is not None else None
+        if g is not None and seq in g.members:
+            g.members.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         self._releases.append((seq.epoch, seq.id))
@@ -191,8 +190,9 @@ class Scheduler:
             seq.next_token, seq.pos = s.token, seq.pos + 1
             if seq.generated >= seq.max_tokens or s.token in self.eos_ids:
                 seq.done = True
-                if seq.group is not None and seq in self._groups[seq.group].members:
-                    self._groups[seq.group].members.remove(seq)
+                g = self._groups.get(seq.group) if seq.group is not None else None
+                if g is not None and seq in g.members:
+                    g.members.remove(seq)
             seq.queue.put_nowait(s)
         self._wake.set()
 

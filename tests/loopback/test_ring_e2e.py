@@ -69,22 +69,34 @@ def test_ring_is_token_exact_with_single_process_mlx_lm(cluster: Cluster, refere
     assert cluster.status()["ready"]
 
 
-def test_concurrent_requests_each_equal_their_solo_output(cluster: Cluster, reference: Reference,
-                                                          solo: dict[str, list[int]]) -> None:
-    prompts = (PROMPTS + PROMPTS)[:8]
+MORE_PROMPTS = PROMPTS + [
+    "Name a famous painter.", "What is water made of?", "Give me a synonym for happy.",
+    "Why is the sky blue?", "Count from one to five.", "What do bees make?",
+    "Suggest a name for a dog.", "What is the opposite of cold?", "Who wrote Hamlet?",
+    "What is the largest planet?",
+]
+CONCURRENT_TOKENS = 24
+
+
+def test_16_concurrent_requests_each_equal_their_solo_output(cluster: Cluster, reference: Reference) -> None:
+    """Batched into micro-batches of the ring, each request still gets exactly its solo greedy
+    output. (Batched float arithmetic could in principle flip a near-tie; on this model the
+    grouped decode is bit-identical, see test_stage, so any difference here is a real bug.)"""
+    solo = {p: reference.greedy(reference.chat_ids(p), CONCURRENT_TOKENS) for p in MORE_PROMPTS}
 
     async def one(oc: openai.AsyncOpenAI, p: str) -> str:
         r = await oc.chat.completions.create(model="default", messages=[{"role": "user", "content": p}],
-                                             max_tokens=MAX_TOKENS, temperature=0)
+                                             max_tokens=CONCURRENT_TOKENS, temperature=0)
         return r.choices[0].message.content
 
     async def all_at_once() -> list[str]:
         async with aclient(cluster) as oc:
-            return await asyncio.gather(*(one(oc, p) for p in prompts))
+            return await asyncio.gather(*(one(oc, p) for p in MORE_PROMPTS))
 
     outs = asyncio.run(all_at_once())
-    for p, out in zip(prompts, outs):
-        assert out == reference.text(solo[p]), p
+    wrong = [(p, out, reference.text(solo[p])) for p, out in zip(MORE_PROMPTS, outs)
+             if out != reference.text(solo[p])]
+    assert not wrong, f"{len(wrong)} of {len(MORE_PROMPTS)} differ from their solo run: {wrong}"
 
 
 def test_streaming_equals_non_streaming_and_reports_usage(cluster: Cluster, reference: Reference,
