@@ -227,6 +227,8 @@ class Scheduler:
                     for seq in seqs:
                         if not seq.done:
                             seq.queue.put_nowait(e)
+                    if isinstance(msg, Forward):  # it never left: give its group/credit back
+                        self.on_sampled(Sampled(msg.epoch, msg.step, ()))
 
     def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
         out: list[tuple[Forward | Release, list[_Seq]]] = []
