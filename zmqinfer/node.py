@@ -91,7 +91,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
-                         tg.create_task(self._data_loop())]
+                         tg.create_task(self._data_loop()), tg.create_task(self._sweep())]
                 await self._stopping.wait()
                 for t in tasks:
                     t.cancel()
@@ -128,12 +128,7 @@ class Node:
 
     async def _beat(self) -> None:
         proc = psutil.Process()
-        next_sweep = time.monotonic() + EXPIRE_EVERY_S
         while True:
-            if time.monotonic() >= next_sweep:
-                next_sweep += EXPIRE_EVERY_S
-                if expired := await self._mlx(self.worker.expire_idle):
-                    self.log.warning("expired idle sequences", seqs=expired)
             vm = psutil.virtual_memory()
             beat = Heartbeat(
                 node=self.opts.name, data_port=self.opts.data_port, mem_total=vm.total,
@@ -142,6 +137,14 @@ class Node:
                 busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences)
             await self._send_control(beat)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _sweep(self) -> None:
+        """Free KV caches whose Release never came. Its own task: it waits for the mlx thread,
+        which may be busy for seconds with a long prefill, and beats must never wait for that."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            if expired := await self._mlx(self.worker.expire_idle):
+                self.log.warning("expired idle sequences", seqs=expired)
 
     async def _control_loop(self) -> None:
         while True:
