@@ -44,12 +44,13 @@ class Reference:
                                                  add_generation_prompt=True)
         return list(ids)
 
-    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+    def greedy(self, prompt: list[int], max_tokens: int, prefill_step_size: int = 2048) -> list[int]:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
         out = []
-        for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens):
+        for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens,
+                                    prefill_step_size=prefill_step_size):
             out.append(int(tok))
             if out[-1] in self.tokenizer.eos_token_ids:
                 break

@@ -1,22 +1,106 @@
-"""The benchmark runs end to end at toy sizes, so it cannot rot between real measurements."""
+"""The benchmark runs end to end at toy sizes, so it cannot rot between real measurements.
+
+Sizes are tiny and the machine is shared: this checks that every section is there and sane,
+never how fast anything is (the targets are read from a real run, not asserted here). The model
+is a toy too: a 4-layer, 64-wide random llama with the embedded model's tokenizer, so that the
+run (two rings, three baselines, one of them pinned) costs process start-ups, not inference.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_bench_smoke(tmp_path: Path, model_dir: Path) -> None:
+from tests.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def toy_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights, real tokenizer (chat template, EOS ids) from the embedded model."""
+    src = json.loads((model_dir / "config.json").read_text())
+    dest = make_tiny_model(tmp_path_factory.mktemp("toy"), "llama", n_layers=4, hidden=64,
+                           vocab=src["vocab_size"])
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, dest / f.name)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--nodes", "2", "--tokens", "6",
-                        "--reps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--model", str(toy_model),
+                        "--nodes", "2", "--concurrency", "1,4",
+                        "--tokens", "6", "--prompt-lengths", "16,64", "--reps", "1", "--pin",
+                        "--level-timeout", "60", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads(out.read_text())
-    setups = [x["setup"] for x in report["results"]]
-    assert setups == ["mlx-lm, single process", "ring, 2 nodes", "mlx-lm, single process"]
-    assert all(x["decode_tps"] > 0 for x in report["results"])
-    ring = report["results"][1]
-    assert [n["layers"] for n in ring["nodes"]] == [[0, 15], [15, 30]]
+    rep = json.loads(out.read_text())
+    assert {"machine", "options", "wire", "baseline_before", "rings", "pinned", "baseline_after", "baseline",
+            "targets", "phases"} <= set(rep)
+    assert rep["machine"]["cpu"] and rep["machine"]["logical_cores"] >= 1 and rep["machine"]["blas"]["blas"]
+
+    # Baselines and the ring: every measurement present and positive, none failed.
+    setups = [rep["baseline_before"], *rep["rings"], rep["baseline_after"]]
+    assert [x["setup"] for x in setups] == ["mlx-lm, single process", "ring, 2 nodes", "mlx-lm, single process"]
+    for x in setups:
+        assert "error" not in x, x.get("error")
+        assert x["single"]["decode_tps"] > 0
+        assert set(x["ttft"]) == {"16", "64"} and all(t["median_s"] > 0 for t in x["ttft"].values())
+        assert set(x["batch"]) == {"1", "4"}
+        for c, level in x["batch"].items():
+            assert "error" not in level, level
+            assert level["tps"] > 0 and 0 < level["tokens"] <= int(c) * 6
+    ring = rep["rings"][0]
+    assert [n["layers"] for n in ring["per_node"]] == [[0, 2], [2, 4]]
+    assert all(n["shard_bytes"] > 0 and n["rss_bytes"] > n["shard_bytes"] for n in ring["per_node"])
+    assert 0 < ring["ping"]["ring_ms"] < 1000 and set(ring["ping"]["control_ms"]) == {"node0", "node1"}
+
+    # One core per node: each node and the single process on one core, one BLAS thread.
+    pinned = rep["pinned"]
+    can_pin = hasattr(os, "sched_setaffinity")
+    if not can_pin:  # macOS: no CPU affinity; the run says so and carries on
+        assert "not supported" in pinned["error"]
+    else:
+        assert pinned["concurrency"] == "4"
+        base, pring = pinned["baseline"], pinned["ring"]
+        assert "error" not in base and "error" not in pring
+        usable = sorted(os.sched_getaffinity(0))
+        assert base["process"]["affinity"] == usable[:1]
+        assert base["process"]["openblas_num_threads"] == "1"
+        cores = [n["process"]["affinity"] for n in pring["per_node"]]
+        assert cores == [usable[:1], usable[1 % len(usable):][:1]]
+        assert all(n["process"]["openblas_num_threads"] == "1" for n in pring["per_node"])
+        assert pring["gateway"]["affinity"] == usable  # the gateway is not pinned
+        assert pring["batch"]["4"]["tps"] > 0 and base["batch"]["4"]["tps"] > 0
+
+    # Wire bytes from the real encoder: a decode step carries the hidden state and little else.
+    hop = next(h for h in rep["wire"]["hops"] if h["hop"] == "node -> node" and h["measured_dtype"])
+    hidden, size = rep["wire"]["hidden_size"], {"float32": 4, "bfloat16": 2, "float16": 2}[rep["wire"]["dtype"]]
+    assert hidden * size < hop["b1_bytes"] < hidden * size + 512
+    assert hidden * size <= hop["per_seq_bytes"] < hidden * size + 128
+
+    # All five targets are computed (from stand-in settings at these sizes) and say so.
+    assert [t["id"] for t in rep["targets"]] == [1, 2, 3, 4, 5]
+    measured = [t for t in rep["targets"] if can_pin or t["id"] not in (2, 4)]
+    assert all(t["status"] in ("met", "missed") and t["measured"] > 0 for t in measured)
+    assert not rep["targets"][0]["as_specified"]  # 2 nodes stand in for 3
+
+    for title in ("**Single stream**", "**Aggregate tokens/s**", "**One core per node**", "**Per hop**",
+                  "**Bytes on the wire", "**Memory**", "**BLAS per process**", "**Targets**"):
+        assert title in r.stdout
     assert "| ring, 2 nodes |" in r.stdout
+
+
+def test_bench_rejects_nonsense_sizes() -> None:
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--concurrency", "0,4"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--concurrency" in r.stderr

@@ -126,6 +126,21 @@ def test_legacy_completions_with_token_ids(cluster: Cluster, reference: Referenc
     assert r.usage.prompt_tokens == len(ids)
 
 
+def test_long_prompt_is_prefilled_in_chunks(cluster: Cluster, reference: Reference) -> None:
+    """A prompt of several prefill chunks: the ring stays up (nodes keep beating while they
+    compute) and the answer equals mlx-lm prefilling in the same chunk size."""
+    from zmqinfer.scheduler import PREFILL_CHUNK
+
+    text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box." for i in range(120))
+    ids = reference.tokenizer.encode(text + " Which colour is item 7?")
+    assert len(ids) > 3 * PREFILL_CHUNK
+    ref = reference.greedy(ids, 8, prefill_step_size=PREFILL_CHUNK)
+    r = client(cluster).completions.create(model="default", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text.lstrip() == reference.text(ref).lstrip()
+    assert r.usage.prompt_tokens == len(ids)
+    assert cluster.status()["ready"]
+
+
 def test_stop_strings_and_max_tokens(cluster: Cluster, reference: Reference, solo: dict[str, list[int]]) -> None:
     p = PROMPTS[0]
     full = reference.text(solo[p])
