@@ -36,11 +36,17 @@ class SeqSampler:
         # Only the penalties read history, and only its last `penalty_context` tokens.
         self._history: list[int] = []
 
-    def observe(self, tokens: list[int]) -> None:
+    def observe(self, tokens: mx.array) -> None:
         """Every token that enters the sequence, in order (prompt chunks and sampled tokens)."""
         if self._processors:
-            self._history.extend(tokens)
+            self._history.extend(tokens.tolist())
             del self._history[: -self.params.penalty_context]
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax with nothing else to compute: such sequences are sampled as one batch."""
+        p = self.params
+        return p.temperature == 0 and not self._processors and p.top_logprobs == 0
 
     def sample(self, logits: mx.array) -> Sample:
         """logits: [1, vocab] of the sequence's newest position."""
@@ -73,3 +79,21 @@ class SeqSampler:
             top = tuple(TokenLogprob(int(i), float(v))
                         for i, v in zip(ids[order].tolist(), vals[order].tolist()))
         return Sample(self.seq, tok, float(lp[tok].item()), top)
+
+
+def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
+    """One Sample per row of logits [B, vocab]. Plain greedy rows are done together (one
+    logsumexp, one argmax, one sync for the whole group); the rest one by one."""
+    out: list[Sample | None] = [None] * len(samplers)
+    plain = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    if plain:
+        rows = logits[mx.array(plain)] if len(plain) < len(samplers) else logits
+        logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+        tokens = mx.argmax(logprobs, axis=-1)
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        for i, tok, lp in zip(plain, tokens.tolist(), chosen.tolist()):
+            out[i] = Sample(samplers[i].seq, int(tok), float(lp))
+    for i, s in enumerate(samplers):
+        if out[i] is None:
+            out[i] = s.sample(logits[i : i + 1])
+    return [x for x in out if x is not None]

@@ -14,9 +14,9 @@ across stages. Every Forward is acknowledged by exactly one Sampled from the las
 for prefill), which is what the credits count.
 
 Prefill is cut exactly as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK
-(chunks over all but the last prompt token; the last token is the first decode step), and a
-group decodes its sequences bit-identically to decoding them one by one (measured, stage.py),
-so the ring's greedy output is token-identical to a single-process mlx-lm run.
+(chunks over all but the last prompt token; the last token is the first decode step), so a
+request alone in the ring is token-identical to a single-process mlx-lm run. Batched with
+others, its logits agree to float rounding (stage.py), so only an exact near-tie could differ.
 
 Only the pump task sends on the ring, so messages leave in the order they were decided and a
 cancelled HTTP handler can never leave a half-sent step behind. Release of a sequence's KV

@@ -13,7 +13,7 @@ import time
 import mlx.core as mx
 
 from .model import model_fingerprint, resolve_model
-from .sampling import SeqSampler
+from .sampling import SeqSampler, sample_batch
 from .stage import Stage, StageError
 from .tensors import from_wire, to_wire
 from .wire import Chunk, Forward, Sample, Sampled, SeqId
@@ -111,11 +111,15 @@ class Worker:
                 failures.append((seqs, str(e)))
             else:
                 if st.is_last:
-                    mx.eval(out)
+                    rows, samplers = [], []
                     for j, (chunk, _) in enumerate(decode):
                         sampler = self._observe(chunk, dec_tokens[j : j + 1], failures)
                         if sampler is not None:
-                            samples.append(sampler.sample(out[j : j + 1]))
+                            rows.append(j)
+                            samplers.append(sampler)
+                    if samplers:
+                        picked = out if len(rows) == len(decode) else out[mx.array(rows)]
+                        samples += sample_batch(samplers, picked)
                 kept += [c for c, _ in decode]
                 out_tokens.append(dec_tokens)
                 outs.append(out)
@@ -138,5 +142,5 @@ class Worker:
         if sampler is None:
             failures.append(((chunk.seq,), f"sequence {chunk.seq}: no sampling parameters"))
             return None
-        sampler.observe(toks.tolist())
+        sampler.observe(toks)
         return sampler

@@ -45,16 +45,24 @@ class Reference:
         return list(ids)
 
     def greedy(self, prompt: list[int], max_tokens: int, prefill_step_size: int = 2048) -> list[int]:
+        return self.greedy_with_margins(prompt, max_tokens, prefill_step_size)[0]
+
+    def greedy_with_margins(self, prompt: list[int], max_tokens: int,
+                            prefill_step_size: int = 2048) -> tuple[list[int], list[float]]:
+        """Greedy tokens, and at each step the logprob gap between the best and second-best
+        token: a near-zero gap is a near-tie that float rounding could flip."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
-        out = []
-        for tok, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens,
-                                    prefill_step_size=prefill_step_size):
+        out, gaps = [], []
+        for tok, logprobs in generate_step(mx.array(prompt), self.model, max_tokens=max_tokens,
+                                           prefill_step_size=prefill_step_size):
             out.append(int(tok))
+            top2 = mx.sort(logprobs)[-2:].tolist()
+            gaps.append(top2[1] - top2[0])
             if out[-1] in self.tokenizer.eos_token_ids:
                 break
-        return out
+        return out, gaps
 
     def text(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.tokenizer.eos_token_ids]

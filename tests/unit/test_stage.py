@@ -117,7 +117,7 @@ PROMPTS = [PROMPT, [7, 7, 3], [200, 100, 50, 25, 12, 6, 3, 1], [42]]
 
 def test_batched_decode_groups_equal_solo_decoding(tiny: Path) -> None:
     """Sequences of different lengths decoded as one group (joining at different steps, one
-    leaving early) give exactly the logits each gets decoded alone on the unsplit model."""
+    leaving early) give the logits each gets decoded alone on the unsplit model."""
     model, _ = load_model(tiny)
 
     def solo(prompt: list[int], steps: int) -> list[mx.array]:
@@ -165,11 +165,18 @@ def test_batched_decode_groups_equal_solo_decoding(tiny: Path) -> None:
         st.release([SeqId(1)])  # sequence 1 leaves mid-way
     for _ in range(3):
         step([2, 0, 3])  # and the order may change
+    # Batching changes the matmul shapes, and a BLAS may then sum in another order (OpenBLAS
+    # does; mlx's bundled reference BLAS does not), so logits agree to float rounding, not bit
+    # for bit, and greedy tokens agree unless two candidates are within that rounding.
     for i, logits in got.items():
         n = len(logits)
         assert n >= 7
         for k, (a, b) in enumerate(zip(logits, ref[i][:n])):
-            assert mx.array_equal(a, b).item(), f"sequence {i} differs at step {k}"
+            diff = mx.max(mx.abs(a - b)).item()
+            assert diff <= 1e-4 * max(1.0, mx.max(mx.abs(b)).item()), f"sequence {i} step {k}: {diff}"
+            top2 = mx.sort(b[0])[-2:].tolist()
+            if top2[1] - top2[0] > 10 * diff:  # not a near-tie: the pick must not move
+                assert mx.argmax(a).item() == mx.argmax(b).item(), f"sequence {i} step {k}"
     assert stages[0].sequences == 3
 
 
