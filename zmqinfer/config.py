@@ -2,7 +2,10 @@
 
 Every mistake is reported with the file and the key that holds it, before anything starts.
 Addresses must be literal IPs: a host name would go to the system resolver, and `.local` names
-in particular cannot be resolved there (zeroconf discovery will resolve them itself).
+in particular cannot be resolved there. A node's `host` (a `.local` name) is resolved by
+zeroconf itself (discovery.resolve_local_name); its `address`, when given too, is the fallback.
+A node's `layers` pins either a count or a `[start, end)` range; ranges are checked for overlap,
+ring order and gaps here, coverage of the model's last layer when the model is known (ring.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ DEFAULT_CONTROL_PORT = 8101
 DEFAULT_RESULT_PORT = 8102
 DEFAULT_DATA_PORT = 8110
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_LOCAL_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local$")
 
 
 class ConfigError(ValueError):
@@ -45,7 +49,14 @@ class NodeSpec:
     name: NodeId
     address: str | None = None  # None: take the address the node's control connection came from
     port: int = DEFAULT_DATA_PORT
-    layers: int | None = None  # pinned layer count; None = placement decides
+    layers: int | None = None  # pinned layer count (also set for a range); None = placement decides
+    host: str | None = None  # a `.local` name resolved through zeroconf, never the system resolver
+    layer_range: tuple[int, int] | None = None  # pinned [start, end); `layers` is then end - start
+
+    @property
+    def pin(self) -> tuple[int, int] | int | None:
+        """What ring.NodeCapacity.pinned takes: the range if pinned to one, else the count."""
+        return self.layer_range if self.layer_range is not None else self.layers
 
 
 @dataclass(frozen=True)
@@ -97,25 +108,28 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
     for i, n in enumerate(raw_nodes):
         where = f"node[{i}]."
         _typed(n, dict, source, where.rstrip("."))
-        _only(n, {"name", "address", "port", "layers"}, source, where)
+        _only(n, {"name", "address", "host", "port", "layers"}, source, where)
         if "name" not in n:
             raise ConfigError(f"{source}: {where}name is required")
         name = _typed(n["name"], str, source, where + "name")
         if not _NAME.match(name):
             raise ConfigError(f"{source}: {where}name {name!r}: use letters, digits, '.', '_', '-'")
-        layers = n.get("layers")
-        if layers is not None and (_typed(layers, int, source, where + "layers") < 1):
-            raise ConfigError(f"{source}: {where}layers must be at least 1, got {layers}")
+        layers, layer_range = _layers(n.get("layers"), source, where + "layers")
+        # A node named like a .local host is that host unless `host` says otherwise.
+        host = n.get("host", name if name.endswith(".local") else None)
         nodes.append(NodeSpec(
             name=NodeId(name),
             address=_ip(n["address"], source, where + "address") if "address" in n else None,
             port=_port(n.get("port", DEFAULT_DATA_PORT), source, where + "port"),
             layers=layers,
+            host=_local_host(host, source, where + "host") if host is not None else None,
+            layer_range=layer_range,
         ))
     names = [n.name for n in nodes]
     dups = sorted({x for x in names if names.count(x) > 1})
     if dups:
         raise ConfigError(f"{source}: duplicate node name(s): {', '.join(dups)}")
+    _check_ranges(nodes, source)
     api = data.get("api", {})
     _typed(api, dict, source, "api")
     _only(api, {"keys"}, source, "api.")
@@ -124,6 +138,52 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
         raise ConfigError(f"{source}: api.keys must be a list of non-empty strings")
     return ClusterConfig(model=model, gateway=gateway, nodes=tuple(nodes),
                          api_keys=frozenset(keys), source=source)
+
+
+def _layers(value: Any, source: str, key: str) -> tuple[int | None, tuple[int, int] | None]:
+    """`layers = 9` (a count) or `layers = [0, 10]` (the range [0, 10): layers 0..9)."""
+    if value is None:
+        return None, None
+    if isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{source}: {key} must be a count or [start, end], got {value!r}")
+        start, end = value
+        if not 0 <= start < end:
+            raise ConfigError(f"{source}: {key} [{start}, {end}] is empty or negative: [start, end) "
+                              "holds layers start..end-1, so end must be greater than start")
+        return end - start, (start, end)
+    if _typed(value, int, source, key) < 1:
+        raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    return value, None
+
+
+def _check_ranges(nodes: list[NodeSpec], source: str) -> None:
+    """Pinned ranges must not overlap, must ascend in ring (file) order, and every gap before or
+    between them needs unpinned or count-pinned nodes in that stretch of the ring to fill it."""
+    ranged = [(i, n) for i, n in enumerate(nodes) if n.layer_range is not None]
+    for a, (i, x) in enumerate(ranged):
+        for j, y in ranged[a + 1:]:
+            (s1, e1), (s2, e2) = x.layer_range, y.layer_range  # type: ignore[misc]
+            if s1 < e2 and s2 < e1:
+                raise ConfigError(f"{source}: node[{i}].layers [{s1}, {e1}] and node[{j}].layers "
+                                  f"[{s2}, {e2}] overlap (ranges are [start, end): end excluded)")
+    cursor, prev, between = 0, "the start of the model", list[NodeSpec]()
+    for i, n in enumerate(nodes):
+        if n.layer_range is None:
+            between.append(n)  # unranged nodes fill the stretch before the next range
+            continue
+        start, end = n.layer_range
+        if start < cursor:
+            raise ConfigError(f"{source}: node[{i}].layers [{start}, {end}] comes after "
+                              f"{prev} in ring order but starts before it ends ({cursor})")
+        gap, counts = start - cursor, [m.layers for m in between if m.layers is not None]
+        if gap and not between:
+            raise ConfigError(f"{source}: layers [{cursor}, {start}) are held by no node: "
+                              f"nothing sits between {prev} and node[{i}].layers in ring order")
+        if sum(counts) > gap or (between and len(counts) == len(between) and sum(counts) != gap):
+            raise ConfigError(f"{source}: the layer counts {counts} of the nodes between {prev} and "
+                              f"node[{i}] must fill the {gap} layer(s) [{cursor}, {start})")
+        cursor, prev, between = end, f"node[{i}].layers [{start}, {end}]", []
 
 
 def parse_layer_counts(text: str, n_nodes: int) -> list[int]:
@@ -157,6 +217,15 @@ def _port(value: Any, source: str, key: str) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{source}: {key} {value} is not a TCP port (1-65535)")
     return value
+
+
+def _local_host(value: Any, source: str, key: str) -> str:
+    _typed(value, str, source, key)
+    host = value.rstrip(".")
+    if not _LOCAL_HOST.match(host):
+        raise ConfigError(f"{source}: {key} {value!r} is not a .local host name (e.g. \"mini2.local\"); "
+                          "other names would need the system resolver, which zmqinfer never uses")
+    return host
 
 
 def _ip(value: Any, source: str, key: str) -> str:

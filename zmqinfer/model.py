@@ -15,6 +15,8 @@ Every directory returned loads offline with ``mlx_lm.load(dir)`` or
 ``mlx_lm.utils.load_model(dir)`` + ``mlx_lm.utils.load_tokenizer(dir)``.
 :func:`model_fingerprint` gives a short hash that nodes compare to make sure they all serve
 the same model.
+
+One stage's shard of a model lives in shards.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+
 DEFAULT_MODEL = "smollm2-135m"
 
 _Progress = Callable[[str, int, int], None]
@@ -50,6 +53,7 @@ _CONVERTER_VERSION = 1
 _GGUF_GROUP_SIZE = 32
 # llama.cpp's token_type value for control tokens (<|im_start|>, <|im_end|>, ...).
 _GGUF_CONTROL_TOKEN = 3
+WEIGHT_INDEX = "model.safetensors.index.json"  # a sharded model's tensor -> file map
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # GGUF tensor names -> mlx-lm llama parameter names (without the ".weight" suffix).
 _LAYER_TENSORS = {
@@ -138,11 +142,17 @@ def model_fingerprint(path: Path) -> str:
 
     Content-hashing hundreds of MB of weights would cost seconds per start-up; names and sizes
     plus the config catch the realistic mismatches (different model, dtype or quantization).
-    The config is hashed canonically so key order / whitespace do not matter.
+    The config is hashed canonically so key order / whitespace do not matter. A model with a
+    weight index is hashed by its index (tensor -> file map and total size) instead: a node
+    that downloaded only its shard (fetch_shard) has the same fingerprint as a full copy.
     """
     path = Path(path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    if (path / WEIGHT_INDEX).is_file():
+        index = json.loads((path / WEIGHT_INDEX).read_text(encoding="utf-8"))
+        digest.update(b"\0index\0" + json.dumps(index, sort_keys=True).encode())
+        return digest.hexdigest()[:16]
     for weight in sorted(path.glob("*.safetensors")):
         digest.update(f"\0{weight.name}\0{weight.stat().st_size}".encode())
     return digest.hexdigest()[:16]

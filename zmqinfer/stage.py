@@ -32,8 +32,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
-from mlx_lm.utils import load_model
 
+from .shards import load_shard_model
 from .wire import SeqId
 
 # Families whose inner model is exactly embed -> layers -> norm (checked against mlx-lm 0.32).
@@ -82,7 +82,8 @@ class _Group:
 
 class Stage:
     def __init__(self, model_path: Path, start: int, end: int) -> None:
-        model, config = load_model(Path(model_path), lazy=True)
+        # Only the weight files holding this range are opened (all of them for an unsharded model).
+        model, config = load_shard_model(Path(model_path), start, end)
         family = config.get("model_type", "?")
         if family not in SUPPORTED_FAMILIES:
             raise StageError(f"model family {family!r} is not supported for pipeline splitting "

@@ -7,6 +7,7 @@ ZMQINFER_CACHE; every other test reuses that directory.
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import time
 from dataclasses import dataclass
@@ -249,3 +250,203 @@ def test_fingerprint_is_stable_and_distinguishes_models(converted: Converted, tm
     d = _fake_model_dir(tmp_path / "d", {"model_type": "llama", "hidden_size": 8}, 32)
     assert model_fingerprint(a) == model_fingerprint(b)  # key order does not matter
     assert len({first, model_fingerprint(a), model_fingerprint(c), model_fingerprint(d)}) == 4
+
+
+# ---- one stage's shard: which files it needs, fetches and opens ---------------------------------
+
+from zmqinfer.shards import (fetch_shard, load_shard_model, model_size, shard_weight_files,  # noqa: E402
+                            stage_needs)
+
+SHARD_LAYERS = 4
+# Where each tensor goes: layer 2 straddles two files, as hub checkpoints often do.
+SHARD_FILES = {
+    "model-00001-of-00004.safetensors": lambda k: "embed_tokens" in k or ".layers.0." in k,
+    "model-00002-of-00004.safetensors": lambda k: ".layers.1." in k or (".layers.2." in k and "self_attn" in k),
+    "model-00003-of-00004.safetensors": lambda k: ".layers.3." in k or (".layers.2." in k and "self_attn" not in k),
+    "model-00004-of-00004.safetensors": lambda k: k.startswith(("model.norm.", "lm_head.")),
+}
+
+
+def make_sharded(dest: Path, family: str = "llama", tied: bool = False) -> Path:
+    """A tiny random model saved as four weight files plus a weight index, like a hub model."""
+    from tests.tiny import make_tiny_model
+
+    path = make_tiny_model(dest, family, n_layers=SHARD_LAYERS, tied=tied)
+    weights = mx.load(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    weight_map = {}
+    for name, holds in SHARD_FILES.items():
+        part = {k: v for k, v in weights.items() if holds(k)}
+        if part:
+            mx.save_safetensors(str(path / name), part, metadata={"format": "mlx"})
+            weight_map.update({k: name for k in part})
+    assert set(weight_map) == set(weights)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "tokenizer.json").write_text("{}")  # stands in for the small files a stage also needs
+    return path
+
+
+def _expected(path: Path, start: int, end: int, tied: bool) -> list[str]:
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    return sorted({f for k, f in index.items() if stage_needs(k, start, end, SHARD_LAYERS, tied)})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shard_files_are_only_those_holding_the_stage(tmp_path, tied):
+    path = make_sharded(tmp_path / "m", tied=tied)
+    f = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert shard_weight_files(path, 0, 1) == [f[0]]  # embedding + layer 0
+    assert shard_weight_files(path, 1, 2) == [f[1]]
+    assert shard_weight_files(path, 2, 3) == [f[1], f[2]]  # a layer split across two files
+    assert shard_weight_files(path, 3, 4) == ([f[0], f[2], f[3]] if tied else [f[2], f[3]])
+    assert shard_weight_files(path, 0, 4) == f if not tied else [f[0], f[1], f[2]]
+    for start in range(SHARD_LAYERS):
+        for end in range(start + 1, SHARD_LAYERS + 1):
+            assert shard_weight_files(path / "model.safetensors.index.json", start, end) == \
+                _expected(path, start, end, tied)
+    with pytest.raises(ValueError, match=r"\[2, 9\) is outside the model's 4 layers"):
+        shard_weight_files(path, 2, 9)
+
+
+def test_stage_needs_rules():
+    assert stage_needs("model.layers.3.mlp.up_proj.scales", 3, 5, 10, False)
+    assert not stage_needs("model.layers.5.mlp.up_proj.weight", 3, 5, 10, False)
+    assert not stage_needs("model.layers.12.eh_proj.weight", 5, 10, 10, False)  # an MTP layer
+    assert stage_needs("model.embed_tokens.weight", 0, 3, 10, False)
+    assert not stage_needs("model.embed_tokens.weight", 7, 10, 10, False)
+    assert stage_needs("model.embed_tokens.weight", 7, 10, 10, True)  # tied head
+    assert stage_needs("lm_head.weight", 7, 10, 10, False) and stage_needs("model.norm.weight", 7, 10, 10, True)
+    assert not stage_needs("lm_head.weight", 0, 7, 10, False)
+    assert stage_needs("model.vision_tower.x", 3, 5, 10, False)  # unknown: shared by every stage
+
+
+def test_unindexed_model_is_one_shard(tmp_path):
+    from tests.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "llama", n_layers=2)
+    assert shard_weight_files(path, 1, 2) == ["model.safetensors"]
+
+
+def _fake_hub(source: Path, calls: list[dict]):
+    """A stand-in for huggingface_hub.snapshot_download serving `source` as a repo: it copies the
+    files matching allow_patterns into one snapshot dir, as the real cache does. No network."""
+    from fnmatch import fnmatch
+
+    snapshot = source.parent / "snapshot"
+
+    def snapshot_download(repo_id, *, allow_patterns, local_files_only=False, **kwargs):
+        calls.append({"repo": repo_id, "patterns": list(allow_patterns), "offline": local_files_only})
+        snapshot.mkdir(exist_ok=True)
+        for f in source.iterdir():
+            if any(fnmatch(f.name, p) for p in allow_patterns):
+                if local_files_only and not (snapshot / f.name).exists():
+                    raise FileNotFoundError(f.name)  # what the hub says offline, in effect
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    return snapshot_download
+
+
+def test_fetch_shard_asks_the_hub_for_the_stage_files_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    source = make_sharded(tmp_path / "repo")
+    calls: list[dict] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(source, calls))
+    path = fetch_shard("org/tiny", 2, 3)
+    assert sorted(p.name for p in path.glob("*.safetensors")) == \
+        ["model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"]
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    assert not any(".safetensors" in p and "*" in p for p in calls[0]["patterns"])  # metadata first
+    assert [c["offline"] for c in calls] == [False, False]
+    # Offline: the same shard is found in the cache; another shard is not there.
+    assert fetch_shard("org/tiny", 2, 3, local_files_only=True) == path
+    with pytest.raises(ModelNotFound, match=r"model-00004-of-00004.safetensors \(layers \[3, 4\)\) of "
+                       r"'org/tiny': it is not in the local cache"):
+        fetch_shard("org/tiny", 3, 4, local_files_only=True)
+
+
+def _stage_outputs(stages) -> list:
+    from zmqinfer.wire import SeqId
+
+    toks = mx.array([3, 17, 250, 9, 41], dtype=mx.int32)
+    h = None
+    for st in stages:
+        h = st.forward(SeqId(1), 0, toks, h, want_logits=True)
+    return h
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True)])
+def test_a_stage_opens_only_its_files(tmp_path, monkeypatch, family, tied):
+    """Each node gets a directory holding only its shard (what fetch_shard leaves on disk),
+    loads through load_shard_model (as stage.Stage does), opens nothing else,
+    and the split ring computes exactly the logits of the whole model."""
+    from zmqinfer import stage as stage_mod
+
+    full = make_sharded(tmp_path / "full", family, tied)
+    reference = _stage_outputs([stage_mod.Stage(full, 0, SHARD_LAYERS)])
+    opened: list[str] = []
+    real_load = mx.load
+    monkeypatch.setattr(mx, "load", lambda f, *a, **k: opened.append(Path(f).name) or real_load(f, *a, **k))
+    stages = []
+    for start, end in [(0, 1), (1, 3), (3, 4)]:
+        node_dir = tmp_path / f"node-{start}-{end}"
+        node_dir.mkdir()
+        for f in full.iterdir():
+            if not f.name.endswith(".safetensors") or f.name in shard_weight_files(full, start, end):
+                shutil.copy(f, node_dir / f.name)
+        opened.clear()
+        stages.append(stage_mod.Stage(node_dir, start, end))
+        assert sorted(opened) == shard_weight_files(full, start, end)
+        # The unchanged loader cannot work from a shard-only directory: it wants every weight.
+        with pytest.raises(ValueError):
+            load_model_strict(node_dir)
+    assert mx.array_equal(_stage_outputs(stages), reference)
+    # A shard-only copy is the same model to the gateway's fingerprint check.
+    assert {model_fingerprint(tmp_path / f"node-{s}-{e}") for s, e in [(0, 1), (1, 3), (3, 4)]} == \
+        {model_fingerprint(full)}
+    # In a directory holding every file (several nodes on one host), it still opens only its own.
+    opened.clear()
+    load_shard_model(full, 1, 3)
+    assert sorted(opened) == shard_weight_files(full, 1, 3) == ["model-00002-of-00004.safetensors",
+                                                                "model-00003-of-00004.safetensors"]
+
+
+def load_model_strict(path: Path):
+    from mlx_lm.utils import load_model
+
+    return load_model(path, lazy=True)
+
+
+def test_indexed_fingerprint_tracks_the_index(tmp_path):
+    path = make_sharded(tmp_path / "m")
+    before = model_fingerprint(path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] = 12345  # e.g. another dtype with the same tensor names
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert model_fingerprint(path) != before
+
+
+def test_incomplete_shard_is_refused_not_randomly_initialised(tmp_path):
+    path = make_sharded(tmp_path / "m")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if "layers.1.mlp.up_proj" not in k}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weights for layers \[1, 2\) are incomplete, e.g. "
+                       r"model.layers.1.mlp.up_proj.weight"):
+        load_shard_model(path, 1, 2)
+
+
+def test_model_size_from_headers(tmp_path):
+    path = make_sharded(tmp_path / "m", "llama", tied=False)
+    size = model_size(path)
+    weights = {}
+    for f in path.glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    layer0 = sum(v.nbytes for k, v in weights.items() if k.startswith("model.layers.0."))
+    assert size.n_layers == SHARD_LAYERS and size.layer_bytes == layer0
+    assert size.embed_bytes == weights["model.embed_tokens.weight"].nbytes
+    assert size.head_bytes == weights["lm_head.weight"].nbytes + weights["model.norm.weight"].nbytes
+    assert not size.tied and size.shared_bytes == 0
+    assert size.kv_bytes_per_token == 2 * 2 * 16 * 4  # K+V, 2 kv heads, head_dim 16, float32
+    assert size.stage_bytes(SHARD_LAYERS, True, True) == sum(v.nbytes for v in weights.values())
