@@ -1,18 +1,18 @@
-"""The benchmark's reference: single-process mlx-lm, run in a process of its own.
+"""The benchmark's reference: single-process mlx-lm on the same token ids as the rings.
 
     python -m zmqinfer.baseline WORKLOAD.json RESULT.json [--cpu N]
 
-A subprocess, not a function call, because the pinned comparison needs a process whose BLAS
-thread count is fixed before OpenBLAS loads (`OPENBLAS_NUM_THREADS` is read once, at load time,
-and bin/ preloads OpenBLAS at exec) and whose CPU affinity holds for every thread it will start.
-The benchmark writes the workload (the exact token ids the rings get, so both sides compute the
-same thing) and reads back the result. Everything is greedy.
+Always a process of its own: the benchmark never holds a second copy of the model while the
+rings run, and the pinned comparison needs a process whose BLAS thread count is fixed before
+OpenBLAS loads (`OPENBLAS_NUM_THREADS` is read once, at load, and bin/ preloads OpenBLAS at
+exec) and whose CPU affinity is set before mlx starts any thread. The benchmark writes the
+workload (the exact token ids the rings get) and reads back the result. Everything is greedy.
 
 * single stream: `generate_step`, decode tokens/s = (tokens - 1) / time after the first token;
 * time to first token: `generate_step` until its first token, per prompt;
 * aggregate: `batch_generate` of all of a level's prompts at once, tokens / wall time.
 
-The first repetition of each measurement warms caches and is discarded.
+The first repetition of each single-request measurement warms caches and is discarded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -35,22 +34,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", type=int, default=None, help="pin this process (and its threads) to one core")
     args = p.parse_args(argv)
     if args.cpu is not None:
-        # Before mlx is imported: every thread started from here on inherits the mask.
-        os.sched_setaffinity(0, {args.cpu})
+        # Every thread there is (a preloaded OpenBLAS may have started some) and, since mlx is
+        # not imported yet, every thread there will be: new threads inherit the mask.
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), {args.cpu})
     work = json.loads(args.workload.read_text())
-    args.result.write_text(json.dumps(run(work)))
+    args.result.write_text(json.dumps(run(work, load(work["model_path"]))))
     return 0
 
 
-def run(work: dict[str, Any]) -> dict[str, Any]:
+def load(model_path: str) -> tuple[Any, Any, float]:
+    """(model, tokenizer, seconds it took)."""
+    from mlx_lm import load as mlx_lm_load
+
+    t0 = time.perf_counter()
+    model, tokenizer = mlx_lm_load(model_path)
+    return model, tokenizer, time.perf_counter() - t0
+
+
+def run(work: dict[str, Any], loaded: tuple[Any, Any, float]) -> dict[str, Any]:
     import mlx.core as mx
-    from mlx_lm import load
+    import psutil
 
     from . import blasinfo
 
-    t0 = time.perf_counter()
-    model, tokenizer = load(work["model_path"])
-    out: dict[str, Any] = {"load_s": time.perf_counter() - t0}
+    model, tokenizer, load_s = loaded
+    out: dict[str, Any] = {"load_s": load_s}
     if work.get("single"):
         s = work["single"]
         out["single"] = _single(model, s["prompt"], s["tokens"], s["reps"])
@@ -61,7 +70,7 @@ def run(work: dict[str, Any]) -> dict[str, Any]:
                         for c, level in work["batch"].items()}
     mx.synchronize()
     out["process"] = blasinfo.describe()
-    out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    out["rss_bytes"] = psutil.Process().memory_info().rss  # model + KV caches + runtime, as nodes report
     return out
 
 

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="address to serve the API on")
     up.add_argument("--model", default=None, help="embedded default, a local mlx-lm directory or a hub id")
     up.add_argument("--layers", default=None, help="layer counts per node, e.g. 10,10,10")
+    up.add_argument("--pin", action="store_true",
+                    help="one core per node (node i on core i mod cores, one BLAS thread): stands in for "
+                         "separate machines; Linux only, the gateway stays unpinned")
     up.set_defaults(func=cmd_up)
 
     node = sub.add_parser("node", help="run one node (on each machine)")
@@ -75,11 +78,27 @@ def _parser() -> argparse.ArgumentParser:
                        help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
         c.set_defaults(func=fn)
 
-    bench = sub.add_parser("bench", help="single-stream speed: ring vs single-process mlx-lm, side by side")
+    bench = sub.add_parser("bench", help="ring vs single-process mlx-lm, side by side: decode, first "
+                           "token, aggregate throughput, one core per node, hops, wire bytes, memory, BLAS")
     bench.add_argument("--model", default=None)
-    bench.add_argument("--nodes", default="1,3", help="ring sizes to measure (default 1,3)")
-    bench.add_argument("--tokens", type=int, default=64, help="tokens per request (default 64)")
-    bench.add_argument("--reps", type=int, default=3, help="repetitions per setup (default 3)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes for a smoke run (2 nodes, concurrency 1,4, 8 tokens, prompts 16,64, "
+                            "1 rep); the flags below override it")
+    bench.add_argument("--nodes", default=None, help="ring sizes (default 1,2,3)")
+    bench.add_argument("--concurrency", default=None, help="aggregate levels (default 1,4,8,16,32)")
+    bench.add_argument("--tokens", type=int, default=None, help="tokens per single-stream request (default 64)")
+    bench.add_argument("--batch-tokens", type=int, default=None,
+                       help="tokens per request at each concurrency level (default 32, at most --tokens)")
+    bench.add_argument("--reps", type=int, default=None, help="repetitions of single requests (default 3)")
+    bench.add_argument("--batch-reps", type=int, default=None, help="repetitions of each level (default 1)")
+    bench.add_argument("--prompt-lengths", default=None, help="time-to-first-token prompts (default 128,1024)")
+    bench.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                       help="the one-core-per-node comparison (default on where supported)")
+    bench.add_argument("--pin-nodes", type=int, default=None, help="nodes in the pinned ring (default 2)")
+    bench.add_argument("--pin-concurrency", type=int, default=None,
+                       help="the pinned comparison's level: the closest measured one (default 16)")
+    bench.add_argument("--level-timeout", type=float, default=None,
+                       help="seconds a concurrency level may take before it counts as failed (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
     bench.set_defaults(func=cmd_bench)
 
@@ -178,15 +197,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     # default spin, 7.6-8.0 with the shortest one (single process: 8.2). Measured 2026-11-27.
     env = dict(os.environ)
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
+    cores = _pin_cores(args.nodes) if args.pin else None
+    if cores is not None:
+        from .blasinfo import ONE_BLAS_THREAD
+
+        env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
     procs = []
-    for n in nodes:
+    for i, n in enumerate(nodes):
         cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
                "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port)]
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
-        procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
+        procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
+                                      preexec_fn=None if cores is None else _pinner(cores[i])))
+    if cores is not None:
+        print("zmqinfer: pinned " + ", ".join(f"{n.name} to core {c}" for n, c in zip(nodes, cores))
+              + " (one BLAS thread each; the gateway is not pinned)", flush=True)
     # Local nodes load the very directory the gateway resolved: no second conversion.
     return _serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
                   model_id=args.model or DEFAULT_MODEL)
+
+
+def _pin_cores(n: int) -> list[int] | None:
+    """Node i's core: the i-th core this process may use, round robin; None where pinning is
+    not supported (macOS has no CPU affinity API)."""
+    if not hasattr(os, "sched_setaffinity"):
+        print("zmqinfer: --pin is not supported on this platform; nodes run unpinned", file=sys.stderr)
+        return None
+    usable = sorted(os.sched_getaffinity(0))
+    return [usable[i % len(usable)] for i in range(n)]
+
+
+def _pinner(core: int) -> Any:
+    # Runs in the child between fork and exec, so the node and every thread it will start (BLAS,
+    # mlx, zmq) inherits the mask. One system call and a malloc, which glibc keeps usable after fork.
+    return lambda: os.sched_setaffinity(0, {core})
 
 
 def _resolve_or_exit(model: str | None) -> Path | None:
@@ -267,13 +311,49 @@ def _stop_processes(procs: list[subprocess.Popen]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
+    from .benchreport import failures, report_tables
 
-    counts = [int(x) for x in args.nodes.split(",")]
-    report = bench.run(args.model, counts, args.tokens, args.reps)
-    print(bench.table(report))
+    def ints(text: str | None, what: str) -> tuple[int, ...] | None:
+        if text is None:
+            return None
+        try:
+            vals = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise ConfigError(f"{what} {text!r}: expected numbers separated by commas") from None
+        if min(vals) < 1:
+            raise ConfigError(f"{what} {text!r}: every value must be at least 1")
+        return vals
+
+    given: dict[str, Any] = dict(bench.QUICK) if args.quick else {}
+    for key, value in (("nodes", ints(args.nodes, "--nodes")),
+                       ("concurrency", ints(args.concurrency, "--concurrency")),
+                       ("prompt_lengths", ints(args.prompt_lengths, "--prompt-lengths")),
+                       ("tokens", args.tokens), ("batch_tokens", args.batch_tokens), ("reps", args.reps),
+                       ("batch_reps", args.batch_reps), ("pin", args.pin), ("pin_nodes", args.pin_nodes),
+                       ("pin_concurrency", args.pin_concurrency), ("level_timeout_s", args.level_timeout)):
+        if value is not None:
+            given[key] = value
+    if "batch_tokens" not in given and "tokens" in given:
+        given["batch_tokens"] = min(bench.Options.batch_tokens, given["tokens"])
+    opts = bench.Options(model=args.model, **given)
+    if opts.tokens < 2 or min(opts.reps, opts.batch_reps, opts.batch_tokens, opts.pin_nodes) < 1 \
+            or opts.level_timeout_s <= 0:
+        raise ConfigError("--tokens must be at least 2 (decode speed needs a second token); --reps, "
+                          "--batch-reps, --batch-tokens and --pin-nodes at least 1; --level-timeout positive")
+    if opts.pin and not bench.can_pin():
+        print("zmqinfer: CPU pinning is not supported on this platform; skipping the one-core-per-node "
+              "comparison", file=sys.stderr)
+    started = time.monotonic()
+    report = bench.run(opts, log=lambda what: print(f"[{time.monotonic() - started:6.0f}s] {what}",
+                                                      file=sys.stderr, flush=True))
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print(report_tables(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    failed = failures(report)
+    for line in failed:
+        print(f"zmqinfer: failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ---- status and ping -----------------------------------------------------------------------

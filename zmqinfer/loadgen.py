@@ -143,11 +143,13 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
     """Every measurement of one ring (see the module docstring); a part that fails says why in
     its place and the others still run."""
     out: dict[str, Any] = {}
+    t0 = time.perf_counter()
     async with aiohttp.ClientSession() as s:
         try:
             await _warm(s, url)
-        except* _FAILURES as eg:
-            return {"error": f"warm-up request failed: {_why(eg.exceptions[0])}"}
+        except (*_FAILURES, ExceptionGroup) as e:
+            first = e.exceptions[0] if isinstance(e, ExceptionGroup) else e
+            return {"error": f"warm-up request failed: {_why(first)}"}
         try:
             out["ping"] = await ping(s, url, pings)
         except _FAILURES as e:
@@ -184,14 +186,14 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
                 continue
             best = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
             out["batch"][c] = {**best, "runs": [r["tps"] for r in runs]}
+    out["measure_s"] = round(time.perf_counter() - t0, 1)
     return out
 
 
 async def _warm(s: aiohttp.ClientSession, url: str) -> None:
-    """A short request and a concurrent pair: first-use costs (mlx kernels, KV cache allocation,
-    connection setup) belong to no measurement."""
+    """A concurrent pair of short requests: first-use costs (connections, mlx kernels for one and
+    for a batch of sequences) belong to no measurement."""
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
-    await _post_json(s, url + "/v1/completions", _body(prompt, 4, False), _timeout(4))
     async with asyncio.TaskGroup() as tg:
         for i in range(2):
-            tg.create_task(_post_json(s, url + "/v1/completions", _body(prompt[i:], 4, False), _timeout(4)))
+            tg.create_task(_post_json(s, url + "/v1/completions", _body(prompt[i:], 3, False), _timeout(3)))
