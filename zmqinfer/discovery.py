@@ -25,8 +25,8 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -34,12 +34,12 @@ from zeroconf import (AddressResolverIPv4, BadTypeInNameException, InterfaceChoi
                       NonUniqueNameException, ServiceInfo, ServiceStateChange, Zeroconf)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .wire import PROTOCOL_VERSION, NodeId
+from .adverts import AdError, NodeAd, worth_reannouncing
+from .wire import NodeId
 
 log = structlog.get_logger()
 
 SERVICE_TYPE = "_zmqinfer._tcp.local."
-PROTOCOL = PROTOCOL_VERSION.decode()
 RESOLVE_TIMEOUT_S = 3.0  # one mDNS resolve: answers come in ms on a LAN; 3 s covers retries
 REGISTER_TIMEOUT_S = 10.0  # probing (~0.75 s) plus announcements (~1 s), with margin
 CLOSE_TIMEOUT_S = 3.0  # goodbyes are best effort: a dying process must not hang on them
@@ -50,29 +50,8 @@ DUPLICATE_CHECK_S = 1.5
 # RFC 6762 suggests 120 s for host records; we use it for all records so a node that died
 # without a goodbye leaves browsers' caches within two minutes instead of 75.
 RECORD_TTL_S = 120
-# DNS-SD keeps TXT records under ~1300 bytes so they fit one packet; ours are ~200. Anything
-# bigger is not from us, and refusing it bounds what a stranger on the LAN can make us parse.
-MAX_TXT_BYTES = 1024
-MAX_VALUE_BYTES = 255  # one DNS character-string
-# Free memory moves constantly; re-announce only when it moves by this share of the total
-# (or anything else changes), so a busy node does not flood the LAN with multicast.
-REANNOUNCE_FREE_FRACTION = 0.05
-# What each text field of an ad must look like (the numbers are checked by _int).
-_TEXT_RULES = {
-    "id": (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"), "1-63 letters, digits, '.', '_', '-'"),
-    "proto": (re.compile(r"[ -~]{1,32}"), "a protocol version"),
-    "role": (re.compile(r"node|gateway"), "'node' or 'gateway'"),
-    "dev": (re.compile(r"[ -~]{0,128}"), "printable ASCII, at most 128 characters"),
-    "fp": (re.compile(r"[0-9a-f]{0,64}"), "lower-case hex"),
-    "pk": (re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}"), "a Z85 CurveZMQ key"),
-}
 _LOCAL_NAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local\.?$")
 
-Role = Literal["node", "gateway"]
-
-
-class AdError(ValueError):
-    """A TXT record that is not a valid zmqinfer ad; the message says why."""
 
 
 class DiscoveryError(RuntimeError):
@@ -81,80 +60,6 @@ class DiscoveryError(RuntimeError):
 
 class DuplicateNodeId(DiscoveryError):
     """Another live host already advertises this node id: two nodes must never share one."""
-
-
-@dataclass(frozen=True)
-class NodeAd:
-    """What a node (or the gateway, role="gateway") tells the LAN about itself."""
-
-    node_id: NodeId  # stable across restarts: the node's name in nodes.toml / `--name`
-    data_port: int  # a gateway advertises its result port here
-    mem_total: int  # bytes
-    mem_free: int  # bytes available for weights and KV caches
-    device: str  # e.g. "gpu (Darwin arm64, 10 cores)"
-    fingerprint: str = ""  # model.model_fingerprint of the loaded model; "" = none loaded yet
-    control_port: int | None = None  # a gateway's control port (nodes have none today)
-    pubkey: str | None = None  # CurveZMQ public key (Z85) once encryption lands
-    role: Role = "node"
-    protocol: str = PROTOCOL
-
-    def to_txt(self) -> dict[str, str]:
-        props = {"id": self.node_id, "proto": self.protocol, "role": self.role,
-                 "dport": str(self.data_port), "mem": str(self.mem_total),
-                 "free": str(self.mem_free), "dev": self.device, "fp": self.fingerprint}
-        if self.control_port is not None:
-            props["cport"] = str(self.control_port)
-        if self.pubkey is not None:
-            props["pk"] = self.pubkey
-        # Validate what we send with the same rules as what we accept: a bad ad fails here, at
-        # the node that made it, not silently at every browser.
-        NodeAd.from_txt({k.encode(): v.encode() for k, v in props.items()})
-        return props
-
-    @staticmethod
-    def from_txt(props: Mapping[bytes, bytes | None]) -> NodeAd:
-        """Parse a service's TXT properties; raises AdError naming the first problem.
-
-        Unknown keys are ignored (a newer zmqinfer may add some); the protocol is parsed, not
-        checked: whether it is acceptable is the gateway's call (see `refusal`)."""
-        size = sum(len(k) + len(v or b"") + 2 for k, v in props.items())
-        if size > MAX_TXT_BYTES:
-            raise AdError(f"TXT record of {size} bytes exceeds {MAX_TXT_BYTES}")
-        txt: dict[str, str] = {}
-        for k, v in props.items():
-            if v is None or len(v) > MAX_VALUE_BYTES:
-                continue
-            try:
-                txt[k.decode("ascii")] = v.decode("ascii")
-            except UnicodeDecodeError:
-                raise AdError(f"TXT key {k!r} or its value is not ASCII") from None
-        if "id" not in txt or "proto" not in txt:
-            raise AdError("not a zmqinfer ad (no id/proto keys)")
-        for key, (rule, what) in _TEXT_RULES.items():
-            if key in txt and not rule.fullmatch(txt[key]):
-                raise AdError(f"{key}={txt[key]!r}: expected {what}")
-        mem_total, mem_free = _int(txt, "mem", 0, 1 << 60), _int(txt, "free", 0, 1 << 60)
-        if mem_free > mem_total:
-            raise AdError(f"free memory {mem_free} exceeds total {mem_total}")
-        role: Role = "gateway" if txt.get("role") == "gateway" else "node"
-        return NodeAd(NodeId(txt["id"]), _int(txt, "dport", 1, 65535), mem_total, mem_free,
-                      txt.get("dev", ""), txt.get("fp", ""),
-                      _int(txt, "cport", 1, 65535) if "cport" in txt else None, txt.get("pk"),
-                      role, txt["proto"])
-
-
-def _int(txt: dict[str, str], key: str, lo: int, hi: int) -> int:
-    value = txt.get(key)
-    if value is None or not value.isdigit() or not lo <= int(value) <= hi:
-        raise AdError(f"{key}={value!r} is not an integer in [{lo}, {hi}]")
-    return int(value)
-
-
-def worth_reannouncing(old: NodeAd, new: NodeAd) -> bool:
-    """Anything but free memory changed, or free memory moved by REANNOUNCE_FREE_FRACTION."""
-    if replace(old, mem_free=0) != replace(new, mem_free=0):
-        return True
-    return abs(old.mem_free - new.mem_free) >= REANNOUNCE_FREE_FRACTION * max(new.mem_total, 1)
 
 
 @dataclass(frozen=True)

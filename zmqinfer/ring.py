@@ -14,7 +14,8 @@ from .wire import PROTOCOL_VERSION, NodeId
 
 if TYPE_CHECKING:
     from .config import NodeSpec
-    from .discovery import Discovered, NodeAd
+    from .adverts import NodeAd
+    from .discovery import Discovered
 
 PROTOCOL = PROTOCOL_VERSION.decode()
 

@@ -11,8 +11,8 @@ from zeroconf import ServiceStateChange
 
 from zmqinfer import discovery
 from zmqinfer.config import NodeSpec
-from zmqinfer.discovery import (MAX_TXT_BYTES, PROTOCOL, AdError, Advertiser, Browser, Discovered,
-                                DiscoveryError, NodeAd, resolve_local_name, worth_reannouncing)
+from zmqinfer.adverts import MAX_TXT_BYTES, PROTOCOL, AdError, NodeAd, worth_reannouncing
+from zmqinfer.discovery import Advertiser, Browser, Discovered, DiscoveryError, resolve_local_name
 from zmqinfer.ring import merge_members, refusal
 from zmqinfer.wire import NodeId
 
