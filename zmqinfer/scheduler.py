@@ -156,7 +156,10 @@ class Scheduler:
 
     def _join(self, seq: _Seq) -> None:
         """Put a prefilled sequence in the smallest group; it decodes from that group's next step."""
-        k = max(2, self.ring.n_stages + 1)  # one more than stages, so the gateway's turn overlaps too
+        # One group per stage is enough to keep every stage busy; each extra group only splits
+        # the batch further (c=16 aggregate measured: 1 node 24.7 -> 30.7 tok/s, 3 nodes
+        # 18.1 -> 22.0, going from stages+1 groups to stages).
+        k = max(1, self.ring.n_stages)
         for gid in range(k):
             self._groups.setdefault(gid, _Group())
         gid = min(range(k), key=lambda g: len(self._groups[g].members))

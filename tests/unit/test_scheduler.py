@@ -108,7 +108,7 @@ async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
                  for p, o in zip(prompts, outs)]
         await drive(ring, sched, tasks)
     assert all(len(o) == 5 for o in outs)
-    groups = 2 + 1  # n_stages + 1
+    groups = 2  # one per stage
     assert ring.max_in_flight <= groups + 2  # every group once + the prefill credits (1 per stage)
     prefill = [f.chunks[0].seq for f in ring.forwards() if not f.chunks[0].sample]
     # Round robin: the two long prompts' chunks alternate instead of one going first entirely.
@@ -122,7 +122,7 @@ async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
 
 
 async def test_sequences_join_and_leave_between_steps() -> None:
-    ring = MemoryRing(n_stages=1)  # 2 groups
+    ring = MemoryRing(n_stages=1)  # 1 group
     sched = Scheduler(ring, {EOS})
     outs: list[list[int]] = [[] for _ in range(5)]
     async with running(sched):
