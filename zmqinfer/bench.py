@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import blasinfo, launch, loadgen
-from .benchreport import targets
+from .benchreport import dig, targets
 
 PROMPT = "Describe a cat to someone who has never seen one."  # long answer: no early stop
 TOPICS = ["a lighthouse keeper", "the history of bread", "a city under the sea", "how bees talk",
@@ -208,19 +208,11 @@ def _mean_baseline(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         vals = [x for x in xs if x is not None]
         return sum(vals) / len(vals) if vals else None
 
-    return {"decode_tps": mean(_get(a, "single", "decode_tps"), _get(b, "single", "decode_tps")),
-            "ttft_s": {n: mean(_get(a, "ttft", n, "median_s"), _get(b, "ttft", n, "median_s"))
+    return {"decode_tps": mean(dig(a, "single", "decode_tps"), dig(b, "single", "decode_tps")),
+            "ttft_s": {n: mean(dig(a, "ttft", n, "median_s"), dig(b, "ttft", n, "median_s"))
                        for n in {**a.get("ttft", {}), **b.get("ttft", {})}},
-            "batch_tps": {c: mean(_get(a, "batch", c, "tps"), _get(b, "batch", c, "tps"))
+            "batch_tps": {c: mean(dig(a, "batch", c, "tps"), dig(b, "batch", c, "tps"))
                           for c in {**a.get("batch", {}), **b.get("batch", {})}}}
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 # ---- machine and wire ----------------------------------------------------------------------

@@ -26,28 +26,28 @@ def targets(r: Report) -> list[dict[str, Any]]:
 
     n, exact = _closest(list(rings), 3)
     out.append(_ratio(1, "single-stream decode through 3 nodes vs single-process mlx-lm", f"{n} nodes", exact,
-                      _get(rings.get(n), "single", "decode_tps"), base["decode_tps"], ">=", 0.9))
+                      dig(rings.get(n), "single", "decode_tps"), base["decode_tps"], ">=", 0.9))
 
     pc = pinned.get("concurrency")
     out.append(_ratio(2, "one core per node, 2 nodes, concurrency 16: aggregate vs one pinned process",
-                      f"{_get(pinned, 'ring', 'nodes')} nodes, concurrency {pc}",
-                      pc == "16" and _get(pinned, "ring", "nodes") == 2,
-                      _get(pinned, "ring", "batch", pc, "tps"), _get(pinned, "baseline", "batch", pc, "tps"),
+                      f"{dig(pinned, 'ring', 'nodes')} nodes, concurrency {pc}",
+                      pc == "16" and dig(pinned, "ring", "nodes") == 2,
+                      dig(pinned, "ring", "batch", pc, "tps"), dig(pinned, "baseline", "batch", pc, "tps"),
                       ">=", 1.7))
 
     n, exact_n = _closest(list(rings), 3)
     c, exact_c = _closest([int(k) for k in base["batch_tps"]], 16)
     out.append(_ratio(3, "3 nodes on this machine, concurrency 16: aggregate vs mlx-lm batch_generate",
                       f"{n} nodes, concurrency {c}", exact_n and exact_c,
-                      _get(rings.get(n), "batch", str(c), "tps"), base["batch_tps"].get(str(c)), ">=", 1.0))
+                      dig(rings.get(n), "batch", str(c), "tps"), base["batch_tps"].get(str(c)), ">=", 1.0))
 
-    lengths = [int(k) for k in (_get(pinned, "baseline", "ttft") or {})]
+    lengths = [int(k) for k in (dig(pinned, "baseline", "ttft") or {})]
     length, exact = _closest(lengths, 1024)
     out.append(_ratio(4, "1024-token prompt, 2 pinned nodes: time to first token vs one pinned process",
-                      f"{length}-token prompt, {_get(pinned, 'ring', 'nodes')} nodes",
-                      exact and _get(pinned, "ring", "nodes") == 2,
-                      _get(pinned, "ring", "ttft", str(length), "median_s"),
-                      _get(pinned, "baseline", "ttft", str(length), "median_s"), "<=", 0.7))
+                      f"{length}-token prompt, {dig(pinned, 'ring', 'nodes')} nodes",
+                      exact and dig(pinned, "ring", "nodes") == 2,
+                      dig(pinned, "ring", "ttft", str(length), "median_s"),
+                      dig(pinned, "baseline", "ttft", str(length), "median_s"), "<=", 0.7))
 
     w = r["wire"]
     hop = next(h for h in w["hops"] if h["hop"] == "node -> node" and h["measured_dtype"])
@@ -91,7 +91,8 @@ def _size(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _get(d: Any, *keys: Any) -> Any:
+def dig(d: Any, *keys: Any) -> Any:
+    """d[k0][k1]... of nested report dicts, or None where a level is missing."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -168,12 +169,12 @@ def _single(r: Report) -> str:
         if "error" in x and "single" not in x:
             rows.append([x["setup"], _err(x)] + [""] * len(lengths))
             continue
-        tps = _get(x, "single", "decode_tps")
+        tps = dig(x, "single", "decode_tps")
         row = [x["setup"], "-" if tps is None else f"{tps:.2f}{_x(tps, base['decode_tps'])}"]
         for n in lengths:
-            t = _get(x, "ttft", n, "median_s")
+            t = dig(x, "ttft", n, "median_s")
             row.append(_ms(t) + ("" if t is None else _x(t, base["ttft_s"].get(n))) if t is not None
-                       else _err(_get(x, "ttft", n)))
+                       else _err(dig(x, "ttft", n)))
         rows.append(row)
     return "**Single stream**\n\n" + _table(
         ["setup", "decode tok/s (vs mlx-lm)"] + [f"first token, {n}-token prompt" for n in lengths], rows)
@@ -186,8 +187,8 @@ def _aggregate(r: Report) -> str:
     for x in [r["baseline_before"], *r["rings"], r["baseline_after"]]:
         row = [x["setup"] + (" (batch_generate)" if "mlx-lm" in x["setup"] else "")]
         for c in levels:
-            tps = _get(x, "batch", c, "tps")
-            row.append(f"{tps:.1f}{_x(tps, base.get(c))}" if tps is not None else _err(_get(x, "batch", c) or x))
+            tps = dig(x, "batch", c, "tps")
+            row.append(f"{tps:.1f}{_x(tps, base.get(c))}" if tps is not None else _err(dig(x, "batch", c) or x))
         rows.append(row)
     return (f"**Aggregate tokens/s** (c requests of {r['options']['batch_tokens']} tokens at once; tokens / "
             "time from the first send to the last token; vs mlx-lm batch_generate)\n\n"
@@ -201,12 +202,12 @@ def _pinned(r: Report) -> str:
     if "error" in p:
         return f"**One core per node**: {p['error']}"
     b, g, c = p["baseline"], p["ring"], p["concurrency"]
-    rows = [["decode tok/s (single stream)", *_pair(_get(b, "single", "decode_tps"), _get(g, "single", "decode_tps"), "{:.2f}")]]
+    rows = [["decode tok/s (single stream)", *_pair(dig(b, "single", "decode_tps"), dig(g, "single", "decode_tps"), "{:.2f}")]]
     for n in sorted(b.get("ttft", {}), key=int):
         rows.append([f"first token, {n}-token prompt",
-                     *_pair(_get(b, "ttft", n, "median_s"), _get(g, "ttft", n, "median_s"), "ms")])
+                     *_pair(dig(b, "ttft", n, "median_s"), dig(g, "ttft", n, "median_s"), "ms")])
     rows.append([f"aggregate tok/s, concurrency {c}",
-                 *_pair(_get(b, "batch", c, "tps"), _get(g, "batch", c, "tps"), "{:.1f}")])
+                 *_pair(dig(b, "batch", c, "tps"), dig(g, "batch", c, "tps"), "{:.1f}")])
     return ("**One core per node** (stands in for separate machines; every node and the single process "
             "pinned to one core with one BLAS thread; the gateway unpinned)\n\n"
             + _table(["", b["setup"], g["setup"], "ring / single"], rows)
@@ -227,8 +228,8 @@ def _rings_all(r: Report) -> list[dict[str, Any]]:
 def _hops(r: Report) -> str:
     rows = []
     for x in _rings_all(r):
-        ring_ms = _get(x, "ping", "ring_ms")
-        ctrl = _get(x, "ping", "control_ms") or {}
+        ring_ms = dig(x, "ping", "ring_ms")
+        ctrl = dig(x, "ping", "control_ms") or {}
         hops = x["nodes"] + 1
         rows.append([x["setup"], "-" if ring_ms is None else f"{ring_ms:.2f} ms", str(hops),
                      "-" if ring_ms is None else f"{ring_ms / hops:.2f} ms",
@@ -249,7 +250,7 @@ def _wire(r: Report) -> str:
 
 def _memory(r: Report) -> str:
     rows = []
-    for x in [r["baseline_before"], *(_get(r, "pinned", "baseline") and [r["pinned"]["baseline"]] or [])]:
+    for x in [r["baseline_before"], *(dig(r, "pinned", "baseline") and [r["pinned"]["baseline"]] or [])]:
         if x.get("rss_bytes"):
             rows.append([x["setup"], "whole process", "all", _mib(x["rss_bytes"]), "-", "-"])
     for x in _rings_all(r):
@@ -265,7 +266,7 @@ def _mib(n: int | None) -> str:
 
 def _blas(r: Report) -> str:
     rows = [["bench", "this process", _proc(r["machine"]["blas"])]]
-    for x in [r["baseline_before"], *(_get(r, "pinned", "baseline") and [r["pinned"]["baseline"]] or [])]:
+    for x in [r["baseline_before"], *(dig(r, "pinned", "baseline") and [r["pinned"]["baseline"]] or [])]:
         if x.get("process"):
             rows.append([x["setup"], "mlx-lm", _proc(x["process"])])
     for x in _rings_all(r):

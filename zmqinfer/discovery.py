@@ -242,9 +242,9 @@ class Browser:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # only cancellations and logged errors
         self._tasks.clear()
-        if self._given is None and self.aiozc is not None:
-            aiozc, self.aiozc = self.aiozc, None
-            await close_zeroconf(aiozc)
+        await self._close_own()
+
+    _close_own = Advertiser._close_own  # same rule: close the zeroconf only if we opened it
 
     async def __aenter__(self) -> Browser:
         return self
