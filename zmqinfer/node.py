@@ -51,6 +51,9 @@ class NodeOptions:
     control_port: int
     data_port: int
     bind: str = "0.0.0.0"
+    interfaces: tuple[str, ...] = ()  # IPs to advertise (and browse) on; () = every interface
+    advertise: bool = True  # register _zmqinfer._tcp over mDNS
+    memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
 
 
 def device_name() -> str:
