@@ -1,4 +1,4 @@
-"""The `zmqinfer` command: up, node, gateway, status, ping, bench, model path.
+"""The `zmqinfer` command: up, node, gateway, status, ping, discover, bench, model path.
 
 `up` is the one-command local cluster: it resolves (and on first use converts) the model with a
 progress bar, starts N node processes and runs the gateway in this process, prints the endpoint
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import client
 from .config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, GatewaySpec,
                      NodeSpec, load_cluster, parse_layer_counts)
 from .wire import NodeId
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--pin", action="store_true",
                     help="one core per node (node i on core i mod cores, one BLAS thread): stands in for "
                          "separate machines; Linux only, the gateway stays unpinned")
+    up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
     up.set_defaults(func=cmd_up)
 
     node = sub.add_parser("node", help="run one node (on each machine)")
@@ -58,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--gateway", default=None, help="gateway IP[:control_port], overrides the config")
     node.add_argument("--port", type=int, default=None, help=f"data port (default {DEFAULT_DATA_PORT})")
     node.add_argument("--bind", default="0.0.0.0", help="address to bind the data port on")
+    node.add_argument("--interface", action="append", default=[], metavar="IP", help="use mDNS (advertise, "
+                      "find the gateway) on this interface IP only; repeatable (default: all)")
+    node.add_argument("--no-advertise", action="store_true", help="no mDNS ad: nodes.toml must list its address")
+    node.add_argument("--memory-limit", metavar="SIZE", help="offer at most this much memory for layers: bytes, "
+                      "450M, 1.5G, 512MiB (K..T, KiB..TiB: powers of 1024; KB..TB: of 1000)")
     node.set_defaults(func=cmd_node)
 
     gw = sub.add_parser("gateway", help="run the gateway (on one machine)")
@@ -65,16 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--model", default=None, help="overrides the config's model")
     gw.add_argument("--port", type=int, default=None, help="HTTP port, overrides the config")
     gw.add_argument("--layers", default=None, help="layer counts per node, e.g. 10,9,9")
+    gw.add_argument("--interface", action="append", default=[], metavar="IP",
+                    help="browse and advertise over mDNS on this interface IP only; repeatable")
+    gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
     gw.set_defaults(func=cmd_gateway)
 
-    for name, fn, text in (("status", cmd_status, "show the ring: nodes, addresses, layers, health"),
-                           ("ping", cmd_ping, "round trip to each node and through the whole ring")):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
-        c.add_argument("--json", action="store_true", help="print the raw JSON")
-        c.add_argument("--api-key", default=os.environ.get("ZMQINFER_API_KEY"),
-                       help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
-        c.set_defaults(func=fn)
+    client.add_commands(sub)  # status, ping, discover: they ask the running cluster or the LAN
 
     bench = sub.add_parser("bench", help="ring vs single-process mlx-lm, side by side: decode, first "
                            "token, aggregate throughput, one core per node, hops, wire bytes, memory, BLAS")
@@ -148,15 +152,44 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     cfg = load_cluster(args.config) if args.config else ClusterConfig()
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
+    interfaces = tuple(_ip_only(ip, "--interface") for ip in args.interface)
+    memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
+    log.setup(f"node:{args.name}")  # before the gateway lookup: its logs belong on stderr too
     host, port = cfg.gateway.address, cfg.gateway.control_port
     if args.gateway:
         host, _, p = args.gateway.partition(":")
         port = int(p) if p else port
-    log.setup(f"node:{args.name}")
+    elif not (args.config and _names_gateway(args.config)):
+        if (found := client.locate_gateway(interfaces)) is None:
+            return 1
+        host, port = found
     opts = NodeOptions(NodeId(args.name), _ip_only(host, "--gateway"), port,
-                       args.port or spec.port, args.bind)
+                       args.port or spec.port, args.bind, interfaces=interfaces,
+                       advertise=not args.no_advertise, memory_limit=memory_limit)
     asyncio.run(run_node(opts))
     return 0
+
+
+def _names_gateway(path: Path) -> bool:
+    import tomllib  # load_cluster fills in 127.0.0.1: "this machine", not "where the gateway is"
+
+    gateway = tomllib.loads(Path(path).read_text()).get("gateway")
+    return isinstance(gateway, dict) and "address" in gateway
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(iB|B)?|B)?", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from "450M", "1.5G", "512MiB", "2GB" or digits; see `node --memory-limit`'s help."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ConfigError(f"{flag} {text!r}: expected bytes or a size like 450M, 1.5G, 512MiB")
+    base = 1000 if (m[3] or "").lower() == "b" else 1024
+    value = int(float(m[1]) * base ** ("KMGT".index(m[2].upper()) + 1 if m[2] else 0))
+    if value < 1:
+        raise ConfigError(f"{flag} {text!r}: must be at least 1 byte")
+    return value
 
 
 def _ip_only(host: str, what: str) -> str:
@@ -166,19 +199,22 @@ def _ip_only(host: str, what: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         raise ConfigError(f"{what} {host!r} is not an IP address (names are never handed to the "
-                          "system resolver; .local names will come from zeroconf discovery)") from None
+                          "system resolver; mDNS finds the gateway when --gateway is left out)") from None
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = load_cluster(args.config)
     gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
-    return _serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [])
+    interfaces = tuple(_ip_only(ip, "--interface") for ip in args.interface)
+    return _serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
+                  discovery=not args.no_discovery, interfaces=interfaces)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= 32:
         raise ConfigError(f"--nodes {args.nodes}: choose 1..32")
+    memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
     counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
     host = _ip_only(args.host, "--host")
     gspec = GatewaySpec(address="127.0.0.1", bind=host, port=args.port,
@@ -202,8 +238,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
     procs = []
     for i, n in enumerate(nodes):
+        # A local cluster stays off the LAN: several on one machine all have nodes node0, node1..
         cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
-               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port)]
+               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port), "--no-advertise"]
+        if memory_limit is not None:
+            cmd += ["--memory-limit", str(memory_limit)]
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
         procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
                                       preexec_fn=None if cores is None else _pinner(cores[i])))
@@ -212,7 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               + " (one BLAS thread each; the gateway is not pinned)", flush=True)
     # Local nodes load the very directory the gateway resolved: no second conversion.
     return _serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
-                  model_id=args.model or DEFAULT_MODEL)
+                  model_id=args.model or DEFAULT_MODEL, discovery=False)
 
 
 def _pin_cores(n: int) -> list[int] | None:
@@ -243,7 +282,8 @@ def _resolve_or_exit(model: str | None) -> Path | None:
 
 def _serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
            api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
-           model_id: str | None = None) -> int:
+           model_id: str | None = None, *, discovery: bool = True,
+           interfaces: tuple[str, ...] = ()) -> int:
     from . import log
     from .gateway import Gateway
     from .model import DEFAULT_MODEL
@@ -267,7 +307,8 @@ def _serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts:
             loop.add_signal_handler(sig, stop.set)
         nonlocal gw
         gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
-                     model_id=model_id or model or DEFAULT_MODEL)
+                     model_id=model_id or model or DEFAULT_MODEL, discovery=discovery,
+                     interfaces=interfaces)
         async with asyncio.TaskGroup() as tg:
             if procs:
                 tg.create_task(_watch(procs, stop))
@@ -352,18 +393,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for line in failed:
         print(f"zmqinfer: failed: {line}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from .client import status
-
-    return status(args.url, args.api_key, args.json)
-
-
-def cmd_ping(args: argparse.Namespace) -> int:
-    from .client import ping
-
-    return ping(args.url, args.api_key, args.json)
 
 
 if __name__ == "__main__":

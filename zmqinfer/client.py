@@ -1,16 +1,80 @@
 """`zmqinfer status` and `zmqinfer ping`: ask the gateway over HTTP, print a table, never hang.
+`zmqinfer discover`: what advertises over mDNS right now.
 
-Both answer within a deadline whether or not the gateway (or a node) is there, and name what is
+Status and ping answer within a deadline whether or not the gateway (or a node) is there, and name what is
 missing; the exit status is 0 only when the ring is ready (status) or every hop answered (ping).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from typing import Any
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from .discovery import Discovered
+
+from .config import DEFAULT_API_PORT, ConfigError
 
 CLIENT_TIMEOUT_S = 5.0  # status: the gateway answers from memory, so 5 s means it is not there
 PING_CLIENT_TIMEOUT_S = 15.0  # ping waits on every node (1 s each, in parallel) and one probe
+
+
+GATEWAY_LOOKUP_S = 10.0  # a gateway answers in milliseconds; 10 s covers one still starting
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    for name, fn, text in (("status", _cmd_status, "show the ring: nodes, addresses, layers, health"),
+                           ("ping", _cmd_ping, "round trip to each node and through the whole ring")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
+        c.add_argument("--json", action="store_true", help="print the raw JSON")
+        c.add_argument("--api-key", default=os.environ.get("ZMQINFER_API_KEY"),
+                       help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
+        c.set_defaults(func=fn)
+    d = sub.add_parser("discover", help="list what advertises _zmqinfer._tcp over mDNS right now")
+    d.add_argument("--seconds", type=float, default=3.0, help="how long to listen (default 3)")
+    d.add_argument("--interface", action="append", default=[], metavar="IP",
+                   help="browse on this interface IP only; repeatable (default: every interface)")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=_cmd_discover)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    return status(args.url, args.api_key, args.json)
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    return ping(args.url, args.api_key, args.json)
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    if args.seconds <= 0:
+        raise ConfigError(f"--seconds {args.seconds}: must be positive")
+    return discover(args.seconds, tuple(args.interface), args.json)
+
+
+def locate_gateway(interfaces: tuple[str, ...]) -> tuple[str, int] | None:
+    """A node given no gateway address asks mDNS; None after printing why it could not."""
+    import asyncio
+
+    from .discovery import DiscoveryError
+    from .presence import find_gateway
+
+    print(f"zmqinfer: no --gateway given; looking for the gateway over mDNS (up to "
+          f"{GATEWAY_LOOKUP_S:.0f}s)", file=sys.stderr, flush=True)
+    try:
+        host, port = asyncio.run(find_gateway(GATEWAY_LOOKUP_S, interfaces))
+    except DiscoveryError as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return None
+    print(f"zmqinfer: found the gateway at {host}:{port} via mDNS", file=sys.stderr, flush=True)
+    return host, port
 
 
 def _fetch(url: str, method: str, timeout: float, api_key: str | None) -> dict[str, Any]:
@@ -37,25 +101,118 @@ def status(url: str, api_key: str | None, as_json: bool) -> int:
     st = _fetch(url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S, api_key)
     if as_json:
         print(json.dumps(st, indent=2))
-        return 0 if st.get("ready") else 1
-    from rich.console import Console
+    else:
+        from rich.console import Console
+
+        Console().print(status_view(st))
+    return 0 if st.get("ready") else 1
+
+
+def status_view(st: dict[str, Any]) -> RenderableType:
+    """The status table of a /cluster/status answer. Keys an older gateway does not send
+    (found_by, detail, refused) render as "-" or are left out."""
+    from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
-    c = Console()
     state = "[green]ready[/]" if st.get("ready") else f"[red]not ready[/]: {st.get('reason', '?')}"
-    c.print(f"model {st.get('model')}  ({st.get('n_layers')} layers)  epoch {st.get('epoch')}  {state}")
-    t = Table("node", "address", "layers", "health", "beat", "device", "rss", "shard", "busy")
-    for col in t.columns[:3]:
+    head = f"model {st.get('model')}  ({st.get('n_layers')} layers)  epoch {st.get('epoch')}  {state}"
+    t = Table("node", "address", "found", "layers", "health", "beat", "device", "rss", "shard", "busy")
+    for col in t.columns[:4]:
         col.no_wrap = True
     for n in st.get("nodes", []):
         layers = f"[{n['layers'][0]},{n['layers'][1]})" if n.get("layers") else "-"
         beat = f"{n['last_heartbeat_s']:.1f}s" if n.get("last_heartbeat_s") is not None else "-"
-        t.add_row(n["name"], f"{n.get('address') or '?'}:{n.get('data_port')}", layers,
-                  n["health"] if n["health"] == "ok" else f"[red]{n['health']}[/]", beat,
-                  (n.get("device") or "-").split(" (")[0], _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
-                  f"{100 * n.get('busy_fraction', 0):.0f}%")
-    c.print(t)
-    return 0 if st.get("ready") else 1
+        health = escape(n.get("health") or "-")
+        health = health if health == "ok" else f"[red]{health}[/]"
+        if n.get("refused"):
+            health = f"[red]refused: {escape(n['refused'])}[/]"
+        t.add_row(escape(n.get("name", "?")), f"{n.get('address') or '?'}:{n.get('data_port')}",
+                  escape(_found(n)),
+                  layers, health, beat, (n.get("device") or "-").split(" (")[0],
+                  _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
+                  f"{100 * (n.get('busy_fraction') or 0):.0f}%")
+    return Group(head, t)
+
+
+def _found(n: dict[str, Any]) -> str:
+    """"mdns" / "static", with the gateway's detail ("nodes.toml address", "mini2.local via mdns")
+    where it says more than the kind."""
+    by, detail = n.get("found_by"), n.get("detail")
+    if not by:
+        return "-"
+    return f"{by} ({detail})" if detail and detail != f"{by} ad" else by
+
+
+# ---- zmqinfer discover ----------------------------------------------------------------------
+
+NO_ADS_HINT = ("If nodes are running, multicast (UDP 5353 to 224.0.0.251) is not getting through: "
+               "a firewall, a VLAN or guest network, a VPN, or the wrong --interface. The gateway "
+               'still reaches a node listed in nodes.toml with `address = "IP"`, and a node '
+               "reaches the gateway with --gateway IP.")
+
+
+def discover(seconds: float, interfaces: tuple[str, ...], as_json: bool) -> int:
+    """Browse `_zmqinfer._tcp` for `seconds` and print what advertises; 0 whatever is found."""
+    import asyncio
+
+    from . import log
+    from .discovery import DiscoveryError, discover as browse
+
+    # The browser logs each find at info: on stdout they would corrupt --json, and the table
+    # says it all; warnings (malformed ads) still go to stderr.
+    os.environ.setdefault("ZMQINFER_LOG", "warning")
+    log.setup("discover")
+    ignored: dict[str, str] = {}
+    try:
+        rows = discover_rows(asyncio.run(browse(seconds, interfaces or None, ignored=ignored)))
+    except DiscoveryError as e:  # e.g. --interface is not an IPv4 address of this host
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps({"services": rows, "ignored": ignored}, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(discover_view(rows, ignored, seconds))
+    return 0
+
+
+def discover_rows(found: Sequence[Discovered]) -> list[dict[str, Any]]:
+    """One JSON-able row per advertised service, with `refused` set when we could not use it."""
+    from .ring import refusal
+
+    return [{"id": d.ad.node_id, "role": d.ad.role, "addresses": list(d.addresses),
+             "data_port": d.ad.data_port, "control_port": d.ad.control_port,
+             "mem_total": d.ad.mem_total, "mem_free": d.ad.mem_free, "device": d.ad.device,
+             "fingerprint": d.ad.fingerprint, "protocol": d.ad.protocol, "host": d.host,
+             "refused": refusal(d.ad)} for d in found]
+
+
+def discover_view(rows: Sequence[dict[str, Any]], ignored: Mapping[str, str],
+                  seconds: float) -> RenderableType:
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+
+    parts: list[RenderableType] = []
+    if not rows:
+        parts.append(f"Nothing advertises _zmqinfer._tcp here (browsed {seconds:g}s). {NO_ADS_HINT}")
+    else:
+        t = Table("id", "role", "addresses", "ports", "memory (free/total)", "device", "model",
+                  "protocol")
+        for r in rows:
+            ports = f"data {r['data_port']}" + (f", control {r['control_port']}" if r.get("control_port") else "")
+            # Everything but the numbers comes from strangers on the LAN: no markup from them.
+            proto = escape(r["protocol"])
+            if r.get("refused"):
+                proto = f"[red]{proto}: refused, {escape(r['refused'])}[/]"
+            t.add_row(escape(r["id"]), r["role"], ", ".join(r["addresses"]), ports,
+                      f"{_gib(r['mem_free'])} / {_gib(r['mem_total'])}", escape(r["device"] or "-"),
+                      r["fingerprint"][:12] or "-", proto)
+        parts.append(t)
+    parts += [f"[yellow]ignored[/] {escape(name)}: {escape(why)}" for name, why in sorted(ignored.items())]
+    return Group(*parts)
 
 
 def ping(url: str, api_key: str | None, as_json: bool) -> int:
@@ -74,3 +231,7 @@ def ping(url: str, api_key: str | None, as_json: bool) -> int:
 
 def _mib(n: int | None) -> str:
     return f"{n / 2**20:.0f} MiB" if n else "-"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"

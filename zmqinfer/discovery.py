@@ -98,8 +98,12 @@ def open_zeroconf(interfaces: Sequence[str] | None = None) -> AsyncZeroconf:
     if interfaces is not None and (not interfaces or not all(map(_is_ipv4, interfaces))):
         raise DiscoveryError(f"interfaces must be IPv4 literals, got {list(interfaces)}")
     # IPv4 only: our addresses go into ZeroMQ endpoints as literals and we never need v6 scopes.
-    return AsyncZeroconf(interfaces=list(interfaces) if interfaces else InterfaceChoice.All,
-                         ip_version=IPVersion.V4Only)
+    try:
+        return AsyncZeroconf(interfaces=list(interfaces) if interfaces else InterfaceChoice.All,
+                             ip_version=IPVersion.V4Only)
+    except OSError as e:  # e.g. an interface IP this host does not have (ENODEV)
+        where = ", ".join(interfaces) if interfaces else "any interface"
+        raise DiscoveryError(f"cannot open mDNS sockets on {where}: {e.strerror or e}") from e
 
 
 def _local_networks(only: Sequence[str] | None = None) -> list[tuple[str, Net]]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
-from .model import model_fingerprint, resolve_model
+from .model import _HUB_ID, DEFAULT_MODEL, ModelNotFound, model_fingerprint, resolve_model
 from .sampling import SeqSampler, sample_batch
+from .shards import fetch_shard, shard_weight_files
 from .stage import Stage, StageError
 from .tensors import from_wire, to_wire
 from .wire import Chunk, Forward, Sample, Sampled, SeqId
@@ -37,9 +39,21 @@ class Worker:
         return self.stage.sequences if self.stage else 0
 
     def load(self, model: str, start: int, end: int) -> None:
+        """Load layers [start, end) of `model` (embedded default, local directory or hub id).
+        A hub model needs only the weight files holding these layers in the local cache."""
         self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
         mx.clear_cache()
-        path = resolve_model(model)
+        if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not _HUB_ID.fullmatch(model):
+            path = resolve_model(model)
+        else:  # a hub id: from the local cache only, and only this stage's weight files
+            path = fetch_shard(model, start, end, local_files_only=True)
+            # The hub vouches for a snapshot's completeness only when it cached the repo's file
+            # list; checking ourselves keeps a missing file from loading as random weights
+            # (load_shard_model trusts the weight index).
+            if missing := [f for f in shard_weight_files(path, start, end) if not (path / f).is_file()]:
+                raise ModelNotFound(
+                    f"{model!r}: layers [{start}, {end}) need {', '.join(missing)}, which the local "
+                    f"Hugging Face cache lacks; fetch them with `hf download {model} {' '.join(missing)}`")
         self.stage = Stage(path, start, end)
         self.fingerprint = model_fingerprint(path)
 

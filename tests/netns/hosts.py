@@ -146,9 +146,15 @@ class Net:
 
     # ---- running things inside a host -------------------------------------------------------
 
-    def popen(self, host: Host, argv: list[str]) -> subprocess.Popen[str]:
-        """Start `argv` in `host`'s namespace (stdio piped); killed on teardown."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    def popen(self, host: Host, argv: list[str], *, own_hostname: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start `argv` in `host`'s namespace (stdio piped); killed on teardown. `own_hostname`:
+        in its own UTS namespace named `host.name`, as a separate machine would be (namespaces
+        otherwise share this host's name, and every mDNS ad would claim the same `.local` host).
+        `env` adds to this process's environment."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+        if own_hostname:
+            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host.name, *argv]
         # stdin is a pipe the process may watch: closing it asks for a clean stop. stderr goes
         # to a file, so a chatty process can never block on a full pipe nobody is reading.
         assert self._logs is not None, "use Net as a context manager"
@@ -159,6 +165,25 @@ class Net:
         self._procs.append(p)
         self._stderr[p.pid] = log
         return p
+
+    def run(self, host: Host, argv: list[str], timeout: float,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `argv` to completion in `host`'s namespace (killed after `timeout` s)."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+        return subprocess.run(["ip", "netns", "exec", host.name, *argv], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT)
+
+    def terminate(self) -> None:
+        """SIGTERM every process still running, then wait a little: a clean stop says goodbye
+        over mDNS. down() kills whatever is left."""
+        for p in self._procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self._procs:
+            try:
+                p.wait(timeout=CMD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
 
     def stderr(self, p: subprocess.Popen[str]) -> str:
         """What `p` wrote to stderr so far (its log lines), for failure messages."""
