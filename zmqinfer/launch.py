@@ -1,6 +1,11 @@
-"""Start and stop a whole local cluster (`zmqinfer up` in a subprocess) from Python.
+"""Start and stop local clusters and their parts from Python, as real processes.
 
-Used by the benchmark and the loopback tests, so both drive exactly what a user runs.
+`start`/`stop`: a whole cluster (`zmqinfer up` in a subprocess). `start_node`, `start_gateway`
+and `write_config`: lone `zmqinfer node` / `zmqinfer gateway` processes, as on separate
+machines; `restart_up_node` brings back a node of an `up` cluster under its old name and port.
+`signal_pid`, `wait_exit` and `wait_status` are the fault-injection and waiting primitives.
+Used by the benchmark and the loopback tests, so both drive exactly what a user runs. Every
+wait here has a deadline.
 """
 
 from __future__ import annotations
@@ -14,10 +19,18 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Callable, Sequence
 
 STARTUP_TIMEOUT_S = 180.0  # first run converts the embedded model; later runs take seconds
 STOP_TIMEOUT_S = 15.0
+NODE_STOP_TIMEOUT_S = 10.0  # a node's own SIGTERM path: say bye, close sockets, exit
+# `zmqinfer up --port P` lays out its ports like this; lone processes started here do the same.
+CONTROL_OFFSET, RESULT_OFFSET, DATA_OFFSET = 1, 2, 10
+# What `up` gives its nodes (see cmd_up): OpenBLAS's shortest spin, so idle nodes do not starve
+# the one computing on a shared machine.
+NODE_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 @dataclass
@@ -30,8 +43,8 @@ class LocalCluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/cluster/status", timeout=5) as r:
+    def status(self, timeout: float = 5.0) -> dict:
+        with urllib.request.urlopen(self.url + "/cluster/status", timeout=timeout) as r:
             return json.loads(r.read())
 
     def node_pids(self) -> dict[str, int]:
@@ -69,18 +82,45 @@ def start(log_dir: Path, nodes: int = 3, extra: list[str] | None = None,
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **(env or {})})
     c = LocalCluster(port, proc, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"zmqinfer up exited with {proc.returncode}:\n{c.output()[-4000:]}")
+    try:
+        wait_ready(c, STARTUP_TIMEOUT_S)
+    except RuntimeError:
+        stop(c)
+        raise
+    return c
+
+
+def wait_ready(c: LocalCluster, timeout: float) -> dict:
+    """Wait until the gateway says the ring serves; its status then. Raises RuntimeError (with
+    the gateway's log) if its process exits or the deadline passes."""
+    return wait_status(c, lambda st: bool(st["ready"]), timeout, "the ring to be ready")
+
+
+def wait_status(c: LocalCluster, ok: Callable[[dict], bool], timeout: float, what: str,
+                every: float = 0.25, nodes: Sequence[NodeProcess] = ()) -> dict:
+    """Poll /cluster/status until `ok(status)`; that status. An unreachable gateway counts as
+    not yet. Raises RuntimeError naming `what`, the last status and the log's tail, at the
+    deadline or as soon as the gateway or one of the lone `nodes` exits."""
+    deadline = time.monotonic() + timeout
+    last: dict | str = "no answer yet"
+    while True:
+        if c.proc.poll() is not None:
+            raise RuntimeError(f"the gateway process {c.proc.pid} exited with {c.proc.returncode} "
+                               f"while waiting for {what}:\n{c.output()[-4000:]}")
+        for n in nodes:
+            if n.proc.poll() is not None:
+                raise RuntimeError(f"node {n.name} (pid {n.pid}) exited with {n.proc.returncode} while "
+                                   f"waiting for {what}:\n{n.output()[-4000:]}")
         try:
-            if c.status()["ready"]:
-                return c
-        except OSError:
-            pass
-        time.sleep(0.25)
-    stop(c)
-    raise RuntimeError(f"cluster not ready within {STARTUP_TIMEOUT_S:.0f}s:\n{c.output()[-4000:]}")
+            last = c.status(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            if ok(last):
+                return last
+        except OSError as e:
+            last = f"no answer: {e}"
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"not {what} within {timeout:.0f}s; last status: {last}\n"
+                               f"log tail:\n{c.output()[-4000:]}")
+        time.sleep(every)
 
 
 def stop(c: LocalCluster) -> None:
@@ -101,3 +141,136 @@ def stop(c: LocalCluster) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ---- lone processes: nodes and gateways as on separate machines ---------------------------------
+
+
+@dataclass
+class NodeProcess:
+    """A `zmqinfer node` started here (not by `up`): its name, data port, process and log."""
+
+    name: str
+    data_port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@cache
+def cli_has_flag(command: str, flag: str) -> bool:
+    """Whether `zmqinfer <command> --help` lists `flag` (options still being added elsewhere
+    are passed only once they exist)."""
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", command, "--help"], capture_output=True,
+                       text=True, timeout=60)
+    return flag in r.stdout
+
+
+def start_node(log_dir: Path, name: str, gateway_control: str, data_port: int,
+               extra: list[str] | None = None, env: dict[str, str] | None = None) -> NodeProcess:
+    """`zmqinfer node --name NAME` on 127.0.0.1, reporting to `gateway_control` (IP:port), with
+    mDNS advertising off where the CLI has the switch. Returns at once (it registers by itself)."""
+    log = log_dir / f"node-{name}-{data_port}-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", name, "--bind", "127.0.0.1",
+           "--gateway", gateway_control, "--port", str(data_port)]
+    if cli_has_flag("node", "--no-advertise"):
+        cmd.append("--no-advertise")
+    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **NODE_ENV, **(env or {})})
+    return NodeProcess(name, data_port, proc, log)
+
+
+def restart_up_node(c: LocalCluster, log_dir: Path, name: str, extra: list[str] | None = None) -> NodeProcess:
+    """Start again a node of an `up` cluster (`node<i>`) with its old name and data port
+    (API port + 10 + i), reporting to the same gateway, as a lone process."""
+    index = int(name.removeprefix("node"))
+    return start_node(log_dir, name, f"127.0.0.1:{c.port + CONTROL_OFFSET}", c.port + DATA_OFFSET + index,
+                      extra)
+
+
+def write_config(path: Path, port: int, names: list[str], model: Path | str | None = None) -> Path:
+    """A nodes.toml for a loopback cluster laid out like `up --port PORT`: the gateway on PORT
+    (control PORT+1, results PORT+2), node i at 127.0.0.1 with data port PORT+10+i."""
+    lines = [f"model = {json.dumps(str(model))}"] if model is not None else []
+    lines += ["", "[gateway]", 'address = "127.0.0.1"', 'bind = "127.0.0.1"', f"port = {port}",
+              f"control_port = {port + CONTROL_OFFSET}", f"result_port = {port + RESULT_OFFSET}"]
+    for i, name in enumerate(names):
+        lines += ["", "[[node]]", f"name = {json.dumps(name)}", 'address = "127.0.0.1"',
+                  f"port = {port + DATA_OFFSET + i}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_gateway(log_dir: Path, config: Path, port: int, extra: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> LocalCluster:
+    """`zmqinfer gateway --config CONFIG` (zeroconf discovery off where the CLI has the switch).
+    Returns at once: wait with `wait_ready`. `stop` on the result stops only this process and
+    the nodes it reports; stop lone nodes with `stop_node`."""
+    log = log_dir / f"gateway-{port}-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "zmqinfer", "gateway", "--config", str(config)]
+    if cli_has_flag("gateway", "--no-discovery"):
+        cmd.append("--no-discovery")
+    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    return LocalCluster(port, proc, log)
+
+
+def stop_node(n: NodeProcess, timeout: float = NODE_STOP_TIMEOUT_S) -> None:
+    """SIGTERM (after SIGCONT, in case it was stopped), then SIGKILL past the deadline."""
+    if n.proc.poll() is None:
+        signal_pid(n.pid, signal.SIGCONT)
+        n.proc.send_signal(signal.SIGTERM)
+        if wait_exit(n.proc, timeout) is None:
+            n.proc.kill()
+            n.proc.wait()
+
+
+# ---- signals and exits ----------------------------------------------------------------------
+
+
+def signal_pid(pid: int, sig: int) -> bool:
+    """Send `sig` to `pid`; False if there is no such process (any more)."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def pid_running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a dead child its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): signal 0 says whether it exists
+        return signal_pid(pid, 0)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit status of `proc` if it exits within `timeout`, else None (still running)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    """For processes that are not our children (nodes of `up`): whether `pid` is gone (or a
+    zombie) within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while pid_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
