@@ -7,7 +7,12 @@
 
 All mlx work runs on one dedicated thread (mlx streams belong to the thread that made them);
 the asyncio loop only moves frames, so heartbeats and pings are answered while a long prefill
-computes. Messages of an epoch other than the node's current one are dropped unread.
+computes. Messages of an epoch other than the node's current one are dropped unread: after a
+re-plan (or waking from SIGSTOP) nothing stale is computed or passed on.
+
+SIGTERM drains: the node tells the gateway it is leaving (Bye, draining), keeps serving while the
+gateway re-plans the ring without it, and exits once the gateway's beats carry an epoch it is
+not part of (or DRAIN_TIMEOUT_S passes). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -27,21 +32,26 @@ import zmq
 import zmq.asyncio
 
 from . import sockets
-from .wire import (Assign, Bye, Epoch, Forward, Heartbeat, Loaded, Message, NodeId, Ping, Pong,
-                   Release, Sampled, StepFailed, WireError, decode, encode)
+from .adverts import NodeAd
+from .liveness import HEARTBEAT_INTERVAL_S, Liveness
+from .wire import (Assign, Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping,
+                   Pong, Release, Sampled, StepFailed, WireError, decode, encode)
 from .worker import Worker
 
 log = structlog.get_logger()
 T = TypeVar("T")
 
-# Paranoid Pirate: beats every 0.5 s and a gateway that misses 3..5 of them declares us dead.
-HEARTBEAT_INTERVAL_S = 0.5
 CONTROL_SEND_TIMEOUT_S = 2.0  # a control message older than this is no longer worth sending
 # How often idle KV caches are swept (stage.IDLE_CACHE_SECONDS says when one is idle).
 EXPIRE_EVERY_S = 30.0
 # A hop that cannot take a message for this long is treated as down; the step fails loudly
 # (StepFailed to the gateway) instead of waiting forever behind a dead peer.
 SEND_TIMEOUT_S = 10.0
+# SIGTERM: how long the node keeps serving while the gateway re-plans without it.
+DRAIN_TIMEOUT_S = 30.0
+# A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
+# shard stays loaded: a gateway that comes back re-plans onto it without reloading).
+GATEWAY_GONE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,12 @@ class Node:
         self.worker = Worker()
         self._mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         self._stopping = asyncio.Event()
+        self._draining = False
+        self._drain_deadline = 0.0
         self._device = device_name()
+        self.gateway = Liveness[str]()  # the gateway's beats
+        self.gateway_epoch = Epoch(0)  # the epoch the gateway's ring runs now
+        self.presence: Any = None  # presence.NodePresence while advertising
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -87,11 +102,13 @@ class Node:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         self.log.info("node started", data_port=self.opts.data_port,
                       gateway=f"{self.opts.gateway_host}:{self.opts.control_port}", device=self._device)
         try:
+            if self.opts.advertise:
+                await self._start_presence()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
                          tg.create_task(self._data_loop()), tg.create_task(self._sweep())]
@@ -100,10 +117,21 @@ class Node:
                     t.cancel()
         finally:
             await self._say_bye()
+            if self.presence is not None:
+                await self.presence.close()
             self._close()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _on_sigterm(self) -> None:
+        if self._draining or not self.loaded:
+            self._stopping.set()  # a second SIGTERM, or nothing to hand over: go now
+            return
+        self._draining = True  # the beat loop tells the gateway, and watches for the end
+        self._drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        self.log.info("draining: the gateway re-plans without this node, then it stops",
+                      timeout_s=DRAIN_TIMEOUT_S)
 
     async def _say_bye(self) -> None:
         try:
@@ -111,6 +139,12 @@ class Node:
         except (TimeoutError, zmq.ZMQError):
             self.log.info("gateway did not take the goodbye; it will notice the silence")
         self.log.info("node stopped")
+
+    async def _start_presence(self) -> None:
+        from .presence import NodePresence
+
+        self.presence = NodePresence(self.opts.interfaces)
+        await self.presence.start(self._ad(psutil.virtual_memory()))
 
     def _close(self) -> None:
         self._mlx_thread.shutdown(wait=True, cancel_futures=True)
@@ -129,17 +163,49 @@ class Node:
         except TimeoutError:
             self.log.warning("gateway not reachable: control message dropped", kind=msg.KIND)
 
+    def _memory(self, vm: Any, rss: int) -> tuple[int, int]:
+        """(total, free) bytes this node offers, within --memory-limit when set."""
+        limit = self.opts.memory_limit
+        if limit is None:
+            return vm.total, vm.available
+        return min(vm.total, limit), max(0, min(vm.available, limit - rss))
+
+    def _ad(self, vm: Any) -> NodeAd:
+        total, free = self._memory(vm, psutil.Process().memory_info().rss)
+        return NodeAd(self.opts.name, self.opts.data_port, total, free, self._device,
+                      self.worker.fingerprint)
+
     async def _beat(self) -> None:
         proc = psutil.Process()
         while True:
             vm = psutil.virtual_memory()
+            rss = proc.memory_info().rss
+            total, free = self._memory(vm, rss)
             beat = Heartbeat(
-                node=self.opts.name, data_port=self.opts.data_port, mem_total=vm.total,
-                mem_free=vm.available, device=self._device, pid=os.getpid(), epoch=self.epoch,
-                loaded=self.loaded, rss_bytes=proc.memory_info().rss,
+                node=self.opts.name, data_port=self.opts.data_port, mem_total=total,
+                mem_free=free, device=self._device, pid=os.getpid(), epoch=self.epoch,
+                loaded=self.loaded, rss_bytes=rss,
                 busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences)
             await self._send_control(beat)
+            if self._draining:  # every beat: a Bye lost on the way must not strand the drain
+                await self._send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
+            if self.presence is not None:
+                await self.presence.update(self._ad(vm))
+            await self._watch_gateway()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _watch_gateway(self) -> None:
+        """Node-side liveness of the gateway: drain's end, and freeing a dead gateway's caches."""
+        silent = self.gateway.silent_for("gateway")
+        if self._draining and self.gateway_epoch != self.epoch:
+            self.log.info("drained: the ring runs without this node", ring_epoch=self.gateway_epoch)
+            self._stopping.set()
+        elif self._draining and time.monotonic() > self._drain_deadline:
+            self.log.warning("drain timed out: stopping anyway", timeout_s=DRAIN_TIMEOUT_S)
+            self._stopping.set()
+        if GATEWAY_GONE_S < silent < GATEWAY_GONE_S + HEARTBEAT_INTERVAL_S * 2 and self.worker.sequences:
+            self.log.warning("gateway silent: freeing its requests' caches", silent_s=round(silent, 1))
+            await self._mlx(self.worker.drop_sequences)
 
     async def _sweep(self) -> None:
         """Free KV caches whose Release never came. Its own task: it waits for the mlx thread,
@@ -158,7 +224,16 @@ class Node:
                 self.log.warning("dropped control message", error=str(e))
                 continue
             match msg:
+                case GatewayBeat():
+                    if not self.gateway.alive("gateway"):
+                        self.log.info("gateway heard", epoch=msg.epoch)
+                    self.gateway.heard("gateway")
+                    self.gateway_epoch = msg.epoch
                 case Assign():
+                    if self._draining:
+                        continue  # leaving: the gateway's next plan will not count on us
+                    self.gateway.heard("gateway")
+                    self.gateway_epoch = msg.epoch
                     await self._assign(msg)
                 case Ping():
                     await self._send_control(Pong(msg.nonce, self.opts.name))
@@ -238,7 +313,8 @@ class Node:
     async def _send_out(self, msg: Forward | Sampled | Release, seqs: tuple, step: int) -> None:
         assert self.out is not None
         try:
-            await asyncio.wait_for(self.out.send_multipart(encode(msg), copy=False), SEND_TIMEOUT_S)
+            if not await sockets.send(self.out, encode(msg), SEND_TIMEOUT_S):
+                self.log.debug("dropped a stale message: re-assigned while sending", step=step)
         except TimeoutError:
             where = self.assignment.next_hop if self.assignment and self.assignment.next_hop else "gateway"
             reason = f"{self.opts.name}: could not send to {where} within {SEND_TIMEOUT_S:.0f}s"

@@ -21,6 +21,12 @@ others, its logits agree to float rounding (stage.py), so only an exact near-tie
 Only the pump task sends on the ring, so messages leave in the order they were decided and a
 cancelled HTTP handler can never leave a half-sent step behind. Release of a sequence's KV
 caches travels the ring behind its last Forward.
+
+When the ring breaks (a node died) or is re-planned, `park()` keeps every live request: each
+sequence forgets the old ring's caches and, on `resume()` into the new epoch, is prefilled again
+from its own history (prompt + every token already sampled), then decodes on from its last
+token. Its client only sees a pause: no token is repeated or skipped, and greedy output is the
+same as without the fault (up to the float-rounding near-ties batching already allows).
 """
 
 from __future__ import annotations
@@ -50,6 +56,16 @@ STEP_TIMEOUT_S = 30.0
 PREFILL_S_PER_TOKEN = 0.02
 # How long a request waits for the ring to become ready before it gets a 503.
 READY_WAIT_S = 10.0
+# How long a parked request waits for the re-planned ring (detection, survivors loading their
+# extra layers, its own re-prefill) before it gets a 504; a "no capacity" verdict ends it sooner.
+REPLAY_WAIT_S = 120.0
+
+
+class _Paused:
+    """Queued to a parked request: the ring is being re-planned; wait up to REPLAY_WAIT_S."""
+
+
+PAUSED = _Paused()
 
 
 class RingUnavailable(Exception):
@@ -73,17 +89,26 @@ class Ring(Protocol):
 @dataclass
 class _Seq:
     id: SeqId
-    epoch: Epoch
+    epoch: Epoch  # the ring it runs on; 0 while parked
     max_tokens: int
     params: SamplingParams
-    prefill: deque[tuple[int, list[int]]]  # (start, tokens) chunks still to send
-    next_token: int  # what its next decode step feeds in
-    pos: int  # position of next_token
-    queue: asyncio.Queue[Sample | Exception] = field(default_factory=asyncio.Queue)
+    history: list[int]  # prompt + every token sampled so far: what a replay prefills
+    prefill: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (start, tokens) to send
+    next_token: int = 0  # what its next decode step feeds in
+    pos: int = 0  # position of next_token
+    queue: asyncio.Queue[Sample | Exception | _Paused] = field(default_factory=asyncio.Queue)
     params_sent: bool = False
     group: int | None = None
     generated: int = 0
     done: bool = False
+
+    def restart(self, epoch: Epoch) -> None:
+        """Start over on a fresh ring: prefill all but the last token of the history (cut as
+        mlx-lm cuts a prompt), which is then the first decode step."""
+        head = self.history[:-1]
+        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
+        self.next_token, self.pos = self.history[-1], len(self.history) - 1
+        self.epoch, self.params_sent, self.group = epoch, False, None
 
 
 @dataclass
@@ -104,11 +129,18 @@ class Scheduler:
         self._prefill_in_flight = 0
         self._acks: dict[int, tuple[str, int]] = {}  # step -> ("group", id) | ("prefill", 0)
         self._releases: list[tuple[Epoch, SeqId]] = []
+        self._parked: list[_Seq] = []
+        self._paused = False  # a planned re-plan is waiting for the ring to drain
         self._wake = asyncio.Event()
 
     @property
     def active(self) -> int:
         return len(self._seqs)
+
+    @property
+    def in_flight(self) -> int:
+        """Steps sent and not yet answered."""
+        return len(self._acks)
 
     def next_step(self) -> int:
         return next(self._steps)
@@ -122,12 +154,13 @@ class Scheduler:
         if not prompt:
             raise ValueError("empty prompt")
         await self.ring.wait_ready(READY_WAIT_S)
-        head = prompt[:-1]
-        chunks = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
-        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, chunks,
-                   next_token=prompt[-1], pos=len(prompt) - 1)
+        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt))
+        seq.restart(self.ring.epoch)
         self._seqs[seq.id] = seq
-        self._enqueue(seq)
+        if self._paused:
+            self._parked.append(seq)  # a planned re-plan is draining the ring: start on the new one
+        else:
+            self._enqueue(seq)
         slog = log.bind(request_id=request_id, seq=seq.id)
         try:
             deadline = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(prompt)
@@ -137,6 +170,9 @@ class Scheduler:
                 except TimeoutError:
                     raise RingTimeout(f"the ring did not answer within {deadline:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None
+                if isinstance(item, _Paused):
+                    deadline = REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
+                    continue
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -174,6 +210,8 @@ class Scheduler:
             g.members.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
+        if seq in self._parked:
+            self._parked.remove(seq)
         self._releases.append((seq.epoch, seq.id))
         self._wake.set()
 
@@ -190,6 +228,7 @@ class Scheduler:
             if seq is None or seq.done or seq.epoch != msg.epoch:
                 continue  # finished or cancelled while this step was in flight
             seq.generated += 1
+            seq.history.append(s.token)
             seq.next_token, seq.pos = s.token, seq.pos + 1
             if seq.generated >= seq.max_tokens or s.token in self.eos_ids:
                 seq.done = True
@@ -205,12 +244,44 @@ class Scheduler:
             if seq is not None and seq.epoch == msg.epoch and not seq.done:
                 seq.queue.put_nowait(RingUnavailable(f"node {msg.node} failed the step: {msg.reason}"))
 
+    # ---- ring changes (called by the gateway's planner) ------------------------------------
+
+    def pause(self) -> None:
+        """A planned re-plan: send no new steps, so the ring drains (`in_flight` reaches 0)."""
+        self._paused = True
+
+    def park(self) -> int:
+        """The old ring is gone: keep every live sequence for replay on the next one, and forget
+        the old ring's groups and credits. Their answers, should any still come, carry the old
+        epoch and are ignored. Returns how many sequences were parked."""
+        for seq in self._seqs.values():
+            if not seq.done and seq not in self._parked:
+                seq.epoch = Epoch(0)
+                self._parked.append(seq)
+                seq.queue.put_nowait(PAUSED)
+        self._forget_ring()
+        self._paused = True
+        return len(self._parked)
+
+    def resume(self) -> int:
+        """The new ring is ready (ring.epoch): every parked sequence replays its history on it."""
+        parked, self._parked, self._paused = self._parked, [], False
+        for seq in parked:
+            seq.restart(self.ring.epoch)
+            self._enqueue(seq)
+        self._wake.set()
+        return len(parked)
+
     def fail_all(self, reason: str) -> None:
-        """The ring broke under every live sequence (a node died): tell each of them now, and
-        forget the old ring's groups and credits."""
+        """No ring can be built (e.g. the live nodes cannot hold the model): every live request
+        hears why now, instead of waiting out its deadline."""
         for seq in self._seqs.values():
             if not seq.done:
                 seq.queue.put_nowait(RingUnavailable(reason))
+        self._parked.clear()
+        self._forget_ring()
+
+    def _forget_ring(self) -> None:
         self._groups.clear()
         self._acks.clear()
         self._prefilling.clear()
@@ -227,8 +298,8 @@ class Scheduler:
                 try:
                     await self.ring.send(msg)
                 except RingUnavailable as e:
-                    for seq in seqs:
-                        if not seq.done:
+                    for seq in seqs:  # parked sequences (epoch changed) will replay instead
+                        if not seq.done and seq.epoch == msg.epoch:
                             seq.queue.put_nowait(e)
                     if isinstance(msg, Forward):  # it never left: give its group/credit back
                         self.on_sampled(Sampled(msg.epoch, msg.step, ()))
@@ -241,6 +312,8 @@ class Scheduler:
             seqs = tuple(s for e, s in batch if e == epoch)  # older rings' caches died with them
             if seqs:
                 out.append((Release(epoch, seqs), []))
+        if self._paused:
+            return out
         for gid, g in self._groups.items():
             if g.in_flight or not g.members:
                 continue

@@ -10,6 +10,8 @@ ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
 
 from __future__ import annotations
 
+import asyncio
+
 import zmq
 import zmq.asyncio
 
@@ -27,6 +29,24 @@ RECONNECT_IVL_MAX_MS = 2000
 # own liveness lives in control-plane messages (liveness.py), these only clean up dead pipes.
 ZMTP_HEARTBEAT_IVL_MS = 1000
 ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
+
+
+async def send(sock: zmq.asyncio.Socket, frames: list, timeout: float) -> bool:
+    """Send under a deadline (TimeoutError). False when another task closed the socket while we
+    waited: a re-plan replaced it, and this message belonged to the old ring. (pyzmq cancels a
+    closed socket's pending futures; without this the sender would be cancelled with it.)"""
+    try:
+        await asyncio.wait_for(sock.send_multipart(frames, copy=False), timeout)
+        return True
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if sock.closed and task is not None and not task.cancelling():
+            return False
+        raise
+    except zmq.ZMQError:
+        if sock.closed:
+            return False
+        raise
 
 
 def context() -> zmq.asyncio.Context:

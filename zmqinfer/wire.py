@@ -224,12 +224,25 @@ class Pong:
 
 @dataclass(frozen=True)
 class Bye:
+    """A node leaving on purpose. `draining`: it keeps serving until the gateway has re-planned
+    without it (the gateway's beats then carry an epoch it is not part of)."""
+
     KIND: ClassVar[str] = "bye"
     node: NodeId
     reason: str
+    draining: bool = False
 
 
-Message = Union[Forward, Release, Sampled, StepFailed, Heartbeat, Assign, Loaded, Ping, Pong, Bye]
+@dataclass(frozen=True)
+class GatewayBeat:
+    """The gateway's beat to each node: proof of life, and the epoch the ring runs now."""
+
+    KIND: ClassVar[str] = "gateway_beat"
+    epoch: Epoch
+
+
+Message = Union[Forward, Release, Sampled, StepFailed, Heartbeat, Assign, Loaded, Ping, Pong, Bye,
+                GatewayBeat]
 MESSAGES: dict[str, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 

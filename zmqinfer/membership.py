@@ -1,0 +1,191 @@
+"""The gateway's membership table: every node it knows, how it was found, and whether it is alive.
+
+    nodes.toml (static)  ─┐
+    mDNS ads (discovery) ─┼─ merge_members ─> Member rows, in ring order
+    heartbeats           ─┘   (Liveness: alive / since when)
+
+A node may join when nodes.toml lists it or mDNS found it (and did not refuse it: protocol or
+model mismatch). `usable()` is what a plan may use right now; `capacity()` is how much memory
+each usable node offers for layers. Pure bookkeeping on the gateway's loop: no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import NodeSpec
+from .discovery import Discovered
+from .liveness import Liveness
+from .ring import Candidate, NodeCapacity, Placement, merge_members
+from .wire import Epoch, Heartbeat, Loaded, NodeId
+
+# Free memory moves by megabytes every beat; planning on raw numbers would move a layer back and
+# forth between equal machines. Rounded down to this, equal machines get equal shares.
+MEMORY_QUANTUM = 16 << 20
+
+
+@dataclass
+class Member:
+    name: NodeId
+    spec: NodeSpec | None  # None: known only from mDNS
+    found: Candidate | None = None  # the latest merge row: address, found_by, refused
+    peer_address: str | None = None  # where its control connection comes from
+    beat: Heartbeat | None = None
+    loaded: Loaded | None = None  # its answer to the current epoch's Assign
+    shard_bytes: int = 0  # the shard it holds now (its memory comes back when it is re-planned)
+    busy_fraction: float = 0.0
+    left: str | None = None  # why it said Bye; None while it is a member in good standing
+    draining: bool = False
+
+    @property
+    def address(self) -> str | None:
+        if self.found is not None and self.found.address:
+            return self.found.address
+        return (self.spec.address if self.spec else None) or self.peer_address
+
+    @property
+    def found_by(self) -> str:
+        return self.found.found_by if self.found is not None else "static"
+
+    @property
+    def refused(self) -> str | None:
+        return self.found.refused if self.found is not None else None
+
+    def where(self) -> str:
+        return f"{self.name} ({self.address or 'address unknown'})"
+
+
+class Membership:
+    def __init__(self, static: Sequence[NodeSpec], liveness: Liveness[NodeId],
+                 counts: Sequence[int | None] | None = None) -> None:
+        self.static = list(static)
+        self.live = liveness
+        self.members: dict[NodeId, Member] = {n.name: Member(n.name, n) for n in static}
+        self.order: list[NodeId] = [n.name for n in static]
+        # Pins: nodes.toml `layers` (a count or a range), overridden by --layers counts.
+        self.pins: dict[NodeId, tuple[int, int] | int | None] = {
+            n.name: (c if c is not None else n.pin)
+            for n, c in zip(static, counts if counts is not None else [None] * len(static))}
+        self.merge({}, {})
+
+    def merge(self, discovered: Mapping[NodeId, Discovered], resolved_hosts: Mapping[str, str],
+              fingerprint: str = "") -> None:
+        """Fold in what mDNS knows now. Nodes it no longer sees keep their row (a heartbeat is
+        what makes them alive); their address stays the last one known."""
+        for c in merge_members(self.static, discovered, resolved_hosts=resolved_hosts,
+                               fingerprint=fingerprint):
+            m = self.members.get(c.name)
+            if m is None:
+                m = self.members[c.name] = Member(c.name, None)
+                self.order.append(c.name)
+            if c.address is not None or m.found is None:
+                m.found = c
+
+    # ---- control-plane events -------------------------------------------------------------
+
+    def on_beat(self, name: NodeId, beat: Heartbeat, peer_address: str | None) -> Member | None:
+        """A heartbeat; None when the node is neither listed nor advertised (ignored)."""
+        m = self.members.get(name)
+        if m is None:
+            return None
+        alive = self.live.alive(name)
+        if m.beat is not None and alive and beat.pid == m.beat.pid:
+            dt = self.live.silent_for(name)
+            if dt > 0:
+                m.busy_fraction = min(1.0, max(0.0, (beat.busy_seconds - m.beat.busy_seconds) / dt))
+        if m.beat is not None and beat.pid != m.beat.pid:
+            m.shard_bytes = 0  # a new process holds nothing yet
+        if beat.epoch == 0:
+            m.shard_bytes = 0
+        if m.left is not None and not m.draining:
+            m.left = None  # it came back after saying goodbye
+        m.beat, m.peer_address = beat, peer_address or m.peer_address
+        self.live.heard(name)
+        return m
+
+    def on_loaded(self, m: Member, msg: Loaded) -> None:
+        m.loaded = msg
+        if m.beat is not None:  # a beat sent before the Assign may still be the latest one
+            m.beat = dataclasses.replace(m.beat, epoch=msg.epoch, loaded=msg.ok)
+        m.shard_bytes = msg.shard_bytes if msg.ok else 0
+        self.live.heard(m.name)  # loading can starve beats on a busy machine; Loaded is a beat too
+
+    def on_bye(self, m: Member, reason: str, draining: bool) -> None:
+        m.left, m.draining = reason, draining
+        if not draining:
+            self.live.forget(m.name)
+
+    # ---- what a plan may use --------------------------------------------------------------
+
+    def alive(self, m: Member) -> bool:
+        return m.left is None and self.live.alive(m.name) and m.beat is not None
+
+    def usable(self) -> list[Member]:
+        """Alive, not refused, not leaving: in ring order."""
+        return [m for n in self.order if self.alive(m := self.members[n]) and m.refused is None]
+
+    def expected(self) -> list[Member]:
+        """What a first plan waits for: every listed node and every unrefused advertised one."""
+        return [m for n in self.order if (m := self.members[n]).refused is None
+                and (m.spec is not None or m.found is not None)]
+
+    def capacity(self, members: Sequence[Member]) -> list[NodeCapacity]:
+        """Free memory per node for placement: what it has free plus the shard it would drop.
+        Pins hold only while every pinned node is in the plan (a ring short of a pinned node
+        cannot keep the others' counts and still cover the model)."""
+        names = {m.name for m in members}
+        pinned = [n for n, p in self.pins.items() if p is not None]
+        keep = all(n in names for n in pinned)
+        out = []
+        for m in members:
+            assert m.beat is not None
+            free = m.beat.mem_free + m.shard_bytes
+            out.append(NodeCapacity(m.name, free - free % MEMORY_QUANTUM,
+                                    self.pins.get(m.name) if keep else None))
+        return out
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def health(self, m: Member, epoch: Epoch) -> str:
+        if m.refused is not None:
+            return f"refused: {m.refused}"
+        if m.beat is None:
+            return "has not registered (no heartbeat yet)"
+        if m.draining and self.live.alive(m.name):
+            return f"draining ({m.left})"
+        if m.left is not None:
+            return f"left ({m.left})"
+        if not self.live.alive(m.name):
+            return f"stopped sending heartbeats {self.live.silent_for(m.name):.1f}s ago"
+        if m.beat.epoch != epoch:
+            return "restarted (serves no epoch)" if m.beat.epoch == 0 else f"serves epoch {m.beat.epoch}"
+        return "ok" if m.beat.loaded else "loading"
+
+    def describe(self, members: Sequence[Member], epoch: Epoch) -> str:
+        return "; ".join(f"{m.where()} {self.health(m, epoch)}" for m in members)
+
+    def rows(self, placement: Sequence[Placement], epoch: Epoch) -> list[dict[str, Any]]:
+        layers = {p.node: [p.start, p.end] for p in placement}
+        out = []
+        for name in self.order:
+            m = self.members[name]
+            b = m.beat
+            silent = self.live.silent_for(name)
+            out.append({
+                "name": name, "address": m.address, "found_by": m.found_by,
+                "detail": m.found.detail if m.found else "nodes.toml", "refused": m.refused,
+                "data_port": b.data_port if b else (m.spec.port if m.spec else None),
+                "layers": layers.get(name), "alive": self.alive(m),
+                "health": self.health(m, epoch),
+                "last_heartbeat_s": None if b is None or silent == float("inf") else round(silent, 2),
+                "device": b.device if b else None, "pid": b.pid if b else None,
+                "rss_bytes": b.rss_bytes if b else None,
+                "shard_bytes": m.shard_bytes or None,
+                "mem_total": b.mem_total if b else None, "mem_free": b.mem_free if b else None,
+                "busy_fraction": round(m.busy_fraction, 3), "sequences": b.sequences if b else 0,
+            })
+        return out
+

@@ -1,0 +1,243 @@
+"""The gateway's planner: when to (re)build the ring, over which nodes, and how.
+
+    every PLAN_TICK_S:
+      ring up, a member dead / frozen / restarted  -> take down now (requests park), re-plan
+      ring up, a node joins or asks to leave       -> pause new steps, drain, take down, re-plan
+      ring down                                    -> plan_by_memory over the live nodes
+                                                      -> epoch+1, Assign, await Loaded, resume
+
+A re-plan bumps the epoch, so whatever the old ring still carries (a frozen node waking up, a
+step in a dead node's socket) is dropped unread by everyone. Survivors load the layers the new
+plan gives them. Requests parked by the scheduler replay on the new ring (scheduler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import structlog
+import zmq
+
+from . import sockets
+from .liveness import DEAD_AFTER_S
+from .membership import Member
+from .ring import ModelSize, Placement, PlacementError, plan_by_memory
+from .wire import Assign, Epoch, NodeId
+
+if TYPE_CHECKING:
+    import zmq.asyncio
+
+    from .gateway import Gateway
+
+log = structlog.get_logger()
+
+PLAN_TICK_S = 0.2  # how often the planner looks at membership
+LOAD_TIMEOUT_S = 600.0  # a node converting or reading a large model from disk can take minutes
+LOAD_RETRY_S = 10.0  # after a failed load, try again this much later (not every tick)
+# The first ring waits for every node it expects, but not forever: after this long it starts
+# with the live ones (a node that comes later joins through a planned re-plan).
+STARTUP_GRACE_S = 10.0
+# With mDNS on, nodes are found one by one; the first plan waits until the set has been stable
+# this long, so it is made once rather than once per node found.
+SETTLE_S = 1.0
+# A node must have been alive this long before it is given layers again: a flapping node
+# (a laptop waking and sleeping) must not trigger a re-plan per flap.
+REJOIN_SETTLE_S = 2 * DEAD_AFTER_S
+# A planned re-plan waits at most this long for the steps in flight to come back.
+DRAIN_WAIT_S = 10.0
+HISTORY = 20  # re-plans kept for /cluster/status
+
+
+class Replanner:
+    def __init__(self, gw: Gateway, size: ModelSize,
+                 on_ready: Callable[[list[Placement]], None] | None = None) -> None:
+        self.gw, self.size, self.on_ready = gw, size, on_ready
+        self.epoch = Epoch(0)
+        self.placement: list[Placement] = []
+        self.excluded: dict[NodeId, str] = {}  # nodes left out of the current ring, and why
+        self.ready = asyncio.Event()
+        self.changed = asyncio.Event()  # a Loaded arrived
+        self.push: zmq.asyncio.Socket | None = None
+        self.reason = "waiting for nodes to register"
+        self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
+        self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
+        self.history: list[dict[str, Any]] = []
+        self._planned_over: set[NodeId] = set()  # live nodes the current plan considered
+        self._down: dict[str, Any] | None = None  # the take-down being recovered from
+        self._started = time.monotonic()
+        self._usable: tuple[NodeId, ...] = ()
+        self._usable_since = time.monotonic()
+        self._retry_at = 0.0
+        self._warned_drain = False
+
+    async def run(self, directory: Any = None) -> None:
+        """`directory`: presence.GatewayDirectory (mDNS), or None for nodes.toml only."""
+        while True:
+            await asyncio.sleep(PLAN_TICK_S)
+            if directory is not None:
+                self.gw.members.merge(directory.discovered, directory.resolved_hosts, self.gw.fingerprint)
+            await self.tick()
+
+    async def tick(self) -> None:
+        members = self.gw.members
+        usable = members.usable()
+        names = tuple(m.name for m in usable)
+        if names != self._usable:
+            self._usable, self._usable_since = names, time.monotonic()
+        self._planned_over &= set(names)  # a node that died and returns is a joiner again
+        if self.ready.is_set():
+            if not await self._needs_replan():
+                return
+            usable = members.usable()
+        if not usable:
+            self.reason = (members.describe(members.expected(), self.epoch)
+                           or "no node has registered (none in nodes.toml, none found over mDNS)")
+            return
+        if time.monotonic() < self._retry_at or not self._may_plan_first(usable):
+            return
+        await self._assign(usable)
+
+    async def _needs_replan(self) -> bool:
+        """Take the ring down when it must change (urgently for a lost member, after draining
+        for a joiner or leaver): True when it is down now and a plan should follow."""
+        members, live = self.gw.members, self.gw.liveness
+        ring = [members.members[p.node] for p in self.placement]
+        broken = [m for m in ring if not live.alive(m.name) or m.beat is None
+                  or m.beat.epoch != self.epoch or (m.left is not None and not m.draining)]
+        if broken:
+            self._take_down(members.describe(broken, self.epoch), broken)
+            return True
+        leaving = [m for m in ring if m.draining]
+        joiners = [m for m in members.usable()
+                   if m.name not in self._planned_over and live.alive_for(m.name) >= REJOIN_SETTLE_S]
+        if not leaving and not joiners:
+            return False
+        try:  # never give up a working ring for one that cannot be built
+            plan_by_memory(members.capacity(members.usable()), self.size)
+        except PlacementError as e:
+            if not self._warned_drain:
+                log.error("cannot re-plan without the leaving node(s); the ring stays as it is",
+                          leaving=[m.name for m in leaving], reason=str(e))
+                self._warned_drain = True
+            return False
+        self._warned_drain = False
+        why = "; ".join([f"{m.where()} is leaving ({m.left})" for m in leaving]
+                        + [f"{m.where()} joins" for m in joiners])
+        log.info("planned re-plan: draining the ring", reason=why)
+        self.gw.scheduler.pause()
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        while self.gw.scheduler.in_flight and time.monotonic() < deadline and self.ready.is_set():
+            await asyncio.sleep(0.005)
+        if self.ready.is_set():
+            self._take_down(why, [])
+        return True
+
+    def _may_plan_first(self, usable: list[Member]) -> bool:
+        """Before the first ring: wait for every expected node (up to STARTUP_GRACE_S), and for
+        mDNS to settle."""
+        if self.epoch != 0:
+            return True
+        now = time.monotonic()
+        if self.gw.discovery and now - self._usable_since < SETTLE_S:
+            return False
+        missing = [m for m in self.gw.members.expected() if m not in usable]
+        if missing and now - self._started < STARTUP_GRACE_S:
+            self.reason = self.gw.members.describe(missing, self.epoch)
+            return False
+        return True
+
+    def _take_down(self, reason: str, dead: list[Member]) -> None:
+        self.ready.clear()
+        self.reason, self.rebuilding = reason, True
+        parked = self.gw.scheduler.park()
+        silent = {m.name: round(self.gw.liveness.silent_for(m.name), 3) for m in dead}
+        self._down = {"at": time.monotonic(), "reason": reason, "parked": parked,
+                      "silent_s": silent, "old_epoch": self.epoch}
+        log.warning("ring down: re-planning", epoch=self.epoch, reason=reason, parked=parked,
+                    silent_s=silent or None)
+
+    async def _assign(self, usable: list[Member]) -> None:
+        members = self.gw.members
+        try:
+            plan = plan_by_memory(members.capacity(usable), self.size)
+        except PlacementError as e:
+            reason = f"the live nodes cannot hold the model: {e}"
+            if reason != self.reason:
+                log.error("no placement fits", reason=reason, nodes=[m.name for m in usable])
+            self.reason, self.no_capacity = reason, True
+            self.gw.scheduler.fail_all(reason)
+            return
+        self.no_capacity = False
+        placement = plan.placements
+        # Wall-clock milliseconds, so a restarted gateway never reuses an epoch that stale
+        # messages from its previous life could still carry.
+        self.epoch = epoch = Epoch(max(self.epoch + 1, int(time.time() * 1000)))
+        layers = {p.node: f"[{p.start},{p.end})" for p in placement}
+        log.info("assigning", epoch=epoch, layers=layers, excluded=plan.excluded or None)
+        ring = [members.members[p.node] for p in placement]
+        for m in ring:
+            m.loaded = None
+        for i, p in enumerate(placement):
+            nxt = ring[i + 1] if i + 1 < len(ring) else None
+            hop = f"tcp://{nxt.address}:{nxt.beat.data_port}" if nxt is not None and nxt.beat else None
+            try:
+                await self.gw.send_control(p.node, Assign(epoch, self.gw.model, p.start, p.end,
+                                                          self.gw.n_layers, hop, self.gw.spec.result_port))
+            except (zmq.ZMQError, TimeoutError) as e:
+                self.reason = f"cannot reach {ring[i].where()}: {e or 'send timed out'}"
+                return
+        self.reason = f"nodes are loading their layers (epoch {epoch})"
+        if not await self._await_loaded(ring):
+            return
+        first = ring[0]
+        old, self.push = self.push, sockets.data_push(self.gw.ctx, f"tcp://{first.address}:{first.beat.data_port}")
+        if old is not None:
+            old.close(linger=0)
+        self.placement, self.excluded = placement, dict(plan.excluded)
+        self._planned_over = {m.name for m in usable}
+        self.ready.set()
+        self.reason, self.rebuilding = "", False
+        resumed = self.gw.scheduler.resume()
+        self._record(placement, resumed)
+        log.info("ring ready", epoch=epoch, layers=layers, resumed=resumed)
+        if self.on_ready is not None:
+            self.on_ready(placement)
+
+    async def _await_loaded(self, ring: list[Member]) -> bool:
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while True:
+            failed = [m for m in ring if m.loaded is not None and not m.loaded.ok]
+            wrong = [m for m in ring if m.loaded is not None and m.loaded.ok
+                     and m.loaded.fingerprint != self.gw.fingerprint]
+            if failed or wrong:
+                self.reason = "; ".join(
+                    [f"{m.where()} could not load its layers: {m.loaded.detail}" for m in failed if m.loaded]
+                    + [f"{m.where()} loaded a different model (fingerprint {m.loaded.fingerprint}, "
+                       f"gateway has {self.gw.fingerprint})" for m in wrong if m.loaded])
+                self._retry_at = time.monotonic() + LOAD_RETRY_S
+                log.error("ring not built", reason=self.reason)
+                return False
+            if all(m.loaded is not None for m in ring):
+                return True
+            dead = [m for m in ring if not self.gw.members.alive(m)]
+            if dead or time.monotonic() > deadline:
+                self.reason = (self.gw.members.describe(dead, self.epoch)
+                               or f"nodes did not load within {LOAD_TIMEOUT_S:.0f}s")
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), PLAN_TICK_S)
+            except TimeoutError:
+                pass
+
+    def _record(self, placement: list[Placement], resumed: int) -> None:
+        entry: dict[str, Any] = {"epoch": self.epoch, "at": time.time(),
+                                 "layers": {p.node: [p.start, p.end] for p in placement},
+                                 "resumed_requests": resumed}
+        if self._down is not None:
+            entry.update(reason=self._down["reason"], silent_s=self._down["silent_s"],
+                         down_s=round(time.monotonic() - self._down["at"], 3))
+            self._down = None
+        self.history = (self.history + [entry])[-HISTORY:]
