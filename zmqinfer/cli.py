@@ -166,8 +166,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     opts = NodeOptions(NodeId(args.name), _ip_only(host, "--gateway"), port,
                        args.port or spec.port, args.bind, interfaces=interfaces,
                        advertise=not args.no_advertise, memory_limit=memory_limit)
-    asyncio.run(run_node(opts))
-    return 0
+    return asyncio.run(run_node(opts))
 
 
 def _names_gateway(path: Path) -> bool:
@@ -337,8 +336,8 @@ async def _watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
 
 def _stop_processes(procs: list[subprocess.Popen]) -> None:
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+        if p.poll() is None:  # SIGINT, not SIGTERM: with the gateway gone there is no re-plan to drain into
+            p.send_signal(signal.SIGINT)
     deadline = time.monotonic() + NODE_STOP_GRACE_S
     for p in procs:
         try:

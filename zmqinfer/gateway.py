@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -213,14 +215,22 @@ class Gateway:
             self.ctx.term()
 
     async def _start_directory(self) -> Any:
+        """mDNS: browse for nodes, resolve nodes.toml `.local` hosts, advertise this gateway.
+        Without it the static nodes still work, so a failure is reported, not fatal."""
         from .adverts import NodeAd
+        from .discovery import DiscoveryError
         from .presence import GatewayDirectory
 
-        ad = NodeAd(NodeId("gateway"), self.spec.result_port, 0, 0, "gateway", self.fingerprint,
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54] or "host"
+        ad = NodeAd(NodeId(f"gateway-{host}"), self.spec.result_port, 0, 0, "gateway", self.fingerprint,
                     control_port=self.spec.control_port, role="gateway")
-        hosts = [n.host for n in self.members.static if n.host]
-        directory = GatewayDirectory(hosts, self.interfaces, ad)
-        await directory.start()
+        directory = GatewayDirectory([n.host for n in self.members.static if n.host], self.interfaces, ad)
+        try:
+            await directory.start()
+        except DiscoveryError as e:
+            log.error("mdns discovery is off: only nodes.toml addresses are used", reason=str(e))
+            await directory.close()
+            return None
         return directory
 
     async def _finish_requests(self) -> None:

@@ -94,6 +94,7 @@ class Node:
         self.gateway = Liveness[str]()  # the gateway's beats
         self.gateway_epoch = Epoch(0)  # the epoch the gateway's ring runs now
         self.presence: Any = None  # presence.NodePresence while advertising
+        self.error: str | None = None  # why the node stopped on its own (exit status 1)
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -107,11 +108,11 @@ class Node:
         self.log.info("node started", data_port=self.opts.data_port,
                       gateway=f"{self.opts.gateway_host}:{self.opts.control_port}", device=self._device)
         try:
-            if self.opts.advertise:
-                await self._start_presence()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
                          tg.create_task(self._data_loop()), tg.create_task(self._sweep())]
+                if self.opts.advertise:  # registering takes seconds: beats must not wait for it
+                    tasks.append(tg.create_task(self._advertise()))
                 await self._stopping.wait()
                 for t in tasks:
                     t.cancel()
@@ -140,11 +141,19 @@ class Node:
             self.log.info("gateway did not take the goodbye; it will notice the silence")
         self.log.info("node stopped")
 
-    async def _start_presence(self) -> None:
+    async def _advertise(self) -> None:
+        from .discovery import DuplicateNodeId
         from .presence import NodePresence
 
-        self.presence = NodePresence(self.opts.interfaces)
-        await self.presence.start(self._ad(psutil.virtual_memory()))
+        presence = NodePresence(self.opts.interfaces)
+        try:
+            await presence.start(self._ad(psutil.virtual_memory()))
+        except DuplicateNodeId as e:  # two nodes with one id would corrupt each other's ring
+            self.error = str(e)
+            self.log.error("another node already uses this id: stopping", error=str(e))
+            self._stopping.set()
+            return
+        self.presence = presence  # from now on every beat updates the ad
 
     def _close(self) -> None:
         self._mlx_thread.shutdown(wait=True, cancel_futures=True)
@@ -197,12 +206,13 @@ class Node:
     async def _watch_gateway(self) -> None:
         """Node-side liveness of the gateway: drain's end, and freeing a dead gateway's caches."""
         silent = self.gateway.silent_for("gateway")
-        if self._draining and self.gateway_epoch != self.epoch:
-            self.log.info("drained: the ring runs without this node", ring_epoch=self.gateway_epoch)
-            self._stopping.set()
-        elif self._draining and time.monotonic() > self._drain_deadline:
-            self.log.warning("drain timed out: stopping anyway", timeout_s=DRAIN_TIMEOUT_S)
-            self._stopping.set()
+        if self._draining:
+            # Done once the ring runs an epoch without us, or there is no gateway to hand over to.
+            done = self.gateway_epoch != self.epoch or not self.gateway.alive("gateway")
+            if done or time.monotonic() > self._drain_deadline:
+                self.log.info("drained" if done else "drain timed out: stopping anyway",
+                              ring_epoch=self.gateway_epoch, gateway_alive=self.gateway.alive("gateway"))
+                self._stopping.set()
         if GATEWAY_GONE_S < silent < GATEWAY_GONE_S + HEARTBEAT_INTERVAL_S * 2 and self.worker.sequences:
             self.log.warning("gateway silent: freeing its requests' caches", silent_s=round(silent, 1))
             await self._mlx(self.worker.drop_sequences)
@@ -323,5 +333,8 @@ class Node:
                 await self._send_control(StepFailed(self.epoch, step, self.opts.name, seqs, reason))
 
 
-async def run_node(opts: NodeOptions) -> None:
-    await Node(opts).run()
+async def run_node(opts: NodeOptions) -> int:
+    """The node's exit status: 0 after a requested stop, 1 when it had to stop by itself."""
+    node = Node(opts)
+    await node.run()
+    return 1 if node.error else 0
