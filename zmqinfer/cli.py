@@ -329,7 +329,8 @@ async def _watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
                 reported.add(p.pid)
                 print(f"zmqinfer: node process {p.pid} exited with status {p.returncode}", file=sys.stderr)
         try:
-            await asyncio.wait_for(stop.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await stop.wait()
         except TimeoutError:
             pass
 

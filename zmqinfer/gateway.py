@@ -106,7 +106,8 @@ class Gateway:
         if p.rebuilding:
             timeout = max(timeout, REPLAN_READY_WAIT_S)
         try:
-            await asyncio.wait_for(p.ready.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await p.ready.wait()
         except TimeoutError:
             raise RingUnavailable(f"the ring is not ready: {p.reason}") from None
         if self.closing:
@@ -168,7 +169,8 @@ class Gateway:
         try:
             t0 = time.perf_counter()
             await self.send_control(name, Ping(nonce))
-            await asyncio.wait_for(fut, PING_TIMEOUT_S)
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await fut
             return (time.perf_counter() - t0) * 1000
         finally:
             self._pongs.pop(nonce, None)
@@ -180,7 +182,8 @@ class Gateway:
         try:
             t0 = time.perf_counter()
             await self.send(Forward(self.epoch, step, (), -1, tokens_to_wire([])))
-            await asyncio.wait_for(fut, PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await fut
             return (time.perf_counter() - t0) * 1000
         finally:
             self._probes.pop(step, None)
@@ -248,7 +251,8 @@ class Gateway:
 
     async def send_control(self, name: NodeId, msg: Message) -> None:
         """Raises zmq.ZMQError (EHOSTUNREACH: not connected) or TimeoutError; never waits long."""
-        await asyncio.wait_for(self.control.send_multipart([name.encode(), *encode(msg)]), PING_TIMEOUT_S)
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            await self.control.send_multipart([name.encode(), *encode(msg)])
 
     async def _beat(self) -> None:
         """GatewayBeat to every node heard from lately: they know we are alive, and which epoch

@@ -136,7 +136,8 @@ class Node:
 
     async def _say_bye(self) -> None:
         try:
-            await asyncio.wait_for(self._send_control(Bye(self.opts.name, "shutdown")), 0.5)
+            async with asyncio.timeout(0.5):
+                await self._send_control(Bye(self.opts.name, "shutdown"))
         except (TimeoutError, zmq.ZMQError):
             self.log.info("gateway did not take the goodbye; it will notice the silence")
         self.log.info("node stopped")
@@ -168,7 +169,8 @@ class Node:
         """Best effort under a deadline: with no gateway connected the message is dropped (and
         logged); the gateway learns the state again from the next heartbeat."""
         try:
-            await asyncio.wait_for(self.control.send_multipart(encode(msg)), CONTROL_SEND_TIMEOUT_S)
+            async with asyncio.timeout(CONTROL_SEND_TIMEOUT_S):
+                await self.control.send_multipart(encode(msg))
         except TimeoutError:
             self.log.warning("gateway not reachable: control message dropped", kind=msg.KIND)
 

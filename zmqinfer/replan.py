@@ -228,7 +228,8 @@ class Replanner:
                 return False
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), PLAN_TICK_S)
+                async with asyncio.timeout(PLAN_TICK_S):
+                    await self.changed.wait()
             except TimeoutError:
                 pass
 

@@ -166,7 +166,8 @@ class Scheduler:
             deadline = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(prompt)
             while True:
                 try:
-                    item = await asyncio.wait_for(seq.queue.get(), deadline)
+                    async with asyncio.timeout(deadline):
+                        item = await seq.queue.get()
                 except TimeoutError:
                     raise RingTimeout(f"the ring did not answer within {deadline:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None

@@ -36,7 +36,10 @@ async def send(sock: zmq.asyncio.Socket, frames: list, timeout: float) -> bool:
     waited: a re-plan replaced it, and this message belonged to the old ring. (pyzmq cancels a
     closed socket's pending futures; without this the sender would be cancelled with it.)"""
     try:
-        await asyncio.wait_for(sock.send_multipart(frames, copy=False), timeout)
+        # asyncio.timeout, never wait_for: on Python 3.11 wait_for swallows the caller's cancel
+        # when the send completes in the same loop iteration (the gateway then never shut down).
+        async with asyncio.timeout(timeout):
+            await sock.send_multipart(frames, copy=False)
         return True
     except asyncio.CancelledError:
         task = asyncio.current_task()
