@@ -60,7 +60,7 @@ class Replanner:
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()  # a Loaded arrived
         self.push: zmq.asyncio.Socket | None = None
-        self.reason = "waiting for nodes to register"
+        self.reason = self._waiting_for()  # /health names the missing nodes from the start
         self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.history: list[dict[str, Any]] = []
@@ -92,12 +92,16 @@ class Replanner:
                 return
             usable = members.usable()
         if not usable:
-            self.reason = (members.describe(members.expected(), self.epoch)
-                           or "no node has registered (none in nodes.toml, none found over mDNS)")
+            self.reason = self._waiting_for()
             return
         if time.monotonic() < self._retry_at or not self._may_plan_first(usable):
             return
         await self._assign(usable)
+
+    def _waiting_for(self) -> str:
+        members = self.gw.members
+        return (members.describe(members.expected(), self.epoch)
+                or "no node has registered (none in nodes.toml, none found over mDNS)")
 
     async def _needs_replan(self) -> bool:
         """Take the ring down when it must change (urgently for a lost member, after draining

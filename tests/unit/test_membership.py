@@ -1,0 +1,253 @@
+"""The gateway's membership table: who may join (nodes.toml, mDNS, refusals), who is alive (beats,
+Bye), what each offers a plan (capacity, pins), and what /cluster/status shows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zmqinfer.adverts import NodeAd
+from zmqinfer.config import NodeSpec
+from zmqinfer.discovery import Discovered
+from zmqinfer.liveness import Liveness
+from zmqinfer.membership import MEMORY_QUANTUM, Membership
+from zmqinfer.ring import NodeCapacity, Placement
+from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
+
+FP = "ab" * 8
+MIB = 1 << 20
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat(name: str, *, free: int = 256 * MIB, pid: int = 100, epoch: int = 0, loaded: bool = False,
+         busy: float = 0.0, port: int = 9000) -> Heartbeat:
+    return Heartbeat(NodeId(name), port, 1 << 30, free, "cpu", pid, Epoch(epoch), loaded, 64 * MIB, busy, 0)
+
+
+def ad(name: str, *, fp: str = FP, protocol: str | None = None, role: str = "node",
+       port: int = 9100) -> NodeAd:
+    a = NodeAd(NodeId(name), port, 1 << 30, 512 * MIB, "gpu", fp, role=role)  # type: ignore[arg-type]
+    return dataclasses.replace(a, protocol=protocol) if protocol is not None else a
+
+
+def found(a: NodeAd, ip: str) -> Discovered:
+    return Discovered(a, (ip,), 0.0, f"{a.node_id}._zmqinfer._tcp.local.")
+
+
+def table(*specs: NodeSpec, counts=None) -> tuple[Membership, Clock]:
+    clock = Clock()
+    return Membership(list(specs), Liveness(2.0, clock), counts), clock
+
+
+def spec(name: str, address: str | None = "10.0.0.1", **kw) -> NodeSpec:
+    return NodeSpec(NodeId(name), address, **kw)
+
+
+def test_static_nodes_in_file_order_then_mdns_only_nodes_by_name() -> None:
+    mem, _ = table(spec("zeta"), spec("alpha", None))
+    assert mem.order == ["zeta", "alpha"]
+    mem.merge({NodeId("mike"): found(ad("mike"), "10.0.0.7"),
+               NodeId("bravo"): found(ad("bravo"), "10.0.0.8"),
+               NodeId("alpha"): found(ad("alpha"), "10.0.0.9"),
+               NodeId("gw"): found(ad("gw", role="gateway"), "10.0.0.10")}, {}, FP)
+    assert mem.order == ["zeta", "alpha", "bravo", "mike"]  # gateways are not members
+    assert mem.members[NodeId("alpha")].address == "10.0.0.9"  # its own ad beats no address
+    assert mem.members[NodeId("alpha")].found_by == "mdns"
+    assert mem.members[NodeId("zeta")].found_by == "static"
+    assert mem.members[NodeId("bravo")].spec is None
+    # Merging again (a node found later) appends; nothing already known moves.
+    mem.merge({NodeId("aardvark"): found(ad("aardvark"), "10.0.0.11")}, {}, FP)
+    assert mem.order == ["zeta", "alpha", "bravo", "mike", "aardvark"]
+    # An mDNS-only node no longer advertised keeps its row and its last address.
+    assert mem.members[NodeId("mike")].address == "10.0.0.7"
+    assert [m.name for m in mem.expected()] == ["zeta", "alpha", "bravo", "mike", "aardvark"]
+
+
+def test_a_node_neither_listed_nor_discovered_is_ignored() -> None:
+    mem, _ = table(spec("a"))
+    assert mem.on_beat(NodeId("stranger"), beat("stranger"), "10.9.9.9") is None
+    assert "stranger" not in mem.members
+    assert not mem.live.alive(NodeId("stranger"))
+    assert [r["name"] for r in mem.rows([], Epoch(0))] == ["a"]
+
+
+def test_a_discovered_node_may_register() -> None:
+    mem, _ = table(spec("a"))
+    mem.merge({NodeId("m"): found(ad("m"), "10.0.0.7")}, {}, FP)
+    m = mem.on_beat(NodeId("m"), beat("m"), "10.0.0.7")
+    assert m is not None and m.name == "m"
+    assert [u.name for u in mem.usable()] == ["m"]
+
+
+def test_refused_ads_are_not_usable_and_say_why() -> None:
+    mem, _ = table(spec("a"))
+    mem.merge({NodeId("old"): found(ad("old", protocol="zmqinfer/0"), "10.0.0.7"),
+               NodeId("other"): found(ad("other", fp="cd" * 8), "10.0.0.8"),
+               NodeId("a"): found(ad("a", fp="ef" * 8), "10.0.0.9"),  # listed, but another model
+               NodeId("fresh"): found(ad("fresh", fp=""), "10.0.0.10")}, {}, FP)  # no model yet: fine
+    for name in ("old", "other", "a", "fresh"):
+        assert mem.on_beat(NodeId(name), beat(name), None) is not None
+    assert [m.name for m in mem.usable()] == ["fresh"]
+    assert [m.name for m in mem.expected()] == ["fresh"]  # a first plan does not wait for them
+    health = {r["name"]: r["health"] for r in mem.rows([], Epoch(0))}
+    assert health["old"].startswith("refused: speaks protocol 'zmqinfer/0'")
+    assert health["other"].startswith("refused: serves model " + "cd" * 8)
+    assert health["a"].startswith("refused: serves model " + "ef" * 8)
+    refused = {r["name"]: r["refused"] for r in mem.rows([], Epoch(0))}
+    assert refused["fresh"] is None and refused["old"] is not None
+    # Refused is not dead: they beat (alive), and the row says why they get no layers.
+    assert all(r["alive"] for r in mem.rows([], Epoch(0)) if r["refused"])
+
+
+def test_capacity_is_free_plus_shard_rounded_down_to_the_quantum() -> None:
+    mem, _ = table(spec("a"), spec("b"))
+    a = mem.on_beat(NodeId("a"), beat("a", free=100 * MIB + 12345), None)
+    b = mem.on_beat(NodeId("b"), beat("b", free=5 * MEMORY_QUANTUM - 1), None)
+    assert a is not None and b is not None
+    mem.on_loaded(a, Loaded(Epoch(7), NodeId("a"), True, "", FP, 30 * MIB, 0, 0.1))
+    assert a.shard_bytes == 30 * MIB
+    caps = mem.capacity(mem.usable())
+    assert caps == [NodeCapacity(NodeId("a"), 128 * MIB, None),  # 130 MiB + 12345 -> 128 MiB
+                    NodeCapacity(NodeId("b"), 4 * MEMORY_QUANTUM, None)]
+    assert all(c.free_bytes % MEMORY_QUANTUM == 0 for c in caps)
+
+
+def test_a_failed_load_holds_nothing() -> None:
+    mem, _ = table(spec("a"))
+    a = mem.on_beat(NodeId("a"), beat("a"), None)
+    assert a is not None
+    mem.on_loaded(a, Loaded(Epoch(7), NodeId("a"), True, "", FP, 30 * MIB, 0, 0.1))
+    mem.on_loaded(a, Loaded(Epoch(8), NodeId("a"), False, "out of memory", FP, 30 * MIB, 0, 0.1))
+    assert a.shard_bytes == 0
+    assert a.beat is not None and a.beat.epoch == 8 and not a.beat.loaded
+
+
+def test_pins_hold_only_while_every_pinned_node_is_in_the_set() -> None:
+    mem, _ = table(spec("a", layers=2), spec("b"), spec("c", layer_range=(4, 6), layers=2))
+    for n in "abc":
+        mem.on_beat(NodeId(n), beat(n), None)
+    every = mem.capacity(mem.usable())
+    assert [c.pinned for c in every] == [2, None, (4, 6)]
+    without_b = mem.capacity([m for m in mem.usable() if m.name != "b"])
+    assert [c.pinned for c in without_b] == [2, (4, 6)]  # b was not pinned: pins stay
+    without_c = mem.capacity([m for m in mem.usable() if m.name != "c"])
+    assert [c.pinned for c in without_c] == [None, None]  # a pinned node is missing: all free
+
+
+def test_counts_override_nodes_toml_pins() -> None:
+    mem, _ = table(spec("a", layers=2), spec("b"), counts=[None, 3])
+    for n in "ab":
+        mem.on_beat(NodeId(n), beat(n), None)
+    assert [c.pinned for c in mem.capacity(mem.usable())] == [2, 3]
+
+
+def test_a_new_process_or_an_unassigned_beat_holds_no_shard() -> None:
+    mem, clock = table(spec("a"))
+    a = mem.on_beat(NodeId("a"), beat("a", pid=100), None)
+    assert a is not None
+    mem.on_loaded(a, Loaded(Epoch(7), NodeId("a"), True, "", FP, 30 * MIB, 0, 0.1))
+    mem.on_beat(NodeId("a"), beat("a", pid=100, epoch=7, loaded=True), None)
+    assert a.shard_bytes == 30 * MIB  # same process, still serving: keeps it
+    mem.on_beat(NodeId("a"), beat("a", pid=101, epoch=7, loaded=True), None)
+    assert a.shard_bytes == 0  # a restarted process holds nothing yet
+    mem.on_loaded(a, Loaded(Epoch(8), NodeId("a"), True, "", FP, 30 * MIB, 0, 0.1))
+    assert a.shard_bytes == 30 * MIB
+    mem.on_beat(NodeId("a"), beat("a", pid=101, epoch=0), None)
+    assert a.shard_bytes == 0  # serves no epoch: dropped its stage
+
+
+def test_busy_fraction_from_consecutive_beats_of_one_process() -> None:
+    mem, clock = table(spec("a"))
+    mem.on_beat(NodeId("a"), beat("a", busy=10.0), None)
+    clock.now += 1.0
+    a = mem.on_beat(NodeId("a"), beat("a", busy=10.25), None)
+    assert a is not None and a.busy_fraction == 0.25
+    clock.now += 1.0
+    mem.on_beat(NodeId("a"), beat("a", busy=99.0), None)
+    assert a.busy_fraction == 1.0  # clamped
+    clock.now += 1.0
+    mem.on_beat(NodeId("a"), beat("a", pid=5, busy=0.0), None)
+    assert a.busy_fraction == 1.0  # another process: no difference taken across it
+
+
+def test_bye_without_draining_is_dead_at_once_and_a_beat_brings_it_back() -> None:
+    mem, clock = table(spec("a"), spec("b"))
+    a = mem.on_beat(NodeId("a"), beat("a"), None)
+    mem.on_beat(NodeId("b"), beat("b"), None)
+    assert a is not None
+    mem.on_bye(a, "shutdown", draining=False)
+    assert not mem.live.alive(NodeId("a")) and not mem.alive(a)
+    assert [m.name for m in mem.usable()] == ["b"]
+    assert mem.health(a, Epoch(0)) == "left (shutdown)"
+    clock.now += 0.5
+    mem.on_beat(NodeId("a"), beat("a", pid=200), None)  # restarted: a member again
+    assert a.left is None and mem.alive(a)
+    assert [m.name for m in mem.usable()] == ["a", "b"]
+
+
+def test_bye_draining_stays_alive_but_is_not_usable() -> None:
+    mem, clock = table(spec("a"), spec("b"))
+    a = mem.on_beat(NodeId("a"), beat("a", epoch=5, loaded=True), None)
+    mem.on_beat(NodeId("b"), beat("b", epoch=5, loaded=True), None)
+    assert a is not None
+    mem.on_bye(a, "SIGTERM", draining=True)
+    assert mem.live.alive(NodeId("a"))  # keeps serving the old ring until re-planned
+    assert not mem.alive(a)
+    assert [m.name for m in mem.usable()] == ["b"]
+    assert mem.health(a, Epoch(5)) == "draining (SIGTERM)"
+    clock.now += 0.5
+    mem.on_beat(NodeId("a"), beat("a", epoch=5, loaded=True), None)  # its beats go on
+    assert a.left == "SIGTERM" and a.draining and not mem.alive(a)
+    clock.now += 5.0  # then it goes
+    assert mem.health(a, Epoch(5)) == "left (SIGTERM)"
+
+
+def test_health_messages() -> None:
+    mem, clock = table(spec("a"))
+    a = mem.members[NodeId("a")]
+    assert mem.health(a, Epoch(5)) == "has not registered (no heartbeat yet)"
+    mem.on_beat(NodeId("a"), beat("a", epoch=0), None)
+    assert mem.health(a, Epoch(5)) == "restarted (serves no epoch)"
+    mem.on_beat(NodeId("a"), beat("a", epoch=4, loaded=True), None)
+    assert mem.health(a, Epoch(5)) == "serves epoch 4"
+    mem.on_beat(NodeId("a"), beat("a", epoch=5, loaded=False), None)
+    assert mem.health(a, Epoch(5)) == "loading"
+    mem.on_beat(NodeId("a"), beat("a", epoch=5, loaded=True), None)
+    assert mem.health(a, Epoch(5)) == "ok"
+    clock.now += 3.25
+    assert mem.health(a, Epoch(5)) == "stopped sending heartbeats 3.2s ago"
+    assert mem.describe([a], Epoch(5)) == "a (10.0.0.1) stopped sending heartbeats 3.2s ago"
+
+
+def test_rows_for_cluster_status() -> None:
+    mem, clock = table(spec("a", "10.0.0.1", port=9001), spec("b", None, port=9002))
+    mem.merge({NodeId("m"): found(ad("m", port=9100), "10.0.0.7")}, {}, FP)
+    a = mem.on_beat(NodeId("a"), beat("a", epoch=5, loaded=True, port=9001), "10.0.0.1")
+    assert a is not None
+    mem.on_loaded(a, Loaded(Epoch(5), NodeId("a"), True, "", FP, 48 * MIB, 0, 0.1))
+    mem.on_beat(NodeId("m"), beat("m", epoch=5, loaded=True, port=9100), "10.0.0.7")
+    clock.now += 0.5
+    rows = {r["name"]: r for r in mem.rows([Placement(NodeId("a"), 0, 3), Placement(NodeId("m"), 3, 6)],
+                                           Epoch(5))}
+    assert list(rows) == ["a", "b", "m"]
+    ra, rb, rm = rows["a"], rows["b"], rows["m"]
+    assert (ra["found_by"], ra["detail"], ra["refused"], ra["layers"], ra["alive"]) == \
+        ("static", "nodes.toml address", None, [0, 3], True)
+    assert ra["health"] == "ok" and ra["last_heartbeat_s"] == 0.5 and ra["shard_bytes"] == 48 * MIB
+    assert ra["address"] == "10.0.0.1" and ra["data_port"] == 9001 and ra["pid"] == 100
+    assert (rb["found_by"], rb["detail"], rb["layers"], rb["alive"]) == \
+        ("static", "address of its control connection", None, False)
+    assert rb["last_heartbeat_s"] is None and rb["data_port"] == 9002 and rb["pid"] is None
+    assert rb["health"] == "has not registered (no heartbeat yet)" and rb["address"] is None
+    assert (rm["found_by"], rm["detail"], rm["layers"], rm["alive"], rm["address"]) == \
+        ("mdns", "mdns ad", [3, 6], True, "10.0.0.7")
+    assert rm["shard_bytes"] is None  # nothing reported loaded
+    # An address-less static node takes the address its control connection came from.
+    mem.on_beat(NodeId("b"), beat("b"), "10.0.0.2")
+    assert mem.rows([], Epoch(5))[1]["address"] == "10.0.0.2"
