@@ -117,6 +117,13 @@ def serving_on(names: list[str]) -> Callable[[dict], bool]:
     return ok
 
 
+def last_replan(c: LocalCluster) -> dict | None:
+    """The gateway's record of its latest re-plan: why, how long each lost node had been
+    silent, and down_s, from taking the ring down to the new ring being ready."""
+    replans = c.status().get("replans") or []
+    return replans[-1] if replans else None
+
+
 def report_run(test: str, t: Timings, cmp: faults.Comparison, tmp_path: Path, **extra: object) -> None:
     faults.report(test, {"timings": t, "tokens_lost": cmp.lost, "tokens_repeated": cmp.repeated,
                          "tokens_changed": cmp.changed, "streams_exact": cmp.exact, **extra}, tmp_path)
@@ -147,7 +154,7 @@ def test_kill_9_mid_stream_every_request_completes_unchanged(no_fault: dict[str,
         pid = c.node_pids()["node1"]
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGKILL), "SIGKILL node1")
         cmp = faults.compare(streams, no_fault)
-        report_run("kill_9", t, cmp, tmp_path)
+        report_run("kill_9", t, cmp, tmp_path, replan=last_replan(c))
         assert_equal_to_no_fault(streams, no_fault)
         assert t.detected_s is not None, f"node1 not shown dead within {DETECT_S:.0f}s of kill -9"
         launch.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
@@ -167,6 +174,7 @@ def test_sigstop_mid_stream_then_sigcont_rejoins(no_fault: dict[str, Stream], tm
     try:
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGSTOP), "SIGSTOP node1")
         cmp = faults.compare(streams, no_fault)
+        replan = last_replan(c)
         t_cont = time.monotonic()
         os.kill(pid, signal.SIGCONT)
         rejoin_error = ""
@@ -175,7 +183,7 @@ def test_sigstop_mid_stream_then_sigcont_rejoins(no_fault: dict[str, Stream], tm
             rejoin_s: float | None = time.monotonic() - t_cont
         except RuntimeError as e:
             st, rejoin_s, rejoin_error = None, None, str(e)
-        report_run("sigstop", t, cmp, tmp_path, rejoin_after_sigcont_s=rejoin_s)
+        report_run("sigstop", t, cmp, tmp_path, replan=replan, rejoin_after_sigcont_s=rejoin_s)
         assert_equal_to_no_fault(streams, no_fault)
         assert t.detected_s is not None, f"a stopped node1 not shown dead within {DETECT_S:.0f}s"
         assert st is not None, rejoin_error
@@ -339,7 +347,7 @@ def test_sigterm_node_mid_stream_leaves_gracefully(no_fault: dict[str, Stream], 
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGTERM), "SIGTERM node1")
         cmp = faults.compare(streams, no_fault)
         status = up_exit_status(c, pid, max(1.0, t.at + NODE_EXIT_S - time.monotonic()))
-        report_run("sigterm_node", t, cmp, tmp_path, node1_exit_status=status)
+        report_run("sigterm_node", t, cmp, tmp_path, replan=last_replan(c), node1_exit_status=status)
         assert_equal_to_no_fault(streams, no_fault)
         assert status == 0, f"node1 (pid {pid}) exit status {status} (None: not exited)"
         launch.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
