@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 from .config import DEFAULT_API_PORT, ConfigError
 
+PIPE_WIDTH = 200  # status table width when stdout is not a terminal (a row is ~130 characters)
 CLIENT_TIMEOUT_S = 5.0  # status: the gateway answers from memory, so 5 s means it is not there
 PING_CLIENT_TIMEOUT_S = 15.0  # ping waits on every node (1 s each, in parallel) and one probe
 
@@ -104,7 +105,10 @@ def status(url: str, api_key: str | None, as_json: bool) -> int:
     else:
         from rich.console import Console
 
-        Console().print(status_view(st))
+        # Piped (no terminal to measure), rich would assume 80 columns and wrap every row: a
+        # file or `grep` is better served by one line per node.
+        piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        Console(width=PIPE_WIDTH if piped else None).print(status_view(st))
     return 0 if st.get("ready") else 1
 
 
@@ -118,8 +122,11 @@ def status_view(st: dict[str, Any]) -> RenderableType:
     state = "[green]ready[/]" if st.get("ready") else f"[red]not ready[/]: {st.get('reason', '?')}"
     head = f"model {st.get('model')}  ({st.get('n_layers')} layers)  epoch {st.get('epoch')}  {state}"
     t = Table("node", "address", "found", "layers", "health", "beat", "device", "rss", "shard", "busy")
-    for col in t.columns[:4]:
-        col.no_wrap = True
+    # Names, addresses and layer ranges stay whole; the rest wrap. Health keeps room to be read
+    # in a narrow terminal (it was squeezed to nothing at 80 columns).
+    for i, col in enumerate(t.columns):
+        col.no_wrap = i in (0, 1, 3)
+    t.columns[4].min_width = 12
     for n in st.get("nodes", []):
         layers = f"[{n['layers'][0]},{n['layers'][1]})" if n.get("layers") else "-"
         beat = f"{n['last_heartbeat_s']:.1f}s" if n.get("last_heartbeat_s") is not None else "-"

@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -166,24 +165,13 @@ class NodeProcess:
         return self.log.read_text(errors="replace")
 
 
-@cache
-def cli_has_flag(command: str, flag: str) -> bool:
-    """Whether `zmqinfer <command> --help` lists `flag` (options still being added elsewhere
-    are passed only once they exist)."""
-    r = subprocess.run([sys.executable, "-m", "zmqinfer", command, "--help"], capture_output=True,
-                       text=True, timeout=60)
-    return flag in r.stdout
-
-
 def start_node(log_dir: Path, name: str, gateway_control: str, data_port: int,
                extra: list[str] | None = None, env: dict[str, str] | None = None) -> NodeProcess:
     """`zmqinfer node --name NAME` on 127.0.0.1, reporting to `gateway_control` (IP:port), with
-    mDNS advertising off where the CLI has the switch. Returns at once (it registers by itself)."""
+    mDNS advertising off (tests stay off the LAN). Returns at once (it registers by itself)."""
     log = log_dir / f"node-{name}-{data_port}-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", name, "--bind", "127.0.0.1",
-           "--gateway", gateway_control, "--port", str(data_port)]
-    if cli_has_flag("node", "--no-advertise"):
-        cmd.append("--no-advertise")
+           "--gateway", gateway_control, "--port", str(data_port), "--no-advertise"]
     proc = subprocess.Popen([*cmd, *(extra or [])], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **NODE_ENV, **(env or {})})
     return NodeProcess(name, data_port, proc, log)
@@ -212,13 +200,11 @@ def write_config(path: Path, port: int, names: list[str], model: Path | str | No
 
 def start_gateway(log_dir: Path, config: Path, port: int, extra: list[str] | None = None,
                   env: dict[str, str] | None = None) -> LocalCluster:
-    """`zmqinfer gateway --config CONFIG` (zeroconf discovery off where the CLI has the switch).
+    """`zmqinfer gateway --config CONFIG --no-discovery` (nodes.toml only, off the LAN).
     Returns at once: wait with `wait_ready`. `stop` on the result stops only this process and
     the nodes it reports; stop lone nodes with `stop_node`."""
     log = log_dir / f"gateway-{port}-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "zmqinfer", "gateway", "--config", str(config)]
-    if cli_has_flag("gateway", "--no-discovery"):
-        cmd.append("--no-discovery")
+    cmd = [sys.executable, "-m", "zmqinfer", "gateway", "--config", str(config), "--no-discovery"]
     proc = subprocess.Popen([*cmd, *(extra or [])], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **(env or {})})
     return LocalCluster(port, proc, log)

@@ -19,9 +19,9 @@ from zmqinfer.wire import NodeId
 GIB, MIB = 1 << 30, 1 << 20
 
 
-def text(renderable) -> str:
+def text(renderable, width: int = 240) -> str:
     out = io.StringIO()
-    Console(file=out, width=240, color_system=None).print(renderable)
+    Console(file=out, width=width, color_system=None).print(renderable)
     return out.getvalue()
 
 
@@ -70,6 +70,14 @@ def test_status_shows_how_each_node_was_found() -> None:
     assert " mdns " in rows["n1"] and "[0,15)" in rows["n1"] and "10.0.0.2:8110" in rows["n1"]
     assert "static (nodes.toml address)" in rows["n4"] and "[15,30)" in rows["n4"]
     assert "refused: speaks protocol 'zmqinfer/0'" in rows["old"]
+
+
+def test_an_80_column_terminal_still_shows_each_nodes_health() -> None:
+    out = text(status_view(STATUS), width=80)
+    assert max(len(line) for line in out.splitlines()) <= 80
+    n4 = by_first_cell(out)["n4"]
+    assert "[15,30)" in n4 and " ok " in n4  # not squeezed out by the wide columns
+    assert "refused:" in by_first_cell(out)["old"]
 
 
 def test_status_of_an_older_gateway_still_renders() -> None:
