@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     mp = msub.add_parser("path", help="print the local mlx-lm directory of a model (converting the default)")
     mp.add_argument("model", nargs="?", default=None)
     mp.set_defaults(func=cmd_model_path)
+    mf = msub.add_parser("fetch", help="download a hub model's config, tokenizer and only the weight "
+                                       "files that a layer range needs (a node's shard)")
+    mf.add_argument("model", help="Hugging Face id, e.g. mlx-community/Qwen3-1.7B-8bit")
+    mf.add_argument("--layers", metavar="START:END", default=None,
+                    help="layers START..END-1, as nodes.toml's [START, END]; default: every layer "
+                         "(what a gateway machine needs)")
+    mf.set_defaults(func=cmd_model_fetch)
     return p
 
 
@@ -137,6 +144,27 @@ def cmd_model_path(args: argparse.Namespace) -> int:
 
     try:
         print(_resolve_with_progress(args.model))
+    except ModelNotFound as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    """The one command that downloads weights: nodes themselves only read the local cache."""
+    from .model import ModelNotFound
+    from .shards import fetch_shard
+
+    start, end = 0, None
+    if args.layers is not None:
+        try:
+            start, end = (int(x) for x in args.layers.split(":"))
+        except ValueError:
+            raise ConfigError(f"--layers {args.layers!r}: expected START:END, e.g. 0:10") from None
+    try:
+        print(fetch_shard(args.model, start, end))
+    except ValueError as e:  # a range outside the model
+        raise ConfigError(f"--layers {args.layers}: {e}") from None
     except ModelNotFound as e:
         print(f"zmqinfer: {e}", file=sys.stderr)
         return 1

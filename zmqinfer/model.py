@@ -115,9 +115,8 @@ def resolve_model(model: str | None = None, *,
 
 
 def _from_hub_cache(repo_id: str) -> Path:
-    fetch = (f"zmqinfer never downloads models itself; fetch it first with "
-             f"`hf download {repo_id}` (older huggingface_hub: "
-             f"`huggingface-cli download {repo_id}`), then retry")
+    fetch = (f"zmqinfer never downloads models at run time; fetch it first with "
+             f"`zmqinfer model fetch {repo_id}` (or `hf download {repo_id}`), then retry")
     # huggingface_hub comes with mlx-lm. Asking for the same files mlx_lm fetches avoids false
     # "incomplete snapshot" errors about files (.gitattributes, *.bin) it never downloads.
     from huggingface_hub import snapshot_download

@@ -72,9 +72,10 @@ def shard_weight_files(model: Path | str, start: int, end: int, n_layers: int | 
     return sorted({f for name, f in weight_map.items() if stage_needs(name, start, end, n_layers, tied)})
 
 
-def fetch_shard(repo_id: str, start: int, end: int, *, revision: str | None = None,
+def fetch_shard(repo_id: str, start: int, end: int | None, *, revision: str | None = None,
                 local_files_only: bool = False, cache_dir: Path | None = None) -> Path:
-    """The local snapshot of hub model `repo_id` holding what stage [start, end) needs.
+    """The local snapshot of hub model `repo_id` holding what stage [start, end) needs (end None:
+    through the last layer).
 
     Downloads the small files first (config, tokenizer, weight index), then only the weight
     files shard_weight_files selects (all of them when the repo has no index). With
@@ -95,6 +96,8 @@ def fetch_shard(repo_id: str, start: int, end: int, *, revision: str | None = No
             raise ModelNotFound(f"cannot get {what} of {repo_id!r}: {how}") from exc
 
     meta = download(_META_PATTERNS, "the config, tokenizer and weight index")
+    if end is None:
+        end = int(json.loads((meta / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
     weights = (shard_weight_files(meta, start, end) if (meta / WEIGHT_INDEX).is_file()
                else ["model*.safetensors"])
     return download([*_META_PATTERNS, *weights], f"{', '.join(weights)} (layers [{start}, {end}))")

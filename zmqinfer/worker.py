@@ -53,7 +53,8 @@ class Worker:
             if missing := [f for f in shard_weight_files(path, start, end) if not (path / f).is_file()]:
                 raise ModelNotFound(
                     f"{model!r}: layers [{start}, {end}) need {', '.join(missing)}, which the local "
-                    f"Hugging Face cache lacks; fetch them with `hf download {model} {' '.join(missing)}`")
+                    f"Hugging Face cache lacks; fetch them with `zmqinfer model fetch {model} "
+                    f"--layers {start}:{end}`")
         self.stage = Stage(path, start, end)
         self.fingerprint = model_fingerprint(path)
 

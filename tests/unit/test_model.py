@@ -218,7 +218,7 @@ def test_uncached_hub_id_raises_with_fetch_hint(tmp_path, monkeypatch):
     message = str(info.value)
     assert "nor in the local Hugging Face cache" in message
     assert "hf download zmqinfer-test/not-downloaded" in message
-    assert "huggingface-cli download zmqinfer-test/not-downloaded" in message
+    assert "zmqinfer model fetch zmqinfer-test/not-downloaded" in message
 
 
 def test_cached_hub_id_resolves_to_snapshot(tmp_path, monkeypatch):
@@ -364,6 +364,27 @@ def test_fetch_shard_asks_the_hub_for_the_stage_files_only(tmp_path, monkeypatch
     with pytest.raises(ModelNotFound, match=r"model-00004-of-00004.safetensors \(layers \[3, 4\)\) of "
                        r"'org/tiny': it is not in the local cache"):
         fetch_shard("org/tiny", 3, 4, local_files_only=True)
+
+
+def test_model_fetch_downloads_one_nodes_shard(tmp_path, monkeypatch, capsys):
+    """`zmqinfer model fetch ID --layers 2:3`: the shard's files and the metadata, nothing else;
+    without --layers the whole model; a bad range exits 2 naming the flag."""
+    import huggingface_hub
+
+    from zmqinfer.cli import main
+
+    source = make_sharded(tmp_path / "repo")
+    calls: list[dict] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(source, calls))
+    assert main(["model", "fetch", "org/tiny", "--layers", "2:3"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert sorted(p.name for p in path.glob("*.safetensors")) == \
+        ["model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"]
+    assert main(["model", "fetch", "org/tiny"]) == 0
+    assert len(list(path.glob("*.safetensors"))) == len(list(source.glob("*.safetensors")))
+    for bad, says in (("2-3", "expected START:END"), ("3:9", r"outside the model's 4 layers")):
+        assert main(["model", "fetch", "org/tiny", "--layers", bad]) == 2
+        assert re.search(says, capsys.readouterr().err)
 
 
 def _stage_outputs(stages) -> list:

@@ -1,5 +1,5 @@
 """Worker.load on a hub model: a node needs only the weight files holding its layers in the
-local Hugging Face cache (what `hf download org/name --include <its files>` leaves there)."""
+local Hugging Face cache (what `zmqinfer model fetch org/name --layers A:B` leaves there)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,6 @@ def test_a_node_loads_its_layers_from_a_partial_hub_cache(tmp_path, monkeypatch)
     assert {p for p in asked[-1] if p.endswith(".safetensors")} == set(mine)
     # Layers whose files are not in the cache: refused with the fix, never randomly initialised.
     with pytest.raises(ModelNotFound, match=r"layers \[3, 4\) need model-00004-of-00004.safetensors, "
-                       r"which the local Hugging Face cache lacks; fetch them with `hf download "
-                       r"zmqinfer-test/tiny-sharded model-00004-of-00004.safetensors`"):
+                       r"which the local Hugging Face cache lacks; fetch them with `zmqinfer model "
+                       r"fetch zmqinfer-test/tiny-sharded --layers 3:4`"):
         Worker().load(REPO, 3, 4)
