@@ -1,8 +1,5 @@
-"""The `zmqinfer` command: up, node, gateway, status, ping, discover, bench, model path.
-
-`up` is the one-command local cluster: it resolves (and on first use converts) the model with a
-progress bar, starts N node processes and runs the gateway in this process, prints the endpoint
-and the layer split once the ring is serving, and stops every process on Ctrl-C.
+"""The `zmqinfer` command: its parser, and the commands that are not serving ones: node, model
+path / fetch, bench. `up` and `gateway` live in serve.py, status / ping / discover in client.py.
 """
 
 from __future__ import annotations
@@ -10,21 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import client
-from .config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, GatewaySpec,
-                     NodeSpec, load_cluster, parse_layer_counts)
+from . import client, serve
+from .config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, NodeSpec,
+                     ip_literal, load_cluster, parse_size)
 from .wire import NodeId
-
-NODE_STOP_GRACE_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="one core per node (node i on core i mod cores, one BLAS thread): stands in for "
                          "separate machines; Linux only, the gateway stays unpinned")
     up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=serve.cmd_up)
 
     node = sub.add_parser("node", help="run one node (on each machine)")
     node.add_argument("--name", required=True, help="this node's id, as in nodes.toml")
@@ -76,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--interface", action="append", default=[], metavar="IP",
                     help="browse and advertise over mDNS on this interface IP only; repeatable")
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
-    gw.set_defaults(func=cmd_gateway)
+    gw.set_defaults(func=serve.cmd_gateway)
 
     client.add_commands(sub)  # status, ping, discover: they ask the running cluster or the LAN
 
@@ -122,28 +113,11 @@ def _parser() -> argparse.ArgumentParser:
 # ---- model ---------------------------------------------------------------------------------
 
 
-def _resolve_with_progress(model: str | None) -> Path:
-    from rich.progress import Progress
-
-    from .model import resolve_model
-
-    with Progress(transient=True) as bar:
-        task = None
-
-        def progress(stage: str, done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = bar.add_task(stage, total=total)
-            bar.update(task, completed=done, total=total, description=stage)
-
-        return resolve_model(model, progress=progress)
-
-
 def cmd_model_path(args: argparse.Namespace) -> int:
     from .model import ModelNotFound
 
     try:
-        print(_resolve_with_progress(args.model))
+        print(serve.resolve_with_progress(args.model))
     except ModelNotFound as e:
         print(f"zmqinfer: {e}", file=sys.stderr)
         return 1
@@ -180,7 +154,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     cfg = load_cluster(args.config) if args.config else ClusterConfig()
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
-    interfaces = tuple(_ip_only(ip, "--interface") for ip in args.interface)
+    interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
     log.setup(f"node:{args.name}")  # before the gateway lookup: its logs belong on stderr too
     host, port = cfg.gateway.address, cfg.gateway.control_port
@@ -191,7 +165,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         if (found := client.locate_gateway(interfaces)) is None:
             return 1
         host, port = found
-    opts = NodeOptions(NodeId(args.name), _ip_only(host, "--gateway"), port,
+    opts = NodeOptions(NodeId(args.name), ip_literal(host, "--gateway"), port,
                        args.port or spec.port, args.bind, interfaces=interfaces,
                        advertise=not args.no_advertise, memory_limit=memory_limit)
     return asyncio.run(run_node(opts))
@@ -202,178 +176,6 @@ def _names_gateway(path: Path) -> bool:
 
     gateway = tomllib.loads(Path(path).read_text()).get("gateway")
     return isinstance(gateway, dict) and "address" in gateway
-
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(iB|B)?|B)?", re.IGNORECASE)
-
-
-def parse_size(text: str, flag: str) -> int:
-    """Bytes from "450M", "1.5G", "512MiB", "2GB" or digits; see `node --memory-limit`'s help."""
-    m = _SIZE.fullmatch(text.strip())
-    if m is None:
-        raise ConfigError(f"{flag} {text!r}: expected bytes or a size like 450M, 1.5G, 512MiB")
-    base = 1000 if (m[3] or "").lower() == "b" else 1024
-    value = int(float(m[1]) * base ** ("KMGT".index(m[2].upper()) + 1 if m[2] else 0))
-    if value < 1:
-        raise ConfigError(f"{flag} {text!r}: must be at least 1 byte")
-    return value
-
-
-def _ip_only(host: str, what: str) -> str:
-    import ipaddress
-
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ConfigError(f"{what} {host!r} is not an IP address (names are never handed to the "
-                          "system resolver; mDNS finds the gateway when --gateway is left out)") from None
-
-
-def cmd_gateway(args: argparse.Namespace) -> int:
-    cfg = load_cluster(args.config)
-    gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
-    counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
-    interfaces = tuple(_ip_only(ip, "--interface") for ip in args.interface)
-    return _serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
-                  discovery=not args.no_discovery, interfaces=interfaces)
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    if not 1 <= args.nodes <= 32:
-        raise ConfigError(f"--nodes {args.nodes}: choose 1..32")
-    memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
-    counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
-    host = _ip_only(args.host, "--host")
-    gspec = GatewaySpec(address="127.0.0.1", bind=host, port=args.port,
-                        control_port=args.port + 1, result_port=args.port + 2)
-    nodes = [NodeSpec(NodeId(f"node{i}"), "127.0.0.1", args.port + 10 + i) for i in range(args.nodes)]
-    model_path = _resolve_or_exit(args.model)
-    if model_path is None:
-        return 1
-    from .model import DEFAULT_MODEL
-
-    # N nodes share this machine's cores. Only one stage computes at a time for a single stream,
-    # so each may use every core, but OpenBLAS's idle threads spin for a long while by default
-    # and starve the stage that is working: 3 nodes on 2 cores decoded at 4.2 tok/s with the
-    # default spin, 7.6-8.0 with the shortest one (single process: 8.2). Measured 2026-11-27.
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
-    cores = _pin_cores(args.nodes) if args.pin else None
-    if cores is not None:
-        from .blasinfo import ONE_BLAS_THREAD
-
-        env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
-    procs = []
-    for i, n in enumerate(nodes):
-        # A local cluster stays off the LAN: several on one machine all have nodes node0, node1..
-        cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
-               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port), "--no-advertise"]
-        if memory_limit is not None:
-            cmd += ["--memory-limit", str(memory_limit)]
-        # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
-        procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
-                                      preexec_fn=None if cores is None else _pinner(cores[i])))
-    if cores is not None:
-        print("zmqinfer: pinned " + ", ".join(f"{n.name} to core {c}" for n, c in zip(nodes, cores))
-              + " (one BLAS thread each; the gateway is not pinned)", flush=True)
-    # Local nodes load the very directory the gateway resolved: no second conversion.
-    return _serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
-                  model_id=args.model or DEFAULT_MODEL, discovery=False)
-
-
-def _pin_cores(n: int) -> list[int] | None:
-    """Node i's core: the i-th core this process may use, round robin; None where pinning is
-    not supported (macOS has no CPU affinity API)."""
-    if not hasattr(os, "sched_setaffinity"):
-        print("zmqinfer: --pin is not supported on this platform; nodes run unpinned", file=sys.stderr)
-        return None
-    usable = sorted(os.sched_getaffinity(0))
-    return [usable[i % len(usable)] for i in range(n)]
-
-
-def _pinner(core: int) -> Any:
-    # Runs in the child between fork and exec, so the node and every thread it will start (BLAS,
-    # mlx, zmq) inherits the mask. One system call and a malloc, which glibc keeps usable after fork.
-    return lambda: os.sched_setaffinity(0, {core})
-
-
-def _resolve_or_exit(model: str | None) -> Path | None:
-    from .model import ModelNotFound
-
-    try:
-        return _resolve_with_progress(model)
-    except ModelNotFound as e:
-        print(f"zmqinfer: {e}", file=sys.stderr)
-        return None
-
-
-def _serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
-           api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
-           model_id: str | None = None, *, discovery: bool = True,
-           interfaces: tuple[str, ...] = ()) -> int:
-    from . import log
-    from .gateway import Gateway
-    from .model import DEFAULT_MODEL
-
-    if model_path is None:
-        model_path = _resolve_or_exit(model)
-        if model_path is None:
-            return 1
-    log.setup("gateway")
-    gw: Any = None
-    base = f"http://{gspec.bind if gspec.bind != '0.0.0.0' else '127.0.0.1'}:{gspec.port}/v1"
-
-    def on_ready(placement: list[Any]) -> None:
-        split = "  ".join(f"{p.node}=[{p.start},{p.end})" for p in placement)
-        print(f"zmqinfer serving {gw.model_id} at {base}\n  layers: {split}", flush=True)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        nonlocal gw
-        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
-                     model_id=model_id or model or DEFAULT_MODEL, discovery=discovery,
-                     interfaces=interfaces)
-        async with asyncio.TaskGroup() as tg:
-            if procs:
-                tg.create_task(_watch(procs, stop))
-            await gw.run(stop)
-
-    try:
-        asyncio.run(run())
-    finally:
-        _stop_processes(procs)
-    return 0
-
-
-async def _watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
-    """Report a node process that dies (the gateway takes the ring down by itself)."""
-    reported: set[int] = set()
-    while not stop.is_set():
-        for p in procs:
-            if p.poll() is not None and p.pid not in reported:
-                reported.add(p.pid)
-                print(f"zmqinfer: node process {p.pid} exited with status {p.returncode}", file=sys.stderr)
-        try:
-            async with asyncio.timeout(1.0):
-                await stop.wait()
-        except TimeoutError:
-            pass
-
-
-def _stop_processes(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:  # SIGINT, not SIGTERM: with the gateway gone there is no re-plan to drain into
-            p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + NODE_STOP_GRACE_S
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -236,3 +236,29 @@ def _ip(value: Any, source: str, key: str) -> str:
         hint = (" (.local names are resolved by zeroconf discovery, never here)"
                 if value.endswith(".local") else "")
         raise ConfigError(f"{source}: {key} {value!r} is not an IP address{hint}") from None
+
+
+# ---- command-line values ------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(iB|B)?|B)?", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from "450M", "1.5G", "512MiB", "2GB" or digits; see `node --memory-limit`'s help."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ConfigError(f"{flag} {text!r}: expected bytes or a size like 450M, 1.5G, 512MiB")
+    base = 1000 if (m[3] or "").lower() == "b" else 1024
+    value = int(float(m[1]) * base ** ("KMGT".index(m[2].upper()) + 1 if m[2] else 0))
+    if value < 1:
+        raise ConfigError(f"{flag} {text!r}: must be at least 1 byte")
+    return value
+
+
+def ip_literal(host: str, what: str) -> str:
+    """A command-line address (--gateway, --interface, --host): an IP literal, never a name."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{what} {host!r} is not an IP address (names are never handed to the "
+                          "system resolver; mDNS finds the gateway when --gateway is left out)") from None

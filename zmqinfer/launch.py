@@ -27,7 +27,7 @@ STOP_TIMEOUT_S = 15.0
 NODE_STOP_TIMEOUT_S = 10.0  # a node's own SIGTERM path: say bye, close sockets, exit
 # `zmqinfer up --port P` lays out its ports like this; lone processes started here do the same.
 CONTROL_OFFSET, RESULT_OFFSET, DATA_OFFSET = 1, 2, 10
-# What `up` gives its nodes (see cmd_up): OpenBLAS's shortest spin, so idle nodes do not starve
+# What `up` gives its nodes (see serve.cmd_up): OpenBLAS's shortest spin, so idle nodes do not starve
 # the one computing on a shared machine.
 NODE_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 

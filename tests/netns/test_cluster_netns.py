@@ -31,7 +31,7 @@ API, CONTROL, RESULT, DATA = 8100, 8101, 8102, 8110
 FOUND_DEADLINE_S = 60.0  # nodes import mlx and register (~2.5 s) on 2 shared cores
 READY_DEADLINE_S = 120.0  # + four shard loads of the 30-layer model
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
-# What `zmqinfer up` gives its nodes (see cli.cmd_up): the fast BLAS, and short spin-waits so
+# What `zmqinfer up` gives its nodes (see serve.cmd_up): the fast BLAS, and short spin-waits so
 # five processes on two cores do not starve each other.
 ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", **({"LD_PRELOAD": str(OPENBLAS)} if OPENBLAS.exists() else {})}
 ZMQINFER = [sys.executable, "-m", "zmqinfer"]

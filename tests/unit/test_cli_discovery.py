@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 
 from zmqinfer.adverts import NodeAd
-from zmqinfer.cli import main, parse_size
+from zmqinfer.cli import main
 from zmqinfer.client import discover_rows, discover_view, status_view
-from zmqinfer.config import ConfigError
+from zmqinfer.config import ConfigError, parse_size
 from zmqinfer.discovery import Discovered
 from zmqinfer.wire import NodeId
 

@@ -1,0 +1,189 @@
+"""The serving commands: `zmqinfer gateway` and `zmqinfer up`, both running the gateway in this
+process (`up` with N local node processes as its children).
+
+`up` is the one-command local cluster: it resolves (and on first use converts) the model with a
+progress bar, starts N node processes and runs the gateway in this process, prints the endpoint
+and the layer split once the ring is serving, and stops every process on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import (ConfigError, GatewaySpec, NodeSpec, ip_literal, load_cluster, parse_layer_counts,
+                     parse_size)
+from .wire import NodeId
+
+NODE_STOP_GRACE_S = 5.0
+
+
+def resolve_with_progress(model: str | None) -> Path:
+    from rich.progress import Progress
+
+    from .model import resolve_model
+
+    with Progress(transient=True) as bar:
+        task = None
+
+        def progress(stage: str, done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task(stage, total=total)
+            bar.update(task, completed=done, total=total, description=stage)
+
+        return resolve_model(model, progress=progress)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    cfg = load_cluster(args.config)
+    gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
+    counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
+    interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
+    return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
+                  discovery=not args.no_discovery, interfaces=interfaces)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not 1 <= args.nodes <= 32:
+        raise ConfigError(f"--nodes {args.nodes}: choose 1..32")
+    memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
+    counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
+    host = ip_literal(args.host, "--host")
+    gspec = GatewaySpec(address="127.0.0.1", bind=host, port=args.port,
+                        control_port=args.port + 1, result_port=args.port + 2)
+    nodes = [NodeSpec(NodeId(f"node{i}"), "127.0.0.1", args.port + 10 + i) for i in range(args.nodes)]
+    model_path = resolve_or_exit(args.model)
+    if model_path is None:
+        return 1
+    from .model import DEFAULT_MODEL
+
+    # N nodes share this machine's cores. Only one stage computes at a time for a single stream,
+    # so each may use every core, but OpenBLAS's idle threads spin for a long while by default
+    # and starve the stage that is working: 3 nodes on 2 cores decoded at 4.2 tok/s with the
+    # default spin, 7.6-8.0 with the shortest one (single process: 8.2). Measured 2026-11-27.
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
+    cores = pin_cores(args.nodes) if args.pin else None
+    if cores is not None:
+        from .blasinfo import ONE_BLAS_THREAD
+
+        env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
+    procs = []
+    for i, n in enumerate(nodes):
+        # A local cluster stays off the LAN: several on one machine all have nodes node0, node1..
+        cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
+               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port), "--no-advertise"]
+        if memory_limit is not None:
+            cmd += ["--memory-limit", str(memory_limit)]
+        # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
+        procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
+                                      preexec_fn=None if cores is None else pinner(cores[i])))
+    if cores is not None:
+        print("zmqinfer: pinned " + ", ".join(f"{n.name} to core {c}" for n, c in zip(nodes, cores))
+              + " (one BLAS thread each; the gateway is not pinned)", flush=True)
+    # Local nodes load the very directory the gateway resolved: no second conversion.
+    return serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
+                  model_id=args.model or DEFAULT_MODEL, discovery=False)
+
+
+def pin_cores(n: int) -> list[int] | None:
+    """Node i's core: the i-th core this process may use, round robin; None where pinning is
+    not supported (macOS has no CPU affinity API)."""
+    if not hasattr(os, "sched_setaffinity"):
+        print("zmqinfer: --pin is not supported on this platform; nodes run unpinned", file=sys.stderr)
+        return None
+    usable = sorted(os.sched_getaffinity(0))
+    return [usable[i % len(usable)] for i in range(n)]
+
+
+def pinner(core: int) -> Any:
+    # Runs in the child between fork and exec, so the node and every thread it will start (BLAS,
+    # mlx, zmq) inherits the mask. One system call and a malloc, which glibc keeps usable after fork.
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def resolve_or_exit(model: str | None) -> Path | None:
+    from .model import ModelNotFound
+
+    try:
+        return resolve_with_progress(model)
+    except ModelNotFound as e:
+        print(f"zmqinfer: {e}", file=sys.stderr)
+        return None
+
+
+def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
+           api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
+           model_id: str | None = None, *, discovery: bool = True,
+           interfaces: tuple[str, ...] = ()) -> int:
+    from . import log
+    from .gateway import Gateway
+    from .model import DEFAULT_MODEL
+
+    if model_path is None:
+        model_path = resolve_or_exit(model)
+        if model_path is None:
+            return 1
+    log.setup("gateway")
+    gw: Any = None
+    base = f"http://{gspec.bind if gspec.bind != '0.0.0.0' else '127.0.0.1'}:{gspec.port}/v1"
+
+    def on_ready(placement: list[Any]) -> None:
+        split = "  ".join(f"{p.node}=[{p.start},{p.end})" for p in placement)
+        print(f"zmqinfer serving {gw.model_id} at {base}\n  layers: {split}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        nonlocal gw
+        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
+                     model_id=model_id or model or DEFAULT_MODEL, discovery=discovery,
+                     interfaces=interfaces)
+        async with asyncio.TaskGroup() as tg:
+            if procs:
+                tg.create_task(watch(procs, stop))
+            await gw.run(stop)
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop_processes(procs)
+    return 0
+
+
+async def watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
+    """Report a node process that dies (the gateway takes the ring down by itself)."""
+    reported: set[int] = set()
+    while not stop.is_set():
+        for p in procs:
+            if p.poll() is not None and p.pid not in reported:
+                reported.add(p.pid)
+                print(f"zmqinfer: node process {p.pid} exited with status {p.returncode}", file=sys.stderr)
+        try:
+            async with asyncio.timeout(1.0):
+                await stop.wait()
+        except TimeoutError:
+            pass
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:  # SIGINT, not SIGTERM: with the gateway gone there is no re-plan to drain into
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + NODE_STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
