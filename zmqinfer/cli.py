@@ -137,8 +137,8 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
             raise ConfigError(f"--layers {args.layers!r}: expected START:END, e.g. 0:10") from None
     try:
         print(fetch_shard(args.model, start, end))
-    except ValueError as e:  # a range outside the model
-        raise ConfigError(f"--layers {args.layers}: {e}") from None
+    except ValueError as e:  # a range outside the model, or a malformed weight index
+        raise ConfigError(f"--layers {args.layers}: {e}" if args.layers else f"{args.model}: {e}") from None
     except ModelNotFound as e:
         print(f"zmqinfer: {e}", file=sys.stderr)
         return 1
