@@ -15,7 +15,7 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from .wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES
+from zmqinfer.wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES
 
 # A peer cannot make us allocate more than one maximal tensor frame plus its header.
 MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + MAX_HEADER_BYTES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .wire import Tensor
+from zmqinfer.wire import Tensor
 
 _VIEW_AS_UINT16 = {"bfloat16"}  # dtypes numpy cannot hold: ship their bits
 

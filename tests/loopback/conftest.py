@@ -12,12 +12,12 @@ from typing import Iterator
 
 import pytest
 
-from zmqinfer import launch
-from zmqinfer.launch import LocalCluster
+from zmqinfer.bench import launch
+from zmqinfer.bench.launch import LocalCluster
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from zmqinfer.model import resolve_model
+    from zmqinfer.model.resolve import resolve_model
 
     return resolve_model(None)
 

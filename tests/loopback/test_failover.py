@@ -29,8 +29,8 @@ import pytest
 
 from tests.loopback import faults
 from tests.loopback.faults import FAULT_AFTER_TOKENS, MAX_TOKENS, PROMPTS, Stream, Timings
-from zmqinfer import launch
-from zmqinfer.launch import LocalCluster
+from zmqinfer.bench import launch
+from zmqinfer.bench.launch import LocalCluster
 
 STREAMS_DEADLINE_S = 240.0  # 8 x 64 tokens on 2 shared cores, a fault and a replay included
 DETECT_S = 15.0  # a dead node must show as dead in /cluster/status within this

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from tests.loopback.conftest import Reference
-from zmqinfer import launch
-from zmqinfer.launch import LocalCluster as Cluster
+from zmqinfer.bench import launch
+from zmqinfer.bench.launch import LocalCluster as Cluster
 
 PROMPTS = [
     "What is the capital of France?",
@@ -137,7 +137,7 @@ def test_legacy_completions_with_token_ids(cluster: Cluster, reference: Referenc
 def test_long_prompt_is_prefilled_in_chunks(cluster: Cluster, reference: Reference) -> None:
     """A prompt of several prefill chunks: the ring stays up (nodes keep beating while they
     compute) and the answer equals mlx-lm prefilling in the same chunk size."""
-    from zmqinfer.scheduler import PREFILL_CHUNK
+    from zmqinfer.gateway.scheduler import PREFILL_CHUNK
 
     text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box." for i in range(120))
     ids = reference.tokenizer.encode(text + " Which colour is item 7?")

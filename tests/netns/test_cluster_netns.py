@@ -96,7 +96,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if reason:
         print(f"skipping netns tests: {reason}")
         pytest.skip(reason)
-    from zmqinfer.model import resolve_model
+    from zmqinfer.model.resolve import resolve_model
 
     model_dir = resolve_model(None)  # converts the embedded model once, before any node starts
     with Net(4, net_id=NET_ID, blocked_host=True) as net:

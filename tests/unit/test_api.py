@@ -19,8 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.test_textout import load_tokenizer
-from zmqinfer.api import make_app
-from zmqinfer.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.api import make_app
+from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
 from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 TEXT = "Hello world, this is a test."

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from zmqinfer.adverts import NodeAd
-from zmqinfer.cli import main
-from zmqinfer.client import discover_rows, discover_view, status_view
+from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.cli.main import main
+from zmqinfer.cli.status import discover_rows, discover_view, status_view
 from zmqinfer.config import ConfigError, parse_size
-from zmqinfer.discovery import Discovered
+from zmqinfer.mdns.discovery import Discovered
 from zmqinfer.wire import NodeId
 
 GIB, MIB = 1 << 30, 1 << 20

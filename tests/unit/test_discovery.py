@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 from zeroconf import ServiceStateChange
 
-from zmqinfer import discovery
+from zmqinfer.mdns import discovery
 from zmqinfer.config import NodeSpec
-from zmqinfer.adverts import MAX_TXT_BYTES, PROTOCOL, AdError, NodeAd, worth_reannouncing
-from zmqinfer.discovery import Advertiser, Browser, Discovered, DiscoveryError, resolve_local_name
-from zmqinfer.ring import merge_members, refusal
+from zmqinfer.mdns.adverts import MAX_TXT_BYTES, PROTOCOL, AdError, NodeAd, worth_reannouncing
+from zmqinfer.mdns.discovery import Advertiser, Browser, Discovered, DiscoveryError, resolve_local_name
+from zmqinfer.gateway.placement import merge_members, refusal
 from zmqinfer.wire import NodeId
 
 GIB = 1 << 30

@@ -16,8 +16,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from zmqinfer import model as zm
-from zmqinfer.model import (
+from zmqinfer.model import resolve as zm
+from zmqinfer.model.resolve import (
     DEFAULT_MODEL,
     ModelNotFound,
     cache_root,
@@ -254,7 +254,7 @@ def test_fingerprint_is_stable_and_distinguishes_models(converted: Converted, tm
 
 # ---- one stage's shard: which files it needs, fetches and opens ---------------------------------
 
-from zmqinfer.shards import (fetch_shard, load_shard_model, model_size, shard_weight_files,  # noqa: E402
+from zmqinfer.model.shards import (fetch_shard, load_shard_model, model_size, shard_weight_files,  # noqa: E402
                             stage_needs)
 
 SHARD_LAYERS = 4
@@ -371,7 +371,7 @@ def test_model_fetch_downloads_one_nodes_shard(tmp_path, monkeypatch, capsys):
     without --layers the whole model; a bad range exits 2 naming the flag."""
     import huggingface_hub
 
-    from zmqinfer.cli import main
+    from zmqinfer.cli.main import main
 
     source = make_sharded(tmp_path / "repo")
     calls: list[dict] = []
@@ -402,7 +402,7 @@ def test_a_stage_opens_only_its_files(tmp_path, monkeypatch, family, tied):
     """Each node gets a directory holding only its shard (what fetch_shard leaves on disk),
     loads through load_shard_model (as stage.Stage does), opens nothing else,
     and the split ring computes exactly the logits of the whole model."""
-    from zmqinfer import stage as stage_mod
+    from zmqinfer.node import stage as stage_mod
 
     full = make_sharded(tmp_path / "full", family, tied)
     reference = _stage_outputs([stage_mod.Stage(full, 0, SHARD_LAYERS)])

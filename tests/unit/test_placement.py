@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from zmqinfer.ring import (MemoryPlan, ModelSize, NodeCapacity, PlacementError, plan_by_memory,
+from zmqinfer.gateway.placement import (MemoryPlan, ModelSize, NodeCapacity, PlacementError, plan_by_memory,
                            split_counts)
 from zmqinfer.wire import NodeId
 

@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import pytest
 
-from zmqinfer.adverts import NodeAd
-from zmqinfer.discovery import DiscoveryError, DuplicateNodeId
-from zmqinfer.presence import GatewayDirectory, NodePresence, find_gateway
+from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.mdns.discovery import DiscoveryError, DuplicateNodeId
+from zmqinfer.mdns.presence import GatewayDirectory, NodePresence, find_gateway
 from zmqinfer.wire import NodeId
 
 GIB = 1 << 30

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from tests.unit.test_textout import load_tokenizer
-from zmqinfer.prompt import plan
-from zmqinfer.requests import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, ChatRequest, Message,
+from zmqinfer.gateway.prompt import plan
+from zmqinfer.gateway.validate import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, ChatRequest, Message,
                                RequestError, parse_body, parse_chat, parse_completion)
 from zmqinfer.wire import SamplingParams
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zmqinfer.ring import PlacementError, plan, split_counts
+from zmqinfer.gateway.placement import PlacementError, plan, split_counts
 from zmqinfer.wire import NodeId
 
 N = [NodeId(n) for n in ("a", "b", "c")]

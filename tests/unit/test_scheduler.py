@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 
-from zmqinfer.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
+from zmqinfer.gateway.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
 from zmqinfer.wire import Epoch, Forward, Release, Sample, Sampled, SamplingParams
 
 EOS = 0

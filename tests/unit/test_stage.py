@@ -11,7 +11,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from tests.tiny import FAMILIES, make_tiny_model
-from zmqinfer.stage import Stage, StageError
+from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.wire import SeqId
 
 N_LAYERS = 4

@@ -12,7 +12,7 @@ import functools
 import pytest
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
-from zmqinfer.textout import Delta, TextStream, TokenTexts, chat_logprobs, completion_logprobs
+from zmqinfer.gateway.textout import Delta, TextStream, TokenTexts, chat_logprobs, completion_logprobs
 from zmqinfer.wire import Sample, SeqId, TokenLogprob
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -24,7 +24,7 @@ def load_tokenizer() -> TokenizerWrapper:
     try:
         from mlx_lm.tokenizer_utils import load
 
-        from zmqinfer.model import resolve_model
+        from zmqinfer.model.resolve import resolve_model
         return load(resolve_model())
     except Exception:  # model.py not there yet, or no embedded GGUF on this machine
         return _trained_tokenizer()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_model import make_sharded
-from zmqinfer.model import ModelNotFound, model_fingerprint
-from zmqinfer.shards import shard_weight_files
-from zmqinfer.worker import Worker
+from zmqinfer.model.resolve import ModelNotFound, model_fingerprint
+from zmqinfer.model.shards import shard_weight_files
+from zmqinfer.node.worker import Worker
 
 REPO = "zmqinfer-test/tiny-sharded"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
-from .model import WEIGHT_INDEX, ModelNotFound
-from .ring import ModelSize
+from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound
+from zmqinfer.gateway.placement import ModelSize
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
 # Everything of a hub model except its weights (mlx_lm.utils.sharded_load fetches the same).

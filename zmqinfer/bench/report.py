@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import blasinfo
+from zmqinfer.bench import blasinfo
 
 Report = dict[str, Any]
 

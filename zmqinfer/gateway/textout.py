@@ -36,7 +36,7 @@ from typing import Any, Literal
 from mlx_lm.tokenizer_utils import (BPEStreamingDetokenizer, SPMStreamingDetokenizer,
                                     TokenizerWrapper)
 
-from .wire import Sample
+from zmqinfer.wire import Sample
 
 FinishReason = Literal["stop", "length"]
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .model import _HUB_ID, DEFAULT_MODEL, ModelNotFound, model_fingerprint, resolve_model
-from .sampling import SeqSampler, sample_batch
-from .shards import fetch_shard, shard_weight_files
-from .stage import Stage, StageError
-from .tensors import from_wire, to_wire
-from .wire import Chunk, Forward, Sample, Sampled, SeqId
+from zmqinfer.model.resolve import _HUB_ID, DEFAULT_MODEL, ModelNotFound, model_fingerprint, resolve_model
+from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.model.shards import fetch_shard, shard_weight_files
+from zmqinfer.node.stage import Stage, StageError
+from zmqinfer.tensors import from_wire, to_wire
+from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 

@@ -39,8 +39,8 @@ from typing import AsyncIterator, Protocol
 
 import structlog
 
-from .tensors import tokens_to_wire
-from .wire import Chunk, Epoch, Forward, Release, Sample, Sampled, SamplingParams, SeqId, StepFailed
+from zmqinfer.tensors import tokens_to_wire
+from zmqinfer.wire import Chunk, Epoch, Forward, Release, Sample, Sampled, SamplingParams, SeqId, StepFailed
 
 log = structlog.get_logger()
 

@@ -31,12 +31,12 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from . import sockets
-from .adverts import NodeAd
-from .liveness import HEARTBEAT_INTERVAL_S, Liveness
-from .wire import (Assign, Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping,
+from zmqinfer import sockets
+from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
+from zmqinfer.wire import (Assign, Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping,
                    Pong, Release, Sampled, StepFailed, WireError, decode, encode)
-from .worker import Worker
+from zmqinfer.node.worker import Worker
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -143,8 +143,8 @@ class Node:
         self.log.info("node stopped")
 
     async def _advertise(self) -> None:
-        from .discovery import DuplicateNodeId
-        from .presence import NodePresence
+        from zmqinfer.mdns.discovery import DuplicateNodeId
+        from zmqinfer.mdns.presence import NodePresence
 
         presence = NodePresence(self.opts.interfaces)
         try:

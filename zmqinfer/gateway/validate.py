@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
-from .wire import SamplingParams
+from zmqinfer.wire import SamplingParams
 
 # What a request gets when it names no budget: OpenAI has no fixed default (it runs to the
 # context limit), but an unbounded default lets one forgetful client hold the ring for minutes.

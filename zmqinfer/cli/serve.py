@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import (ConfigError, GatewaySpec, NodeSpec, ip_literal, load_cluster, parse_layer_counts,
+from zmqinfer.config import (ConfigError, GatewaySpec, NodeSpec, ip_literal, load_cluster, parse_layer_counts,
                      parse_size)
-from .wire import NodeId
+from zmqinfer.wire import NodeId
 
 NODE_STOP_GRACE_S = 5.0
 
@@ -28,7 +28,7 @@ NODE_STOP_GRACE_S = 5.0
 def resolve_with_progress(model: str | None) -> Path:
     from rich.progress import Progress
 
-    from .model import resolve_model
+    from zmqinfer.model.resolve import resolve_model
 
     with Progress(transient=True) as bar:
         task = None
@@ -63,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     model_path = resolve_or_exit(args.model)
     if model_path is None:
         return 1
-    from .model import DEFAULT_MODEL
+    from zmqinfer.model.resolve import DEFAULT_MODEL
 
     # N nodes share this machine's cores. Only one stage computes at a time for a single stream,
     # so each may use every core, but OpenBLAS's idle threads spin for a long while by default
@@ -73,7 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
     cores = pin_cores(args.nodes) if args.pin else None
     if cores is not None:
-        from .blasinfo import ONE_BLAS_THREAD
+        from zmqinfer.bench.blasinfo import ONE_BLAS_THREAD
 
         env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
     procs = []
@@ -111,7 +111,7 @@ def pinner(core: int) -> Any:
 
 
 def resolve_or_exit(model: str | None) -> Path | None:
-    from .model import ModelNotFound
+    from zmqinfer.model.resolve import ModelNotFound
 
     try:
         return resolve_with_progress(model)
@@ -124,9 +124,9 @@ def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: 
            api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
            model_id: str | None = None, *, discovery: bool = True,
            interfaces: tuple[str, ...] = ()) -> int:
-    from . import log
-    from .gateway import Gateway
-    from .model import DEFAULT_MODEL
+    from zmqinfer import log
+    from zmqinfer.gateway.process import Gateway
+    from zmqinfer.model.resolve import DEFAULT_MODEL
 
     if model_path is None:
         model_path = resolve_or_exit(model)

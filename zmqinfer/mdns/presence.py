@@ -23,11 +23,11 @@ from types import MappingProxyType
 import structlog
 from zeroconf.asyncio import AsyncZeroconf
 
-from .adverts import NodeAd, worth_reannouncing
-from .discovery import (SERVICE_TYPE, Advertiser, Browser, Discovered, DiscoveryError,
+from zmqinfer.mdns.adverts import NodeAd, worth_reannouncing
+from zmqinfer.mdns.discovery import (SERVICE_TYPE, Advertiser, Browser, Discovered, DiscoveryError,
                         DuplicateNodeId, close_zeroconf, open_zeroconf, resolve_local_name)
-from .ring import refusal
-from .wire import NodeId
+from zmqinfer.gateway.placement import refusal
+from zmqinfer.wire import NodeId
 
 log = structlog.get_logger()
 

@@ -33,17 +33,17 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-from . import sockets
-from .api import make_app
-from .config import GatewaySpec, NodeSpec
-from .liveness import HEARTBEAT_INTERVAL_S, Liveness
-from .membership import Member, Membership
-from .model import model_fingerprint
-from .replan import Replanner
-from .scheduler import RingUnavailable, Scheduler
-from .shards import model_size
-from .tensors import tokens_to_wire
-from .wire import (Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping, Pong,
+from zmqinfer import sockets
+from zmqinfer.gateway.api import make_app
+from zmqinfer.config import GatewaySpec, NodeSpec
+from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
+from zmqinfer.gateway.membership import Member, Membership
+from zmqinfer.model.resolve import model_fingerprint
+from zmqinfer.gateway.planner import Replanner
+from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
+from zmqinfer.model.shards import model_size
+from zmqinfer.tensors import tokens_to_wire
+from zmqinfer.wire import (Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping, Pong,
                    Release, Sample, Sampled, SamplingParams, StepFailed, WireError, decode, encode)
 
 log = structlog.get_logger()
@@ -220,9 +220,9 @@ class Gateway:
     async def _start_directory(self) -> Any:
         """mDNS: browse for nodes, resolve nodes.toml `.local` hosts, advertise this gateway.
         Without it the static nodes still work, so a failure is reported, not fatal."""
-        from .adverts import NodeAd
-        from .discovery import DiscoveryError
-        from .presence import GatewayDirectory
+        from zmqinfer.mdns.adverts import NodeAd
+        from zmqinfer.mdns.discovery import DiscoveryError
+        from zmqinfer.mdns.presence import GatewayDirectory
 
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54] or "host"
         ad = NodeAd(NodeId(f"gateway-{host}"), self.spec.result_port, 0, 0, "gateway", self.fingerprint,

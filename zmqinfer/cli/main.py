@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import client, serve
-from .config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, NodeSpec,
+from zmqinfer.cli import status as client
+
+from zmqinfer.cli import serve
+from zmqinfer.config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, NodeSpec,
                      ip_literal, load_cluster, parse_size)
-from .wire import NodeId
+from zmqinfer.wire import NodeId
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_model_path(args: argparse.Namespace) -> int:
-    from .model import ModelNotFound
+    from zmqinfer.model.resolve import ModelNotFound
 
     try:
         print(serve.resolve_with_progress(args.model))
@@ -126,8 +128,8 @@ def cmd_model_path(args: argparse.Namespace) -> int:
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
     """The one command that downloads weights: nodes themselves only read the local cache."""
-    from .model import ModelNotFound
-    from .shards import fetch_shard
+    from zmqinfer.model.resolve import ModelNotFound
+    from zmqinfer.model.shards import fetch_shard
 
     start, end = 0, None
     if args.layers is not None:
@@ -149,8 +151,8 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from . import log
-    from .node import NodeOptions, run_node
+    from zmqinfer import log
+    from zmqinfer.node.process import NodeOptions, run_node
 
     cfg = load_cluster(args.config) if args.config else ClusterConfig()
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
@@ -179,8 +181,8 @@ def _names_gateway(path: Path) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .benchreport import failures, report_tables
+    from zmqinfer.bench import run as bench
+    from zmqinfer.bench.report import failures, report_tables
 
     def ints(text: str | None, what: str) -> tuple[int, ...] | None:
         if text is None:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from .discovery import Discovered
+    from zmqinfer.mdns.discovery import Discovered
 
-from .config import DEFAULT_API_PORT, ConfigError
+from zmqinfer.config import DEFAULT_API_PORT, ConfigError
 
 PIPE_WIDTH = 200  # status table width when stdout is not a terminal (a row is ~130 characters)
 CLIENT_TIMEOUT_S = 5.0  # status: the gateway answers from memory, so 5 s means it is not there
@@ -64,8 +64,8 @@ def locate_gateway(interfaces: tuple[str, ...]) -> tuple[str, int] | None:
     """A node given no gateway address asks mDNS; None after printing why it could not."""
     import asyncio
 
-    from .discovery import DiscoveryError
-    from .presence import find_gateway
+    from zmqinfer.mdns.discovery import DiscoveryError
+    from zmqinfer.mdns.presence import find_gateway
 
     print(f"zmqinfer: no --gateway given; looking for the gateway over mDNS (up to "
           f"{GATEWAY_LOOKUP_S:.0f}s)", file=sys.stderr, flush=True)
@@ -163,8 +163,8 @@ def discover(seconds: float, interfaces: tuple[str, ...], as_json: bool) -> int:
     """Browse `_zmqinfer._tcp` for `seconds` and print what advertises; 0 whatever is found."""
     import asyncio
 
-    from . import log
-    from .discovery import DiscoveryError, discover as browse
+    from zmqinfer import log
+    from zmqinfer.mdns.discovery import DiscoveryError, discover as browse
 
     # The browser logs each find at info: on stdout they would corrupt --json, and the table
     # says it all; warnings (malformed ads) still go to stderr.
@@ -187,7 +187,7 @@ def discover(seconds: float, interfaces: tuple[str, ...], as_json: bool) -> int:
 
 def discover_rows(found: Sequence[Discovered]) -> list[dict[str, Any]]:
     """One JSON-able row per advertised service, with `refused` set when we could not use it."""
-    from .ring import refusal
+    from zmqinfer.gateway.placement import refusal
 
     return [{"id": d.ad.node_id, "role": d.ad.role, "addresses": list(d.addresses),
              "data_port": d.ad.data_port, "control_port": d.ad.control_port,

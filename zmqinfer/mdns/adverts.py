@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .wire import PROTOCOL_VERSION, NodeId
+from zmqinfer.wire import PROTOCOL_VERSION, NodeId
 
 PROTOCOL = PROTOCOL_VERSION.decode()
 Role = Literal["node", "gateway"]

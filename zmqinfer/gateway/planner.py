@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import structlog
 import zmq
 
-from . import sockets
-from .liveness import DEAD_AFTER_S
-from .membership import Member
-from .ring import ModelSize, Placement, PlacementError, plan_by_memory
-from .wire import Assign, Epoch, NodeId
+from zmqinfer import sockets
+from zmqinfer.liveness import DEAD_AFTER_S
+from zmqinfer.gateway.membership import Member
+from zmqinfer.gateway.placement import ModelSize, Placement, PlacementError, plan_by_memory
+from zmqinfer.wire import Assign, Epoch, NodeId
 
 if TYPE_CHECKING:
     import zmq.asyncio
 
-    from .gateway import Gateway
+    from zmqinfer.gateway.process import Gateway
 
 log = structlog.get_logger()
 

@@ -34,8 +34,8 @@ from zeroconf import (AddressResolverIPv4, BadTypeInNameException, InterfaceChoi
                       NonUniqueNameException, ServiceInfo, ServiceStateChange, Zeroconf)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .adverts import AdError, NodeAd, worth_reannouncing
-from .wire import NodeId
+from zmqinfer.mdns.adverts import AdError, NodeAd, worth_reannouncing
+from zmqinfer.wire import NodeId
 
 log = structlog.get_logger()
 

@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from .wire import PROTOCOL_VERSION, NodeId
+from zmqinfer.wire import PROTOCOL_VERSION, NodeId
 
 if TYPE_CHECKING:
-    from .config import NodeSpec
-    from .adverts import NodeAd
-    from .discovery import Discovered
+    from zmqinfer.config import NodeSpec
+    from zmqinfer.mdns.adverts import NodeAd
+    from zmqinfer.mdns.discovery import Discovered
 
 PROTOCOL = PROTOCOL_VERSION.decode()
 

@@ -15,7 +15,7 @@ import secrets
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
-from .wire import Sample, SamplingParams, SeqId, TokenLogprob
+from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 
 class SeqSampler:

@@ -1,6 +1,6 @@
 """The benchmark's reference: single-process mlx-lm on the same token ids as the rings.
 
-    python -m zmqinfer.baseline WORKLOAD.json RESULT.json [--cpu N]
+    python -m zmqinfer.bench.baseline WORKLOAD.json RESULT.json [--cpu N]
 
 Always a process of its own: the benchmark never holds a second copy of the model while the
 rings run, and the pinned comparison needs a process whose BLAS thread count is fixed before
@@ -28,7 +28,7 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zmqinfer.baseline")
+    p = argparse.ArgumentParser(prog="python -m zmqinfer.bench.baseline")
     p.add_argument("workload", type=Path)
     p.add_argument("result", type=Path)
     p.add_argument("--cpu", type=int, default=None, help="pin this process (and its threads) to one core")
@@ -56,7 +56,7 @@ def run(work: dict[str, Any], loaded: tuple[Any, Any, float]) -> dict[str, Any]:
     import mlx.core as mx
     import psutil
 
-    from . import blasinfo
+    from zmqinfer.bench import blasinfo
 
     model, tokenizer, load_s = loaded
     out: dict[str, Any] = {"load_s": load_s}

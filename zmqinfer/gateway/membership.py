@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import NodeSpec
-from .discovery import Discovered
-from .liveness import Liveness
-from .ring import Candidate, NodeCapacity, Placement, merge_members
-from .wire import Epoch, Heartbeat, Loaded, NodeId
+from zmqinfer.config import NodeSpec
+from zmqinfer.mdns.discovery import Discovered
+from zmqinfer.liveness import Liveness
+from zmqinfer.gateway.placement import Candidate, NodeCapacity, Placement, merge_members
+from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
 
 # Free memory moves by megabytes every beat; planning on raw numbers would move a layer back and
 # forth between equal machines. Rounded down to this, equal machines get equal shares.

@@ -35,12 +35,12 @@ import structlog
 from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .prompt import Plan, plan
-from .requests import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
+from zmqinfer.gateway.prompt import Plan, plan
+from zmqinfer.gateway.validate import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
                        parse_chat, parse_completion)
-from .scheduler import RingTimeout, RingUnavailable
-from .textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
-from .wire import Sample, SamplingParams
+from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
+from zmqinfer.wire import Sample, SamplingParams
 
 # 4 MiB of JSON is ~1M tokens of text: far past any context length, small enough to buffer.
 MAX_BODY_BYTES = 4 << 20

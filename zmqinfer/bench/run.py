@@ -37,8 +37,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from . import blasinfo, launch, loadgen
-from .benchreport import dig, targets
+from zmqinfer.bench import blasinfo
+
+from zmqinfer.bench import launch
+
+from zmqinfer.bench import loadgen
+from zmqinfer.bench.report import dig, targets
 
 PROMPT = "Describe a cat to someone who has never seen one."  # long answer: no early stop
 TOPICS = ["a lighthouse keeper", "the history of bread", "a city under the sea", "how bees talk",
@@ -92,7 +96,7 @@ def can_pin() -> bool:
 def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     from mlx_lm.utils import load_tokenizer
 
-    from .model import resolve_model
+    from zmqinfer.model.resolve import resolve_model
 
     model_path = resolve_model(opts.model)
     work = workload(load_tokenizer(model_path), model_path, opts)
@@ -159,12 +163,12 @@ def workload(tokenizer: Any, model_path: Path, opts: Options) -> dict[str, Any]:
 
 
 def run_baseline(work: dict[str, Any], where: Path, cpu: int | None = None) -> dict[str, Any]:
-    """`python -m zmqinfer.baseline` on `work`: a process of its own, so this one never holds a
+    """`python -m zmqinfer.bench.baseline` on `work`: a process of its own, so this one never holds a
     second copy of the model while the rings run; pinned to `cpu` with one BLAS thread if given."""
     where.mkdir(parents=True, exist_ok=True)
     wl, res = where / "workload.json", where / "result.json"
     wl.write_text(json.dumps(work))
-    env, cmd = dict(os.environ), [sys.executable, "-m", "zmqinfer.baseline", str(wl), str(res)]
+    env, cmd = dict(os.environ), [sys.executable, "-m", "zmqinfer.bench.baseline", str(wl), str(res)]
     if cpu is not None:
         env.update(blasinfo.ONE_BLAS_THREAD)  # read by OpenBLAS when it loads: set here, not there
         cmd += ["--cpu", str(cpu)]
@@ -282,7 +286,7 @@ def wire_bytes(model_path: Path) -> dict[str, Any]:
 def _message_bytes(hop: str, b: int, hidden: int, dtype: str) -> int:
     import numpy as np
 
-    from . import wire
+    from zmqinfer import wire
 
     epoch, step = int(time.time() * 1000), 10**6
     if hop == "last node -> gateway":
