@@ -3,9 +3,9 @@
 Every mistake is reported with the file and the key that holds it, before anything starts.
 Addresses must be literal IPs: a host name would go to the system resolver, and `.local` names
 in particular cannot be resolved there. A node's `host` (a `.local` name) is resolved by
-zeroconf itself (discovery.resolve_local_name); its `address`, when given too, is the fallback.
+zeroconf itself (mdns.discovery.resolve_local_name); its `address`, when given too, is the fallback.
 A node's `layers` pins either a count or a `[start, end)` range; ranges are checked for overlap,
-ring order and gaps here, coverage of the model's last layer when the model is known (ring.py).
+ring order and gaps here, coverage of the model's last layer when the model is known (gateway/placement.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ DEFAULT_API_PORT = 8100
 DEFAULT_CONTROL_PORT = 8101
 DEFAULT_RESULT_PORT = 8102
 DEFAULT_DATA_PORT = 8110
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_LOCAL_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local$")
+# Node ids and mDNS host names, as nodes.toml, the command line and zeroconf ads accept them
+# (always with fullmatch). A node id also names its mDNS service: 63 bytes is a DNS label's limit.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+LOCAL_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local")  # no final dot
 
 
 class ConfigError(ValueError):
@@ -39,10 +41,6 @@ class GatewaySpec:
     control_port: int = DEFAULT_CONTROL_PORT
     result_port: int = DEFAULT_RESULT_PORT
 
-    @property
-    def control_endpoint(self) -> str:
-        return f"tcp://{self.address}:{self.control_port}"
-
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -55,7 +53,7 @@ class NodeSpec:
 
     @property
     def pin(self) -> tuple[int, int] | int | None:
-        """What ring.NodeCapacity.pinned takes: the range if pinned to one, else the count."""
+        """What placement.NodeCapacity.pinned takes: the range if pinned to one, else the count."""
         return self.layer_range if self.layer_range is not None else self.layers
 
 
@@ -112,7 +110,7 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
         if "name" not in n:
             raise ConfigError(f"{source}: {where}name is required")
         name = _typed(n["name"], str, source, where + "name")
-        if not _NAME.match(name):
+        if not NODE_NAME.fullmatch(name):
             raise ConfigError(f"{source}: {where}name {name!r}: use letters, digits, '.', '_', '-'")
         layers, layer_range = _layers(n.get("layers"), source, where + "layers")
         # A node named like a .local host is that host unless `host` says otherwise.
@@ -222,7 +220,7 @@ def _port(value: Any, source: str, key: str) -> int:
 def _local_host(value: Any, source: str, key: str) -> str:
     _typed(value, str, source, key)
     host = value.rstrip(".")
-    if not _LOCAL_HOST.match(host):
+    if not LOCAL_HOST.fullmatch(host):
         raise ConfigError(f"{source}: {key} {value!r} is not a .local host name (e.g. \"mini2.local\"); "
                           "other names would need the system resolver, which zmqinfer never uses")
     return host

@@ -29,6 +29,12 @@ RECONNECT_IVL_MAX_MS = 2000
 # own liveness lives in control-plane messages (liveness.py), these only clean up dead pipes.
 ZMTP_HEARTBEAT_IVL_MS = 1000
 ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
+# A data hop that cannot take a message for this long is down, and the step fails loudly instead
+# of waiting forever behind a dead peer. The gateway gives node 0 less: it also learns of a dead
+# node from heartbeats (2 s), and a request should not wait past that; a node's next hop may be
+# busy with a long prefill chunk that fills its queue, so a node waits longer before it gives up.
+FIRST_HOP_SEND_TIMEOUT_S = 5.0
+NEXT_HOP_SEND_TIMEOUT_S = 10.0
 
 
 async def send(sock: zmq.asyncio.Socket, frames: list, timeout: float) -> bool:

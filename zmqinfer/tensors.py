@@ -22,11 +22,11 @@ def to_wire(a: mx.array) -> Tensor:
     if a.size == 0:  # a probe's empty batch: memoryview cannot flatten a zero-sized shape
         return Tensor(name, tuple(a.shape), b"")
     mx.eval(bits)
-    view = memoryview(bits)
+    view = memoryview(bits)  # type: ignore[arg-type]  # mx.array has the buffer protocol; its stub does not say so
     if not view.c_contiguous:  # a transposed or sliced view: frames must be one flat buffer
         bits = mx.contiguous(bits)
         mx.eval(bits)
-        view = memoryview(bits)
+        view = memoryview(bits)  # type: ignore[arg-type]
     return Tensor(name, tuple(a.shape), view.cast("B"))
 
 

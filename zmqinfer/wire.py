@@ -109,13 +109,16 @@ class Chunk:
     params: SamplingParams | None = None
 
 
+NO_GROUP = -1  # Forward.group of a message with no decode chunks (a prefill chunk, a probe)
+
+
 @dataclass(frozen=True)
 class Forward:
     KIND: ClassVar[str] = "forward"
     epoch: Epoch
     step: int  # gateway's id for this micro-batch, echoed in Sampled
     chunks: tuple[Chunk, ...]
-    group: int  # the micro-batch group its decode chunks belong to
+    group: int  # the micro-batch group its decode chunks belong to, or NO_GROUP
     tokens: Tensor  # int32 [sum(lengths)]: every stage passes them on (penalties need them last)
     hidden: Tensor | None = None  # [sum(lengths), hidden_size] after stage 0
 
@@ -346,7 +349,7 @@ def _from_plain(tp: Any, value: Any, reader: _TensorReader, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Tensor:
         return reader.take(value, where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise WireError(f"{where}: expected a map for {tp.__name__}")
         fields = {f.name: f for f in dataclasses.fields(tp)}

@@ -15,6 +15,7 @@ import pytest
 from zmqinfer.bench import launch
 from zmqinfer.bench.launch import LocalCluster
 
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from zmqinfer.model.resolve import resolve_model

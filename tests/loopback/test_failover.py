@@ -28,7 +28,13 @@ import openai
 import pytest
 
 from tests.loopback import faults
-from tests.loopback.faults import FAULT_AFTER_TOKENS, MAX_TOKENS, PROMPTS, Stream, Timings
+from tests.loopback.faults import (
+    FAULT_AFTER_TOKENS,
+    MAX_TOKENS,
+    PROMPTS,
+    Stream,
+    Timings,
+)
 from zmqinfer.bench import launch
 from zmqinfer.bench.launch import LocalCluster
 

@@ -28,8 +28,16 @@ import time
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from zmqinfer import log
-from zmqinfer.mdns.discovery import (SERVICE_TYPE, Advertiser, Browser, DiscoveryError, NodeAd,
-                                close_zeroconf, open_zeroconf, resolve_local_name)
+from zmqinfer.mdns.discovery import (
+    SERVICE_TYPE,
+    Advertiser,
+    Browser,
+    DiscoveryError,
+    NodeAd,
+    close_zeroconf,
+    open_zeroconf,
+    resolve_local_name,
+)
 from zmqinfer.wire import NodeId
 
 GIB = 1 << 30

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.cli.main import main
 from zmqinfer.cli.status import discover_rows, discover_view, status_view
 from zmqinfer.config import ConfigError, parse_size
+from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.mdns.discovery import Discovered
 from zmqinfer.wire import NodeId
 

@@ -22,7 +22,7 @@ def test_shipped_nodes_toml_is_valid() -> None:
 def test_minimal_config_gets_defaults() -> None:
     cfg = parse_cluster({"node": [{"name": "a", "address": "10.0.0.2"}]}, "t.toml")
     assert cfg.nodes[0].port == 8110 and cfg.nodes[0].layers is None
-    assert cfg.gateway.control_endpoint == "tcp://127.0.0.1:8101"
+    assert (cfg.gateway.address, cfg.gateway.control_port) == ("127.0.0.1", 8101)
 
 
 @pytest.mark.parametrize("data,match", [

@@ -9,11 +9,24 @@ from dataclasses import replace
 import pytest
 from zeroconf import ServiceStateChange
 
-from zmqinfer.mdns import discovery
 from zmqinfer.config import NodeSpec
-from zmqinfer.mdns.adverts import MAX_TXT_BYTES, PROTOCOL, AdError, NodeAd, worth_reannouncing
-from zmqinfer.mdns.discovery import Advertiser, Browser, Discovered, DiscoveryError, resolve_local_name
-from zmqinfer.gateway.placement import merge_members, refusal
+from zmqinfer.gateway.membership import merge_members
+from zmqinfer.mdns import discovery
+from zmqinfer.mdns.adverts import (
+    MAX_TXT_BYTES,
+    PROTOCOL,
+    AdError,
+    NodeAd,
+    refusal,
+    worth_reannouncing,
+)
+from zmqinfer.mdns.discovery import (
+    Advertiser,
+    Browser,
+    Discovered,
+    DiscoveryError,
+    resolve_local_name,
+)
 from zmqinfer.wire import NodeId
 
 GIB = 1 << 30

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import math
 
-from zmqinfer.liveness import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, Liveness
+from zmqinfer.liveness import (
+    DEAD_AFTER_S,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    Liveness,
+)
 
 
 class Clock:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.config import NodeSpec
-from zmqinfer.mdns.discovery import Discovered
-from zmqinfer.liveness import Liveness
 from zmqinfer.gateway.membership import MEMORY_QUANTUM, Membership
 from zmqinfer.gateway.placement import NodeCapacity, Placement
+from zmqinfer.liveness import Liveness
+from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.mdns.discovery import Discovered
 from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
 
 FP = "ab" * 8

@@ -7,8 +7,8 @@ ZMQINFER_CACHE; every other test reuses that directory.
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,8 +254,13 @@ def test_fingerprint_is_stable_and_distinguishes_models(converted: Converted, tm
 
 # ---- one stage's shard: which files it needs, fetches and opens ---------------------------------
 
-from zmqinfer.model.shards import (fetch_shard, load_shard_model, model_size, shard_weight_files,  # noqa: E402
-                            stage_needs)
+from zmqinfer.model.shards import (  # noqa: E402
+    fetch_shard,
+    load_shard_model,
+    model_size,
+    shard_weight_files,
+    stage_needs,
+)
 
 SHARD_LAYERS = 4
 # Where each tensor goes: layer 2 straddles two files, as hub checkpoints often do.

@@ -14,8 +14,14 @@ from typing import Any
 
 import pytest
 
-from zmqinfer.gateway.placement import (MemoryPlan, ModelSize, NodeCapacity, PlacementError, plan_by_memory,
-                           split_counts)
+from zmqinfer.gateway.placement import (
+    MemoryPlan,
+    NodeCapacity,
+    PlacementError,
+    plan_by_memory,
+    split_counts,
+)
+from zmqinfer.model.size import ModelSize
 from zmqinfer.wire import NodeId
 
 GB = 1 << 30

@@ -8,8 +8,16 @@ import pytest
 
 from tests.unit.test_textout import load_tokenizer
 from zmqinfer.gateway.prompt import plan
-from zmqinfer.gateway.validate import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, ChatRequest, Message,
-                               RequestError, parse_body, parse_chat, parse_completion)
+from zmqinfer.gateway.validate import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    ChatRequest,
+    Message,
+    RequestError,
+    parse_body,
+    parse_chat,
+    parse_completion,
+)
 from zmqinfer.wire import SamplingParams
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]

@@ -12,7 +12,13 @@ import functools
 import pytest
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
-from zmqinfer.gateway.textout import Delta, TextStream, TokenTexts, chat_logprobs, completion_logprobs
+from zmqinfer.gateway.textout import (
+    Delta,
+    TextStream,
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+)
 from zmqinfer.wire import Sample, SeqId, TokenLogprob
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -7,9 +7,30 @@ import numpy as np
 import pytest
 
 from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (PROTOCOL_VERSION, Assign, Bye, Chunk, Epoch, Forward, Heartbeat, Loaded,
-                           NodeId, Ping, Pong, Release, Sample, Sampled, SamplingParams, SeqId,
-                           StepFailed, Tensor, TokenLogprob, WireError, decode, encode)
+from zmqinfer.wire import (
+    PROTOCOL_VERSION,
+    Assign,
+    Bye,
+    Chunk,
+    Epoch,
+    Forward,
+    Heartbeat,
+    Loaded,
+    NodeId,
+    Ping,
+    Pong,
+    Release,
+    Sample,
+    Sampled,
+    SamplingParams,
+    SeqId,
+    StepFailed,
+    Tensor,
+    TokenLogprob,
+    WireError,
+    decode,
+    encode,
+)
 
 FORWARD = Forward(
     Epoch(3), 7,

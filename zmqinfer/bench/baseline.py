@@ -48,7 +48,7 @@ def load(model_path: str) -> tuple[Any, Any, float]:
     from mlx_lm import load as mlx_lm_load
 
     t0 = time.perf_counter()
-    model, tokenizer = mlx_lm_load(model_path)
+    model, tokenizer = mlx_lm_load(model_path)[:2]  # (model, tokenizer[, config])
     return model, tokenizer, time.perf_counter() - t0
 
 
@@ -120,7 +120,7 @@ def _batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int
         t0 = time.perf_counter()
         r = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
         wall = time.perf_counter() - t0
-        tokens = sum(len(ids) for ids in r.token_ids)
+        tokens = sum(len(ids) for ids in r.token_ids or [])  # asked for: never None
         runs.append({"tokens": tokens, "wall_s": wall, "tps": tokens / wall})
     best = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]  # the median run, whole
     return {**best, "runs": [r["tps"] for r in runs], "requests": len(prompts)}

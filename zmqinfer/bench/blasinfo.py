@@ -20,11 +20,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-# One BLAS thread per process (the pinned runs): OpenBLAS's pthreads build reads the first, its
-# OpenMP build the second, each once when the library loads, so they must be in the environment
-# a process starts with.
-ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
 # Library file names that provide the BLAS interface mlx calls (cblas_sgemm and friends).
 _BLAS_NAME = re.compile(r"lib(openblas\w*|blas|mkl_rt|blis|cblas|flexiblas)[-.\w]*\.so", re.I)
 _NUMPY_PRIVATE = re.compile(r"scipy_openblas|numpy\.libs", re.I)  # prefixed symbols: not mlx's

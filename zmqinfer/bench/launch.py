@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from zmqinfer.local import (
+    CONTROL_OFFSET,
+    DATA_OFFSET,
+    RESULT_OFFSET,
+    SHARED_CORES_ENV,
+    node_command,
+)
+
 STARTUP_TIMEOUT_S = 180.0  # first run converts the embedded model; later runs take seconds
 STOP_TIMEOUT_S = 15.0
 NODE_STOP_TIMEOUT_S = 10.0  # a node's own SIGTERM path: say bye, close sockets, exit
-# `zmqinfer up --port P` lays out its ports like this; lone processes started here do the same.
-CONTROL_OFFSET, RESULT_OFFSET, DATA_OFFSET = 1, 2, 10
-# What `up` gives its nodes (see serve.cmd_up): OpenBLAS's shortest spin, so idle nodes do not starve
-# the one computing on a shared machine.
-NODE_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 @dataclass
@@ -170,10 +173,9 @@ def start_node(log_dir: Path, name: str, gateway_control: str, data_port: int,
     """`zmqinfer node --name NAME` on 127.0.0.1, reporting to `gateway_control` (IP:port), with
     mDNS advertising off (tests stay off the LAN). Returns at once (it registers by itself)."""
     log = log_dir / f"node-{name}-{data_port}-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", name, "--bind", "127.0.0.1",
-           "--gateway", gateway_control, "--port", str(data_port), "--no-advertise"]
-    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **NODE_ENV, **(env or {})})
+    proc = subprocess.Popen(node_command(name, gateway_control, data_port, extra or []),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **SHARED_CORES_ENV, **(env or {})})
     return NodeProcess(name, data_port, proc, log)
 
 

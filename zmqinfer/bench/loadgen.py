@@ -157,17 +157,17 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
         if work.get("single"):
             w = work["single"]
             try:
-                runs = [await stream_once(s, url, w["prompt"], w["tokens"]) for _ in range(w["reps"] + 1)]
-                tps = [r[0] for r in runs[1:]]
+                streams = [await stream_once(s, url, w["prompt"], w["tokens"]) for _ in range(w["reps"] + 1)]
+                tps = [r[0] for r in streams[1:]]
                 out["single"] = {"decode_tps": statistics.median(tps), "runs": tps, "tokens": w["tokens"],
-                                 "ttft_s": statistics.median(r[1] for r in runs[1:])}
+                                 "ttft_s": statistics.median(r[1] for r in streams[1:])}
             except _FAILURES as e:
                 out["single"] = {"error": _why(e)}
         out["ttft"] = {}
         for length, prompts in work.get("ttft", {}).items():
             try:
-                runs = [await first_token(s, url, p) for p in prompts]
-                out["ttft"][length] = {"median_s": statistics.median(runs[1:]), "runs": runs[1:]}
+                firsts = [await first_token(s, url, p) for p in prompts]
+                out["ttft"][length] = {"median_s": statistics.median(firsts[1:]), "runs": firsts[1:]}
             except _FAILURES as e:
                 out["ttft"][length] = {"error": _why(e)}
         out["batch"] = {}

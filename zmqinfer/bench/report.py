@@ -265,18 +265,18 @@ def _mib(n: int | None) -> str:
 
 
 def _blas(r: Report) -> str:
-    rows = [["bench", "this process", _proc(r["machine"]["blas"])]]
+    rows: list[tuple[str, str, list[str]]] = [("bench", "this process", _proc(r["machine"]["blas"]))]
     for x in [r["baseline_before"], *(dig(r, "pinned", "baseline") and [r["pinned"]["baseline"]] or [])]:
         if x.get("process"):
-            rows.append([x["setup"], "mlx-lm", _proc(x["process"])])
+            rows.append((x["setup"], "mlx-lm", _proc(x["process"])))
     for x in _rings_all(r):
         if x.get("gateway"):
-            rows.append([x["setup"], "gateway", _proc(x["gateway"])])
+            rows.append((x["setup"], "gateway", _proc(x["gateway"])))
         for n in x.get("per_node", []):
-            rows.append([x["setup"], n["name"], _proc(n["process"])])
+            rows.append((x["setup"], n["name"], _proc(n["process"])))
     return ("**BLAS per process** (read from /proc/<pid>/maps and environ)\n\n"
             + _table(["setup", "process", "BLAS", "OPENBLAS_NUM_THREADS", "CPU affinity", "threads"],
-                     [row[:2] + row[2] for row in rows]))
+                     [[setup, proc, *cells] for setup, proc, cells in rows]))
 
 
 def _proc(p: dict[str, Any]) -> list[str]:

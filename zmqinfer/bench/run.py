@@ -37,12 +37,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.bench import blasinfo
-
-from zmqinfer.bench import launch
-
-from zmqinfer.bench import loadgen
+from zmqinfer.bench import blasinfo, launch, loadgen
 from zmqinfer.bench.report import dig, targets
+from zmqinfer.local import ONE_BLAS_THREAD
+from zmqinfer.model.resolve import read_config
 
 PROMPT = "Describe a cat to someone who has never seen one."  # long answer: no early stop
 TOPICS = ["a lighthouse keeper", "the history of bread", "a city under the sea", "how bees talk",
@@ -146,7 +144,7 @@ def workload(tokenizer: Any, model_path: Path, opts: Options) -> dict[str, Any]:
                                                                add_generation_prompt=True)]
 
     def exact(n: int, seed: int) -> list[int]:
-        rng, ids = random.Random(seed), []
+        rng, ids = random.Random(seed), list[int]()
         while len(ids) < n:
             ids += tokenizer.encode(" ".join(rng.sample(SENTENCES, len(SENTENCES))))
         return [int(t) for t in ids[:n]]
@@ -170,7 +168,7 @@ def run_baseline(work: dict[str, Any], where: Path, cpu: int | None = None) -> d
     wl.write_text(json.dumps(work))
     env, cmd = dict(os.environ), [sys.executable, "-m", "zmqinfer.bench.baseline", str(wl), str(res)]
     if cpu is not None:
-        env.update(blasinfo.ONE_BLAS_THREAD)  # read by OpenBLAS when it loads: set here, not there
+        env.update(ONE_BLAS_THREAD)  # read by OpenBLAS when it loads: set here, not there
         cmd += ["--cpu", str(cpu)]
     setup = "mlx-lm, single process" + (", 1 core, 1 BLAS thread" if cpu is not None else "")
     try:
@@ -272,7 +270,7 @@ def wire_bytes(model_path: Path) -> dict[str, Any]:
     every frame plus ZMTP 3 framing (1 flag byte + a 1- or 8-byte length per frame); TCP/IP
     headers are not counted, nor CurveZMQ's 16-byte MAC per message when enabled.
     """
-    cfg = json.loads((model_path / "config.json").read_text())
+    cfg = read_config(model_path)
     hidden, dtype = int(cfg["hidden_size"]), _activation_dtype(model_path, cfg)
     out: dict[str, Any] = {"hidden_size": hidden, "dtype": dtype, "limit_per_seq": hidden * 2 + 256, "hops": []}
     for dt in dict.fromkeys([dtype, "bfloat16"]):

@@ -1,5 +1,5 @@
 """The `zmqinfer` command: its parser, and the commands that are not serving ones: node, model
-path / fetch, bench. `up` and `gateway` live in serve.py, status / ping / discover in client.py.
+path / fetch, bench. `up` and `gateway` live in serve.py, status / ping / discover in status.py.
 """
 
 from __future__ import annotations
@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.cli import status as client
-
 from zmqinfer.cli import serve
-from zmqinfer.config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, NodeSpec,
-                     ip_literal, load_cluster, parse_size)
+from zmqinfer.cli import status as client  # status, ping, discover: clients of a running cluster
+from zmqinfer.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_DATA_PORT,
+    ClusterConfig,
+    ConfigError,
+    NodeSpec,
+    ip_literal,
+    load_cluster,
+    parse_size,
+)
 from zmqinfer.wire import NodeId
 
 
@@ -34,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    for add in (_add_up, _add_node, _add_gateway, client.add_commands, _add_bench, _add_model):
+        add(sub)  # client: status, ping, discover (they ask the running cluster or the LAN)
+    return p
 
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = sub.add_parser("up", help="start a local cluster (N nodes + gateway) and serve until Ctrl-C")
     up.add_argument("--nodes", type=int, default=3, help="node processes to start (default 3)")
     up.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="HTTP port (default 8100); "
@@ -48,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
     up.set_defaults(func=serve.cmd_up)
 
+
+def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node = sub.add_parser("node", help="run one node (on each machine)")
     node.add_argument("--name", required=True, help="this node's id, as in nodes.toml")
     node.add_argument("--config", type=Path, default=None, help="nodes.toml (for the gateway address and ports)")
@@ -61,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                       "450M, 1.5G, 512MiB (K..T, KiB..TiB: powers of 1024; KB..TB: of 1000)")
     node.set_defaults(func=cmd_node)
 
+
+def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gw = sub.add_parser("gateway", help="run the gateway (on one machine)")
     gw.add_argument("--config", type=Path, default=Path("nodes.toml"), help="nodes.toml (default ./nodes.toml)")
     gw.add_argument("--model", default=None, help="overrides the config's model")
@@ -71,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
     gw.set_defaults(func=serve.cmd_gateway)
 
-    client.add_commands(sub)  # status, ping, discover: they ask the running cluster or the LAN
 
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="ring vs single-process mlx-lm, side by side: decode, first "
                            "token, aggregate throughput, one core per node, hops, wire bytes, memory, BLAS")
     bench.add_argument("--model", default=None)
@@ -97,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(required=True, metavar="ACTION")
     mp = msub.add_parser("path", help="print the local mlx-lm directory of a model (converting the default)")
@@ -109,7 +127,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="layers START..END-1, as nodes.toml's [START, END]; default: every layer "
                          "(what a gateway machine needs)")
     mf.set_defaults(func=cmd_model_fetch)
-    return p
 
 
 # ---- model ---------------------------------------------------------------------------------

@@ -18,9 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.config import (ConfigError, GatewaySpec, NodeSpec, ip_literal, load_cluster, parse_layer_counts,
-                     parse_size)
-from zmqinfer.wire import NodeId
+from zmqinfer.config import (
+    ConfigError,
+    GatewaySpec,
+    NodeSpec,
+    ip_literal,
+    load_cluster,
+    parse_layer_counts,
+    parse_size,
+)
+from zmqinfer.local import (
+    ONE_BLAS_THREAD,
+    SHARED_CORES_ENV,
+    local_gateway,
+    local_node,
+    node_command,
+)
 
 NODE_STOP_GRACE_S = 5.0
 
@@ -57,32 +70,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
     counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
     host = ip_literal(args.host, "--host")
-    gspec = GatewaySpec(address="127.0.0.1", bind=host, port=args.port,
-                        control_port=args.port + 1, result_port=args.port + 2)
-    nodes = [NodeSpec(NodeId(f"node{i}"), "127.0.0.1", args.port + 10 + i) for i in range(args.nodes)]
+    gspec = local_gateway(args.port, bind=host)
+    nodes = [local_node(args.port, i) for i in range(args.nodes)]
     model_path = resolve_or_exit(args.model)
     if model_path is None:
         return 1
     from zmqinfer.model.resolve import DEFAULT_MODEL
 
-    # N nodes share this machine's cores. Only one stage computes at a time for a single stream,
-    # so each may use every core, but OpenBLAS's idle threads spin for a long while by default
-    # and starve the stage that is working: 3 nodes on 2 cores decoded at 4.2 tok/s with the
-    # default spin, 7.6-8.0 with the shortest one (single process: 8.2). Measured 2026-11-27.
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the minimum OpenBLAS accepts
+    # N nodes share this machine's cores: each may use every core (one stage computes at a time
+    # for a single stream), but idle ones must not spin.
+    env = {**SHARED_CORES_ENV, **os.environ}
     cores = pin_cores(args.nodes) if args.pin else None
     if cores is not None:
-        from zmqinfer.bench.blasinfo import ONE_BLAS_THREAD
-
-        env.update(ONE_BLAS_THREAD)  # OpenBLAS reads it once, at load: it must be in the node's env
+        env.update(ONE_BLAS_THREAD)
     procs = []
     for i, n in enumerate(nodes):
-        # A local cluster stays off the LAN: several on one machine all have nodes node0, node1..
-        cmd = [sys.executable, "-m", "zmqinfer", "node", "--name", n.name, "--bind", "127.0.0.1",
-               "--gateway", f"127.0.0.1:{gspec.control_port}", "--port", str(n.port), "--no-advertise"]
-        if memory_limit is not None:
-            cmd += ["--memory-limit", str(memory_limit)]
+        cmd = node_command(n.name, f"127.0.0.1:{gspec.control_port}", n.port,
+                           ["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
         procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
                                       preexec_fn=None if cores is None else pinner(cores[i])))

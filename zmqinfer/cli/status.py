@@ -12,13 +12,14 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from zmqinfer.mdns.discovery import Discovered
 
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodeStatus
 from zmqinfer.config import DEFAULT_API_PORT, ConfigError
 
 PIPE_WIDTH = 200  # status table width when stdout is not a terminal (a row is ~130 characters)
@@ -29,7 +30,7 @@ PING_CLIENT_TIMEOUT_S = 15.0  # ping waits on every node (1 s each, in parallel)
 GATEWAY_LOOKUP_S = 10.0  # a gateway answers in milliseconds; 10 s covers one still starting
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, fn, text in (("status", _cmd_status, "show the ring: nodes, addresses, layers, health"),
                            ("ping", _cmd_ping, "round trip to each node and through the whole ring")):
         c = sub.add_parser(name, help=text)
@@ -99,7 +100,7 @@ def _fetch(url: str, method: str, timeout: float, api_key: str | None) -> dict[s
 
 
 def status(url: str, api_key: str | None, as_json: bool) -> int:
-    st = _fetch(url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S, api_key)
+    st = cast(ClusterStatus, _fetch(url.rstrip("/") + "/cluster/status", "GET", CLIENT_TIMEOUT_S, api_key))
     if as_json:
         print(json.dumps(st, indent=2))
     else:
@@ -112,7 +113,7 @@ def status(url: str, api_key: str | None, as_json: bool) -> int:
     return 0 if st.get("ready") else 1
 
 
-def status_view(st: dict[str, Any]) -> RenderableType:
+def status_view(st: ClusterStatus) -> RenderableType:
     """The status table of a /cluster/status answer. Keys an older gateway does not send
     (found_by, detail, refused) render as "-" or are left out."""
     from rich.console import Group
@@ -128,12 +129,13 @@ def status_view(st: dict[str, Any]) -> RenderableType:
         col.no_wrap = i in (0, 1, 3)
     t.columns[4].min_width = 12
     for n in st.get("nodes", []):
-        layers = f"[{n['layers'][0]},{n['layers'][1]})" if n.get("layers") else "-"
+        held = n.get("layers")
+        layers = f"[{held[0]},{held[1]})" if held else "-"
         beat = f"{n['last_heartbeat_s']:.1f}s" if n.get("last_heartbeat_s") is not None else "-"
         health = escape(n.get("health") or "-")
         health = health if health == "ok" else f"[red]{health}[/]"
         if n.get("refused"):
-            health = f"[red]refused: {escape(n['refused'])}[/]"
+            health = f"[red]refused: {escape(str(n['refused']))}[/]"
         t.add_row(escape(n.get("name", "?")), f"{n.get('address') or '?'}:{n.get('data_port')}",
                   escape(_found(n)),
                   layers, health, beat, (n.get("device") or "-").split(" (")[0],
@@ -142,7 +144,7 @@ def status_view(st: dict[str, Any]) -> RenderableType:
     return Group(head, t)
 
 
-def _found(n: dict[str, Any]) -> str:
+def _found(n: NodeStatus) -> str:
     """"mdns" / "static", with the gateway's detail ("nodes.toml address", "mini2.local via mdns")
     where it says more than the kind."""
     by, detail = n.get("found_by"), n.get("detail")
@@ -164,7 +166,8 @@ def discover(seconds: float, interfaces: tuple[str, ...], as_json: bool) -> int:
     import asyncio
 
     from zmqinfer import log
-    from zmqinfer.mdns.discovery import DiscoveryError, discover as browse
+    from zmqinfer.mdns.discovery import DiscoveryError
+    from zmqinfer.mdns.discovery import discover as browse
 
     # The browser logs each find at info: on stdout they would corrupt --json, and the table
     # says it all; warnings (malformed ads) still go to stderr.
@@ -187,7 +190,7 @@ def discover(seconds: float, interfaces: tuple[str, ...], as_json: bool) -> int:
 
 def discover_rows(found: Sequence[Discovered]) -> list[dict[str, Any]]:
     """One JSON-able row per advertised service, with `refused` set when we could not use it."""
-    from zmqinfer.gateway.placement import refusal
+    from zmqinfer.mdns.adverts import refusal
 
     return [{"id": d.ad.node_id, "role": d.ad.role, "addresses": list(d.addresses),
              "data_port": d.ad.data_port, "control_port": d.ad.control_port,
@@ -223,7 +226,7 @@ def discover_view(rows: Sequence[dict[str, Any]], ignored: Mapping[str, str],
 
 
 def ping(url: str, api_key: str | None, as_json: bool) -> int:
-    res = _fetch(url.rstrip("/") + "/cluster/ping", "POST", PING_CLIENT_TIMEOUT_S, api_key)
+    res = cast(ClusterPing, _fetch(url.rstrip("/") + "/cluster/ping", "POST", PING_CLIENT_TIMEOUT_S, api_key))
     if as_json:
         print(json.dumps(res, indent=2))
     else:

@@ -8,7 +8,7 @@ Contract:
   `web.AppRunner(app, handler_cancellation=True)`: a client that disconnects then cancels its
   handler, and the handler's `finally` (an `aclosing` around `backend.generate`) stops the
   generation. Nothing here starts a task of its own.
-* Validation and every 400 live in `requests.py`; token ids -> text in `textout.py`.
+* Validation and every 400 live in `validate.py`; token ids -> text in `textout.py`.
 * With api_keys, every route except /health needs `Authorization: Bearer <key>` (401).
 * Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: RequestError -> its
   status (400), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies over
@@ -27,7 +27,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,11 +35,25 @@ import structlog
 from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
 from zmqinfer.gateway.prompt import Plan, plan
-from zmqinfer.gateway.validate import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
-                       parse_chat, parse_completion)
 from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
-from zmqinfer.gateway.textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
+from zmqinfer.gateway.textout import (
+    Delta,
+    LogprobEntry,
+    TextStream,
+    chat_logprobs,
+    completion_logprobs,
+)
+from zmqinfer.gateway.validate import (
+    ChatRequest,
+    CompletionRequest,
+    Options,
+    RequestError,
+    parse_body,
+    parse_chat,
+    parse_completion,
+)
 from zmqinfer.wire import Sample, SamplingParams
 
 # 4 MiB of JSON is ~1M tokens of text: far past any context length, small enough to buffer.
@@ -53,11 +67,11 @@ class Backend(Protocol):
     context_length: int  # max prompt + completion tokens
 
     def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 request_id: str) -> AsyncIterator[Sample]: ...
+                 request_id: str) -> AsyncGenerator[Sample, None]: ...
 
-    def cluster_status(self) -> dict: ...
+    def cluster_status(self) -> ClusterStatus: ...
 
-    async def cluster_ping(self) -> dict: ...
+    async def cluster_ping(self) -> ClusterPing: ...
 
 
 @dataclass
@@ -68,7 +82,7 @@ class _Admission:
     active: int = 0
 
 
-BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
+BACKEND = web.AppKey[Backend]("backend")
 API_KEYS = web.AppKey("api_keys", frozenset)
 ADMISSION = web.AppKey("admission", _Admission)
 STARTED = web.AppKey("started", int)  # "created" of /v1/models

@@ -14,17 +14,68 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
+from zmqinfer.clusterstatus import NodeStatus
 from zmqinfer.config import NodeSpec
-from zmqinfer.mdns.discovery import Discovered
+from zmqinfer.gateway.placement import NodeCapacity, Placement
 from zmqinfer.liveness import Liveness
-from zmqinfer.gateway.placement import Candidate, NodeCapacity, Placement, merge_members
+from zmqinfer.mdns.adverts import PROTOCOL, NodeAd, refusal
+from zmqinfer.mdns.discovery import Discovered
 from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
 
 # Free memory moves by megabytes every beat; planning on raw numbers would move a layer back and
 # forth between equal machines. Rounded down to this, equal machines get equal shares.
 MEMORY_QUANTUM = 16 << 20
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the merged membership table."""
+
+    name: NodeId
+    address: str | None  # an IP literal; None: use the address its control connection comes from
+    data_port: int
+    found_by: Literal["mdns", "static"]  # where `address` (or the node itself) came from
+    detail: str  # e.g. "nodes.toml address", "mdns ad", "mini2.local via mdns"
+    listed: bool  # named in nodes.toml
+    ad: NodeAd | None = None
+    refused: str | None = None  # why it may not join; None = may join
+
+
+def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discovered], *,
+                  resolved_hosts: Mapping[str, str] | None = None, protocol: str = PROTOCOL,
+                  fingerprint: str = "") -> list[Candidate]:
+    """nodes.toml first (file order = ring order), then nodes only mDNS knows, by name.
+
+    Address precedence: the node's own mDNS ad, then its `host` resolved via mDNS
+    (`resolved_hosts[host]`), then its static `address`; the static address is the fallback
+    for networks that block multicast. Gateways' ads are not members."""
+    hosts = resolved_hosts or {}
+    out: list[Candidate] = []
+    by: Literal["mdns", "static"]
+    for spec in static:
+        d = discovered.get(spec.name)
+        if d is not None:
+            addr, by, detail = d.addresses[0], "mdns", "mdns ad"
+        elif spec.host and spec.host in hosts:
+            addr, by, detail = hosts[spec.host], "mdns", f"{spec.host} via mdns"
+        elif spec.address:
+            addr, by, detail = spec.address, "static", "nodes.toml address"
+        else:
+            addr, by = None, "static"
+            detail = f"{spec.host} not resolved yet" if spec.host else "address of its control connection"
+        ad = d.ad if d is not None else None
+        out.append(Candidate(spec.name, addr, ad.data_port if ad else spec.port, by, detail, True,
+                             ad, refusal(ad, protocol, fingerprint) if ad else None))
+    listed = {s.name for s in static}
+    for node in sorted(set(discovered) - listed):
+        d = discovered[node]
+        if d.ad.role != "node":
+            continue
+        out.append(Candidate(node, d.addresses[0], d.ad.data_port, "mdns", "mdns ad", False, d.ad,
+                             refusal(d.ad, protocol, fingerprint)))
+    return out
 
 
 @dataclass
@@ -47,7 +98,7 @@ class Member:
         return (self.spec.address if self.spec else None) or self.peer_address
 
     @property
-    def found_by(self) -> str:
+    def found_by(self) -> Literal["mdns", "static"]:
         return self.found.found_by if self.found is not None else "static"
 
     @property
@@ -167,9 +218,9 @@ class Membership:
     def describe(self, members: Sequence[Member], epoch: Epoch) -> str:
         return "; ".join(f"{m.where()} {self.health(m, epoch)}" for m in members)
 
-    def rows(self, placement: Sequence[Placement], epoch: Epoch) -> list[dict[str, Any]]:
+    def rows(self, placement: Sequence[Placement], epoch: Epoch) -> list[NodeStatus]:
         layers = {p.node: [p.start, p.end] for p in placement}
-        out = []
+        out: list[NodeStatus] = []
         for name in self.order:
             m = self.members[name]
             b = m.beat

@@ -6,18 +6,11 @@ rules are unit-tested exhaustively and the same inputs always give the same ring
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Sequence
 
-from zmqinfer.wire import PROTOCOL_VERSION, NodeId
-
-if TYPE_CHECKING:
-    from zmqinfer.config import NodeSpec
-    from zmqinfer.mdns.adverts import NodeAd
-    from zmqinfer.mdns.discovery import Discovered
-
-PROTOCOL = PROTOCOL_VERSION.decode()
+from zmqinfer.model.size import ModelSize
+from zmqinfer.wire import NodeId
 
 
 class PlacementError(ValueError):
@@ -59,69 +52,10 @@ def split_counts(n_layers: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
-def plan(n_layers: int, nodes: Sequence[NodeId], counts: Sequence[int | None] | None = None,
-         weights: Sequence[float] | None = None) -> list[Placement]:
-    """Contiguous ranges over `nodes` in ring order.
-
-    `counts[i]` pins node i's layer count (None = share the rest by weight); all pinned means
-    they must add up to the model exactly.
-    """
-    if not nodes:
-        raise PlacementError("no nodes to place layers on")
-    if len(set(nodes)) != len(nodes):
-        raise PlacementError(f"duplicate node ids in {list(nodes)}")
-    counts = list(counts) if counts is not None else [None] * len(nodes)
-    weights = list(weights) if weights is not None else [1.0] * len(nodes)
-    if len(counts) != len(nodes) or len(weights) != len(nodes):
-        raise PlacementError(f"{len(nodes)} nodes but {len(counts)} layer counts / {len(weights)} weights")
-    if any(c is not None and c < 1 for c in counts):
-        raise PlacementError(f"layer counts must be at least 1, got {counts}")
-    pinned = sum(c for c in counts if c is not None)
-    free = [i for i, c in enumerate(counts) if c is None]
-    if not free:
-        if pinned != n_layers:
-            raise PlacementError(f"layer counts {counts} add up to {pinned}, the model has {n_layers}")
-    else:
-        rest = n_layers - pinned
-        if rest < len(free):
-            if not pinned:
-                raise PlacementError(f"{len(nodes)} nodes but the model has only {n_layers} layers: "
-                                     "every node needs at least one")
-            raise PlacementError(f"pinned layer counts leave {rest} layers for {len(free)} other nodes")
-        for i, c in zip(free, split_counts(rest, [weights[i] for i in free])):
-            counts[i] = c
-    out, start = [], 0
-    for node, c in zip(nodes, counts):
-        assert c is not None
-        out.append(Placement(node, start, start + c))
-        start += c
-    return out
-
-
 # ---- placement by free memory -----------------------------------------------------------------
 
 Pin = tuple[int, int] | int | None  # a [start, end) range, a layer count, or free
 _GIB = float(1 << 30)
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """What a stage costs in bytes, read from the weight files' headers (`model.model_size`)."""
-
-    n_layers: int
-    layer_bytes: int  # one transformer layer's weights (the largest, should they differ)
-    embed_bytes: int = 0  # token embedding: held by the first stage, and by the last when tied
-    head_bytes: int = 0  # final norm + lm_head (only the norm when tied): the last stage
-    tied: bool = False
-    shared_bytes: int = 0  # tensors that belong to no layer, embedding or head: every stage
-    kv_bytes_per_token: int = 0  # one layer's K+V cache for one token
-
-    def stage_bytes(self, n: int, first: bool, last: bool, kv_tokens: int = 0) -> int:
-        """Weights (+ KV reserve) of a stage holding `n` layers, first and/or last."""
-        extra = self.shared_bytes + (self.embed_bytes if first else 0)
-        if last:
-            extra += self.head_bytes + (self.embed_bytes if self.tied and not first else 0)
-        return extra + n * (self.layer_bytes + kv_tokens * self.kv_bytes_per_token)
 
 
 @dataclass(frozen=True)
@@ -221,38 +155,21 @@ class _Ctx:
         if total > 0 and not members:
             raise PlacementError(f"layers [{start},{end}) are held by no node: pinned ranges leave "
                                  "a gap with no unpinned node between them in ring order")
-        first, last = start == 0, end == self.size.n_layers
-        active = list(members)
-        for _ in range(len(members) + 1):  # each round drops at least one node or stops
-            # The embedding goes to whoever ends up first, the head to whoever ends up last.
-            role = {c.node: (first and c is active[0], last and c is active[-1]) for c in active}
-            caps = {c.node: self.room(c, *role[c.node]) for c in active}
-            free = [c for c in active if c.pinned is None]
-            rest = total - sum(c.pinned for c in active if isinstance(c.pinned, int))
-            drop = [c for c in free if caps[c.node][0] < 1]
-            for c in drop:
-                excluded[c.node] = (f"cannot hold one layer: {c.free_bytes} bytes free, one layer "
-                                    f"there needs {self.need(1, *role[c.node])}")
-            if not drop and len(free) > max(rest, 0):
-                # More nodes than layers: the one with the least memory sits this ring out,
-                # preferably not one at an end, whose embedding/head would move to a neighbour.
-                inner = [c for c in free if not any(role[c.node])] or free
-                c = min(reversed(inner), key=lambda x: x.free_bytes)
-                drop = [c]
-                excluded[c.node] = f"not needed: {total} layer(s) [{start},{end}) for {len(free)} nodes"
-            if not drop:
-                break
-            active = [c for c in active if c not in drop]
+        active = self._sit_out(start, end, members, excluded)
         if not active:
             if total == 0:
                 return
             best = max(members, key=lambda c: c.free_bytes)
-            need = self.need(total, first, last)
+            need = self.need(total, start == 0, end == self.size.n_layers)
             raise PlacementError(
                 f"no node can hold even one layer of [{start},{end}): the best, {best.node}, has "
                 f"{best.free_bytes} bytes free; holding them all needs {need}: short by "
                 f"{need - best.free_bytes} bytes")
+        role = self._roles(start, end, active)
+        caps = {c.node: self.room(c, *role[c.node]) for c in active}
+        free = [c for c in active if c.pinned is None]
         fixed = {c.node: c.pinned for c in active if isinstance(c.pinned, int)}
+        rest = total - sum(fixed.values())
         for c in active:
             if c.node in fixed:
                 self.check(c, fixed[c.node], *role[c.node])
@@ -270,84 +187,57 @@ class _Ctx:
                 f"{', '.join(c.node for c in free)}, which have room for {room}; short by {short} "
                 f"bytes ({short / _GIB:.2f} GiB): {best.node} would need that much more free "
                 f"memory, or add a node (a layer needs {self.per_layer} bytes)")
-        # Water-filling: split by free memory; a node over its cap is fixed at the cap and the
-        # rest re-split among the others. Each round fixes at least one node.
-        share = {c.node: 0 for c in free}
-        todo = list(free)
-        while todo:
-            left = rest - sum(fixed.get(c.node, 0) for c in free)
-            split = split_counts(left, [max(c.free_bytes, 1) for c in todo])
-            over = [c for c, k in zip(todo, split) if k > caps[c.node][0]]
-            if not over:
-                share.update({c.node: k for c, k in zip(todo, split)})
-                break
-            for c in over:
-                fixed[c.node] = caps[c.node][0]
-            todo = [c for c in todo if c not in over]
+        fixed.update(_water_fill(free, {n: cap for n, (cap, _) in caps.items()}, rest))
         cursor = start
         for c in active:
-            k = fixed[c.node] if c.node in fixed else share[c.node]
-            counts[c.node] = (cursor, cursor + k)
-            cursor += k
+            counts[c.node] = (cursor, cursor + fixed[c.node])
+            cursor += fixed[c.node]
         assert cursor == end, (cursor, end)
 
+    def _roles(self, start: int, end: int, active: list[NodeCapacity]) -> dict[NodeId, tuple[bool, bool]]:
+        """(first, last) per node: the embedding goes to whoever ends up first, the head to
+        whoever ends up last."""
+        first, last = start == 0, end == self.size.n_layers
+        return {c.node: (first and c is active[0], last and c is active[-1]) for c in active}
 
-# ---- membership: static nodes + discovered nodes ---------------------------------------------
+    def _sit_out(self, start: int, end: int, members: list[NodeCapacity],
+                 excluded: dict[NodeId, str]) -> list[NodeCapacity]:
+        """The members that take part: drop (and say why) unpinned nodes that cannot hold one
+        layer, and the smallest ones while there are more nodes than layers."""
+        total, active = end - start, list(members)
+        for _ in range(len(members) + 1):  # each round drops at least one node or stops
+            role = self._roles(start, end, active)
+            free = [c for c in active if c.pinned is None]
+            rest = total - sum(c.pinned for c in active if isinstance(c.pinned, int))
+            drop = [c for c in free if self.room(c, *role[c.node])[0] < 1]
+            for c in drop:
+                excluded[c.node] = (f"cannot hold one layer: {c.free_bytes} bytes free, one layer "
+                                    f"there needs {self.need(1, *role[c.node])}")
+            if not drop and len(free) > max(rest, 0):
+                # More nodes than layers: the one with the least memory sits this ring out,
+                # preferably not one at an end, whose embedding/head would move to a neighbour.
+                inner = [c for c in free if not any(role[c.node])] or free
+                c = min(reversed(inner), key=lambda x: x.free_bytes)
+                drop = [c]
+                excluded[c.node] = f"not needed: {total} layer(s) [{start},{end}) for {len(free)} nodes"
+            if not drop:
+                break
+            active = [c for c in active if c not in drop]
+        return active
 
-def refusal(ad: NodeAd, protocol: str = PROTOCOL, fingerprint: str = "") -> str | None:
-    """Why the gateway must not use this node, or None. An empty fingerprint on either side
-    means "not known yet" (a node learns its model from its assignment) and is not a refusal."""
-    if ad.protocol != protocol:
-        return f"speaks protocol {ad.protocol!r}, this gateway speaks {protocol!r}"
-    if ad.fingerprint and fingerprint and ad.fingerprint != fingerprint:
-        return f"serves model {ad.fingerprint}, this gateway serves {fingerprint}"
-    return None
 
-
-@dataclass(frozen=True)
-class Candidate:
-    """One row of the merged membership table."""
-
-    name: NodeId
-    address: str | None  # an IP literal; None: use the address its control connection comes from
-    data_port: int
-    found_by: Literal["mdns", "static"]  # where `address` (or the node itself) came from
-    detail: str  # e.g. "nodes.toml address", "mdns ad", "mini2.local via mdns"
-    listed: bool  # named in nodes.toml
-    ad: NodeAd | None = None
-    refused: str | None = None  # why it may not join; None = may join
-
-
-def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discovered], *,
-                  resolved_hosts: Mapping[str, str] | None = None, protocol: str = PROTOCOL,
-                  fingerprint: str = "") -> list[Candidate]:
-    """nodes.toml first (file order = ring order), then nodes only mDNS knows, by name.
-
-    Address precedence: the node's own mDNS ad, then its `host` resolved via mDNS
-    (`resolved_hosts[host]`), then its static `address`; the static address is the fallback
-    for networks that block multicast. Gateways' ads are not members."""
-    hosts = resolved_hosts or {}
-    out: list[Candidate] = []
-    by: Literal["mdns", "static"]
-    for spec in static:
-        d = discovered.get(spec.name)
-        if d is not None:
-            addr, by, detail = d.addresses[0], "mdns", "mdns ad"
-        elif spec.host and spec.host in hosts:
-            addr, by, detail = hosts[spec.host], "mdns", f"{spec.host} via mdns"
-        elif spec.address:
-            addr, by, detail = spec.address, "static", "nodes.toml address"
-        else:
-            addr, by = None, "static"
-            detail = f"{spec.host} not resolved yet" if spec.host else "address of its control connection"
-        ad = d.ad if d is not None else None
-        out.append(Candidate(spec.name, addr, ad.data_port if ad else spec.port, by, detail, True,
-                             ad, refusal(ad, protocol, fingerprint) if ad else None))
-    listed = {s.name for s in static}
-    for node in sorted(set(discovered) - listed):
-        d = discovered[node]
-        if d.ad.role != "node":
-            continue
-        out.append(Candidate(node, d.addresses[0], d.ad.data_port, "mdns", "mdns ad", False, d.ad,
-                             refusal(d.ad, protocol, fingerprint)))
+def _water_fill(free: list[NodeCapacity], caps: dict[NodeId, int], rest: int) -> dict[NodeId, int]:
+    """Split `rest` layers over `free` by free memory; a node over its cap is fixed at the cap
+    and the rest re-split among the others. Each round fixes at least one node."""
+    out: dict[NodeId, int] = {}
+    todo = list(free)
+    while todo:
+        split = split_counts(rest - sum(out.values()), [max(c.free_bytes, 1) for c in todo])
+        over = [c for c, k in zip(todo, split) if k > caps[c.node]]
+        if not over:
+            out.update({c.node: k for c, k in zip(todo, split)})
+            break
+        for c in over:
+            out[c.node] = caps[c.node]
+        todo = [c for c in todo if c not in over]
     return out

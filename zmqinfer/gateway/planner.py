@@ -15,21 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import structlog
 import zmq
 
-from zmqinfer import sockets
+from zmqinfer.clusterstatus import Replan
+from zmqinfer.gateway.membership import Member, Membership
+from zmqinfer.gateway.placement import (
+    ModelSize,
+    Placement,
+    PlacementError,
+    plan_by_memory,
+)
+from zmqinfer.gateway.ring import Ring
 from zmqinfer.liveness import DEAD_AFTER_S
-from zmqinfer.gateway.membership import Member
-from zmqinfer.gateway.placement import ModelSize, Placement, PlacementError, plan_by_memory
-from zmqinfer.wire import Assign, Epoch, NodeId
+from zmqinfer.wire import Assign, Message, NodeId
 
 if TYPE_CHECKING:
-    import zmq.asyncio
-
-    from zmqinfer.gateway.process import Gateway
+    from zmqinfer.mdns.presence import GatewayDirectory
 
 log = structlog.get_logger()
 
@@ -50,20 +55,39 @@ DRAIN_WAIT_S = 10.0
 HISTORY = 20  # re-plans kept for /cluster/status
 
 
-class Replanner:
-    def __init__(self, gw: Gateway, size: ModelSize,
+class Requests(Protocol):
+    """What the planner needs from the scheduler: stop, park, replay or fail the requests."""
+
+    @property
+    def in_flight(self) -> int: ...
+    def pause(self) -> None: ...
+    def park(self) -> int: ...
+    def resume(self) -> int: ...
+    def fail_all(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Served:
+    """What every Assign carries about the model this gateway serves."""
+
+    model: str  # the name nodes resolve (embedded default, directory or hub id)
+    n_layers: int
+    fingerprint: str
+    result_port: int  # where the last stage sends its samples
+
+
+SendControl = Callable[[NodeId, Message], Awaitable[None]]
+
+
+class Planner:
+    def __init__(self, ring: Ring, members: Membership, requests: Requests, send_control: SendControl,
+                 served: Served, size: ModelSize, *, discovery: bool = False,
                  on_ready: Callable[[list[Placement]], None] | None = None) -> None:
-        self.gw, self.size, self.on_ready = gw, size, on_ready
-        self.epoch = Epoch(0)
-        self.placement: list[Placement] = []
-        self.excluded: dict[NodeId, str] = {}  # nodes left out of the current ring, and why
-        self.ready = asyncio.Event()
+        self.ring, self.members, self.requests = ring, members, requests
+        self.send_control, self.served, self.size = send_control, served, size
+        self.discovery, self.on_ready = discovery, on_ready
         self.changed = asyncio.Event()  # a Loaded arrived
-        self.push: zmq.asyncio.Socket | None = None
-        self.reason = self._waiting_for()  # /health names the missing nodes from the start
-        self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
-        self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
-        self.history: list[dict[str, Any]] = []
+        self.history: list[Replan] = []
         self._planned_over: set[NodeId] = set()  # live nodes the current plan considered
         self._down: dict[str, Any] | None = None  # the take-down being recovered from
         self._started = time.monotonic()
@@ -72,46 +96,47 @@ class Replanner:
         self._retry_at = 0.0
         self._warned_drain = False
 
-    async def run(self, directory: Any = None) -> None:
-        """`directory`: presence.GatewayDirectory (mDNS), or None for nodes.toml only."""
+    def waiting_for(self) -> str:
+        """Why there is no ring yet: /health names the missing nodes from the start."""
+        members = self.members
+        return (members.describe(members.expected(), self.ring.epoch)
+                or "no node has registered (none in nodes.toml, none found over mDNS)")
+
+    async def run(self, directory: GatewayDirectory | None = None) -> None:
+        """`directory`: mDNS, or None for nodes.toml only."""
         while True:
             await asyncio.sleep(PLAN_TICK_S)
             if directory is not None:
-                self.gw.members.merge(directory.discovered, directory.resolved_hosts, self.gw.fingerprint)
+                self.members.merge(directory.discovered, directory.resolved_hosts, self.served.fingerprint)
             await self.tick()
 
     async def tick(self) -> None:
-        members = self.gw.members
+        members = self.members
         usable = members.usable()
         names = tuple(m.name for m in usable)
         if names != self._usable:
             self._usable, self._usable_since = names, time.monotonic()
         self._planned_over &= set(names)  # a node that died and returns is a joiner again
-        if self.ready.is_set():
+        if self.ring.ready.is_set():
             if not await self._needs_replan():
                 return
             usable = members.usable()
         if not usable:
-            self.reason = self._waiting_for()
+            self.ring.reason = self.waiting_for()
             return
         if time.monotonic() < self._retry_at or not self._may_plan_first(usable):
             return
         await self._assign(usable)
 
-    def _waiting_for(self) -> str:
-        members = self.gw.members
-        return (members.describe(members.expected(), self.epoch)
-                or "no node has registered (none in nodes.toml, none found over mDNS)")
-
     async def _needs_replan(self) -> bool:
         """Take the ring down when it must change (urgently for a lost member, after draining
         for a joiner or leaver): True when it is down now and a plan should follow."""
-        members, live = self.gw.members, self.gw.liveness
-        ring = [members.members[p.node] for p in self.placement]
+        members, live = self.members, self.members.live
+        ring = [members.members[p.node] for p in self.ring.placement]
         broken = [m for m in ring if not live.alive(m.name) or m.beat is None
-                  or m.beat.epoch != self.epoch or (m.left is not None and not m.draining)]
+                  or m.beat.epoch != self.ring.epoch or (m.left is not None and not m.draining)]
         if broken:
-            self._take_down(members.describe(broken, self.epoch), broken)
+            self._take_down(members.describe(broken, self.ring.epoch), broken)
             return True
         leaving = [m for m in ring if m.draining]
         joiners = [m for m in members.usable()
@@ -130,54 +155,50 @@ class Replanner:
         why = "; ".join([f"{m.where()} is leaving ({m.left})" for m in leaving]
                         + [f"{m.where()} joins" for m in joiners])
         log.info("planned re-plan: draining the ring", reason=why)
-        self.gw.scheduler.pause()
+        self.requests.pause()
         deadline = time.monotonic() + DRAIN_WAIT_S
-        while self.gw.scheduler.in_flight and time.monotonic() < deadline and self.ready.is_set():
+        while self.requests.in_flight and time.monotonic() < deadline and self.ring.ready.is_set():
             await asyncio.sleep(0.005)
-        if self.ready.is_set():
+        if self.ring.ready.is_set():
             self._take_down(why, [])
         return True
 
     def _may_plan_first(self, usable: list[Member]) -> bool:
         """Before the first ring: wait for every expected node (up to STARTUP_GRACE_S), and for
         mDNS to settle."""
-        if self.epoch != 0:
+        if self.ring.epoch != 0:
             return True
         now = time.monotonic()
-        if self.gw.discovery and now - self._usable_since < SETTLE_S:
+        if self.discovery and now - self._usable_since < SETTLE_S:
             return False
-        missing = [m for m in self.gw.members.expected() if m not in usable]
+        missing = [m for m in self.members.expected() if m not in usable]
         if missing and now - self._started < STARTUP_GRACE_S:
-            self.reason = self.gw.members.describe(missing, self.epoch)
+            self.ring.reason = self.members.describe(missing, self.ring.epoch)
             return False
         return True
 
     def _take_down(self, reason: str, dead: list[Member]) -> None:
-        self.ready.clear()
-        self.reason, self.rebuilding = reason, True
-        parked = self.gw.scheduler.park()
-        silent = {m.name: round(self.gw.liveness.silent_for(m.name), 3) for m in dead}
+        self.ring.take_down(reason)
+        parked = self.requests.park()
+        silent = {m.name: round(self.members.live.silent_for(m.name), 3) for m in dead}
         self._down = {"at": time.monotonic(), "reason": reason, "parked": parked,
-                      "silent_s": silent, "old_epoch": self.epoch}
-        log.warning("ring down: re-planning", epoch=self.epoch, reason=reason, parked=parked,
+                      "silent_s": silent, "old_epoch": self.ring.epoch}
+        log.warning("ring down: re-planning", epoch=self.ring.epoch, reason=reason, parked=parked,
                     silent_s=silent or None)
 
     async def _assign(self, usable: list[Member]) -> None:
-        members = self.gw.members
+        members = self.members
         try:
             plan = plan_by_memory(members.capacity(usable), self.size)
         except PlacementError as e:
             reason = f"the live nodes cannot hold the model: {e}"
-            if reason != self.reason:
+            if reason != self.ring.reason:
                 log.error("no placement fits", reason=reason, nodes=[m.name for m in usable])
-            self.reason, self.no_capacity = reason, True
-            self.gw.scheduler.fail_all(reason)
+            self.ring.unplaceable(reason)
+            self.requests.fail_all(reason)
             return
-        self.no_capacity = False
         placement = plan.placements
-        # Wall-clock milliseconds, so a restarted gateway never reuses an epoch that stale
-        # messages from its previous life could still carry.
-        self.epoch = epoch = Epoch(max(self.epoch + 1, int(time.time() * 1000)))
+        epoch = self.ring.new_epoch()
         layers = {p.node: f"[{p.start},{p.end})" for p in placement}
         log.info("assigning", epoch=epoch, layers=layers, excluded=plan.excluded or None)
         ring = [members.members[p.node] for p in placement]
@@ -187,23 +208,20 @@ class Replanner:
             nxt = ring[i + 1] if i + 1 < len(ring) else None
             hop = f"tcp://{nxt.address}:{nxt.beat.data_port}" if nxt is not None and nxt.beat else None
             try:
-                await self.gw.send_control(p.node, Assign(epoch, self.gw.model, p.start, p.end,
-                                                          self.gw.n_layers, hop, self.gw.spec.result_port))
+                await self.send_control(p.node, Assign(
+                    epoch=epoch, model=self.served.model, start=p.start, end=p.end,
+                    n_layers=self.served.n_layers, next_hop=hop, result_port=self.served.result_port))
             except (zmq.ZMQError, TimeoutError) as e:
-                self.reason = f"cannot reach {ring[i].where()}: {e or 'send timed out'}"
+                self.ring.reason = f"cannot reach {ring[i].where()}: {e or 'send timed out'}"
                 return
-        self.reason = f"nodes are loading their layers (epoch {epoch})"
+        self.ring.reason = f"nodes are loading their layers (epoch {epoch})"
         if not await self._await_loaded(ring):
             return
         first = ring[0]
-        old, self.push = self.push, sockets.data_push(self.gw.ctx, f"tcp://{first.address}:{first.beat.data_port}")
-        if old is not None:
-            old.close(linger=0)
-        self.placement, self.excluded = placement, dict(plan.excluded)
+        assert first.beat is not None  # usable members have beaten
+        self.ring.bring_up(placement, plan.excluded, f"tcp://{first.address}:{first.beat.data_port}")
         self._planned_over = {m.name for m in usable}
-        self.ready.set()
-        self.reason, self.rebuilding = "", False
-        resumed = self.gw.scheduler.resume()
+        resumed = self.requests.resume()
         self._record(placement, resumed)
         log.info("ring ready", epoch=epoch, layers=layers, resumed=resumed)
         if self.on_ready is not None:
@@ -214,21 +232,21 @@ class Replanner:
         while True:
             failed = [m for m in ring if m.loaded is not None and not m.loaded.ok]
             wrong = [m for m in ring if m.loaded is not None and m.loaded.ok
-                     and m.loaded.fingerprint != self.gw.fingerprint]
+                     and m.loaded.fingerprint != self.served.fingerprint]
             if failed or wrong:
-                self.reason = "; ".join(
+                self.ring.reason = "; ".join(
                     [f"{m.where()} could not load its layers: {m.loaded.detail}" for m in failed if m.loaded]
                     + [f"{m.where()} loaded a different model (fingerprint {m.loaded.fingerprint}, "
-                       f"gateway has {self.gw.fingerprint})" for m in wrong if m.loaded])
+                       f"gateway has {self.served.fingerprint})" for m in wrong if m.loaded])
                 self._retry_at = time.monotonic() + LOAD_RETRY_S
-                log.error("ring not built", reason=self.reason)
+                log.error("ring not built", reason=self.ring.reason)
                 return False
             if all(m.loaded is not None for m in ring):
                 return True
-            dead = [m for m in ring if not self.gw.members.alive(m)]
+            dead = [m for m in ring if not self.members.alive(m)]
             if dead or time.monotonic() > deadline:
-                self.reason = (self.gw.members.describe(dead, self.epoch)
-                               or f"nodes did not load within {LOAD_TIMEOUT_S:.0f}s")
+                self.ring.reason = (self.members.describe(dead, self.ring.epoch)
+                                    or f"nodes did not load within {LOAD_TIMEOUT_S:.0f}s")
                 return False
             self.changed.clear()
             try:
@@ -238,11 +256,11 @@ class Replanner:
                 pass
 
     def _record(self, placement: list[Placement], resumed: int) -> None:
-        entry: dict[str, Any] = {"epoch": self.epoch, "at": time.time(),
-                                 "layers": {p.node: [p.start, p.end] for p in placement},
-                                 "resumed_requests": resumed}
+        entry: Replan = {"epoch": self.ring.epoch, "at": time.time(),
+                         "layers": {p.node: [p.start, p.end] for p in placement},
+                         "resumed_requests": resumed}
         if self._down is not None:
-            entry.update(reason=self._down["reason"], silent_s=self._down["silent_s"],
-                         down_s=round(time.monotonic() - self._down["at"], 3))
+            entry["reason"], entry["silent_s"] = self._down["reason"], self._down["silent_s"]
+            entry["down_s"] = round(time.monotonic() - self._down["at"], 3)
             self._down = None
         self.history = (self.history + [entry])[-HISTORY:]

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import structlog
 import zmq
@@ -34,32 +34,48 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from zmqinfer import sockets
-from zmqinfer.gateway.api import make_app
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing
 from zmqinfer.config import GatewaySpec, NodeSpec
-from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
+from zmqinfer.gateway.api import make_app
 from zmqinfer.gateway.membership import Member, Membership
-from zmqinfer.model.resolve import model_fingerprint
-from zmqinfer.gateway.planner import Replanner
+from zmqinfer.gateway.planner import Planner, Served
+from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
+from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
+from zmqinfer.model.resolve import model_fingerprint, read_config
 from zmqinfer.model.shards import model_size
 from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping, Pong,
-                   Release, Sample, Sampled, SamplingParams, StepFailed, WireError, decode, encode)
+from zmqinfer.wire import (
+    NO_GROUP,
+    Bye,
+    Forward,
+    GatewayBeat,
+    Heartbeat,
+    Loaded,
+    Message,
+    NodeId,
+    Ping,
+    Pong,
+    Sample,
+    Sampled,
+    SamplingParams,
+    StepFailed,
+    WireError,
+    decode,
+    encode,
+)
 
 log = structlog.get_logger()
 
-SEND_TIMEOUT_S = 5.0  # node 0 not taking data for this long means it is gone
 PING_TIMEOUT_S = 1.0
 PROBE_TIMEOUT_S = 5.0
-# A ring being rebuilt (detection + loading) makes new requests wait this long, not READY_WAIT_S.
-REPLAN_READY_WAIT_S = 60.0
 # SIGTERM: requests in flight get this long to finish; the rest end with a clean error event.
 SHUTDOWN_GRACE_S = 20.0
 
 
 class Gateway:
     def __init__(self, spec: GatewaySpec, model: str, model_path: Path, nodes: list[NodeSpec],
-                 counts: list[int | None] | None = None, api_keys: frozenset[str] = frozenset(),
+                 counts: Sequence[int | None] | None = None, api_keys: frozenset[str] = frozenset(),
                  on_ready: Callable[[list[Any]], None] | None = None,
                  model_id: str | None = None, discovery: bool = False,
                  interfaces: tuple[str, ...] = ()) -> None:
@@ -69,7 +85,7 @@ class Gateway:
         self.spec, self.model, self.model_path = spec, model, model_path
         self.model_id = model_id or model  # the name clients see in /v1/models
         self.api_keys = api_keys
-        cfg = json.loads((model_path / "config.json").read_text())
+        cfg = read_config(model_path)
         self.n_layers = int(cfg["num_hidden_layers"])
         self.context_length = int(cfg.get("max_position_embeddings", 4096))
         self.fingerprint = model_fingerprint(model_path)
@@ -77,75 +93,40 @@ class Gateway:
         self.liveness: Liveness[NodeId] = Liveness()
         self.members = Membership(nodes, self.liveness, counts)
         self.discovery, self.interfaces = discovery, interfaces
-        self.scheduler = Scheduler(self, set(self.tokenizer.eos_token_ids))
         self.ctx = sockets.context()
+        self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "")
+        self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids))
         self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}")
         self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}")
-        self.planner = Replanner(self, model_size(model_path), on_ready)
-        self.closing = False
+        self.planner = Planner(self.ring, self.members, self.scheduler, self.send_control,
+                               Served(model, self.n_layers, self.fingerprint, spec.result_port),
+                               model_size(model_path), discovery=discovery, on_ready=on_ready)
+        self.ring.reason = self.planner.waiting_for()
         self._nonces = itertools.count(1)
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
 
-    # ---- the Ring the scheduler drives --------------------------------------------------------
-
-    @property
-    def epoch(self) -> Epoch:
-        return self.planner.epoch
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.planner.placement)
-
-    async def wait_ready(self, timeout: float) -> None:
-        p = self.planner
-        if self.closing:
-            raise RingUnavailable("the gateway is shutting down")
-        if p.no_capacity:
-            raise RingUnavailable(p.reason)  # no use waiting: only a returning node helps
-        if p.rebuilding:
-            timeout = max(timeout, REPLAN_READY_WAIT_S)
-        try:
-            async with asyncio.timeout(timeout):
-                await p.ready.wait()
-        except TimeoutError:
-            raise RingUnavailable(f"the ring is not ready: {p.reason}") from None
-        if self.closing:
-            raise RingUnavailable("the gateway is shutting down")
-
-    async def send(self, msg: Forward | Release) -> None:
-        p = self.planner
-        push = p.push
-        if not p.ready.is_set() or push is None or msg.epoch != p.epoch:
-            raise RingUnavailable(f"the ring is not ready: {p.reason}")
-        try:
-            if not await sockets.send(push, encode(msg), SEND_TIMEOUT_S):
-                raise RingUnavailable("the ring was re-planned while this step waited")
-        except TimeoutError:
-            first = self.members.members[p.placement[0].node]
-            raise RingUnavailable(f"{first.where()} did not accept data within {SEND_TIMEOUT_S:.0f}s") from None
-
     # ---- Backend for the API ----------------------------------------------------------------
 
     def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 request_id: str) -> AsyncIterator[Sample]:
+                 request_id: str) -> AsyncGenerator[Sample, None]:
         return self.scheduler.generate(prompt, params, max_tokens, request_id)
 
-    def cluster_status(self) -> dict[str, Any]:
-        p = self.planner
-        ready = p.ready.is_set()
-        nodes = self.members.rows(p.placement, p.epoch)
+    def cluster_status(self) -> ClusterStatus:
+        ring = self.ring
+        ready = ring.ready.is_set()
+        nodes = self.members.rows(ring.placement, ring.epoch)
         for row in nodes:
-            if row["name"] in p.excluded:
-                row["excluded"] = p.excluded[row["name"]]
-        return {"ready": ready, "reason": "" if ready else p.reason, "model": self.model_id,
-                "n_layers": self.n_layers, "epoch": p.epoch, "active_requests": self.scheduler.active,
-                "replans": p.history[-5:], "nodes": nodes}
+            if row["name"] in ring.excluded:
+                row["excluded"] = ring.excluded[NodeId(row["name"])]
+        return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
+                "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": self.scheduler.active,
+                "replans": self.planner.history[-5:], "nodes": nodes}
 
-    async def cluster_ping(self) -> dict[str, Any]:
-        async def one(name: NodeId) -> dict[str, Any]:
+    async def cluster_ping(self) -> ClusterPing:
+        async def one(name: NodeId) -> NodePing:
             m = self.members.members[name]
-            out: dict[str, Any] = {"name": name, "address": m.address}
+            out: NodePing = {"name": name, "address": m.address}
             try:
                 out["control_ms"] = round(await self._ping(name), 3)
             except (TimeoutError, zmq.ZMQError):
@@ -153,9 +134,9 @@ class Gateway:
             return out
 
         nodes = await asyncio.gather(*(one(n) for n in self.members.order))
-        result: dict[str, Any] = {"nodes": nodes, "ring_ms": None}
-        if not self.planner.ready.is_set():
-            result["ring_error"] = f"the ring is not ready: {self.planner.reason}"
+        result: ClusterPing = {"nodes": list(nodes), "ring_ms": None}
+        if not self.ring.ready.is_set():
+            result["ring_error"] = f"the ring is not ready: {self.ring.reason}"
             return result
         try:
             result["ring_ms"] = round(await self._probe(), 3)
@@ -181,7 +162,8 @@ class Gateway:
         fut = self._probes[step] = asyncio.get_running_loop().create_future()
         try:
             t0 = time.perf_counter()
-            await self.send(Forward(self.epoch, step, (), -1, tokens_to_wire([])))
+            await self.ring.send(Forward(epoch=self.ring.epoch, step=step, chunks=(), group=NO_GROUP,
+                                         tokens=tokens_to_wire([])))
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 await fut
             return (time.perf_counter() - t0) * 1000
@@ -212,9 +194,9 @@ class Gateway:
             if directory is not None:
                 await directory.close()
             await runner.cleanup()
-            for s in (self.control, self.results, self.planner.push):
-                if s is not None:
-                    s.close(linger=0)
+            self.ring.close()
+            for s in (self.control, self.results):
+                s.close(linger=0)
             self.ctx.term()
 
     async def _start_directory(self) -> Any:
@@ -225,7 +207,8 @@ class Gateway:
         from zmqinfer.mdns.presence import GatewayDirectory
 
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54] or "host"
-        ad = NodeAd(NodeId(f"gateway-{host}"), self.spec.result_port, 0, 0, "gateway", self.fingerprint,
+        ad = NodeAd(node_id=NodeId(f"gateway-{host}"), data_port=self.spec.result_port, mem_total=0,
+                    mem_free=0, device="gateway", fingerprint=self.fingerprint,
                     control_port=self.spec.control_port, role="gateway")
         directory = GatewayDirectory([n.host for n in self.members.static if n.host], self.interfaces, ad)
         try:
@@ -239,7 +222,7 @@ class Gateway:
     async def _finish_requests(self) -> None:
         """Shutdown: no new requests; those in flight get SHUTDOWN_GRACE_S to finish, then the
         rest end with a clean error (their streams get an error event, not a reset)."""
-        self.closing = True
+        self.ring.closing = True
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         if self.scheduler.active:
             log.info("finishing requests in flight", requests=self.scheduler.active)
@@ -261,7 +244,7 @@ class Gateway:
             for m in self.members.members.values():
                 if self.liveness.alive(m.name):
                     try:  # a full pipe (frozen node) must not delay the others' beats
-                        await self.control.send_multipart([m.name.encode(), *encode(GatewayBeat(self.epoch))],
+                        await self.control.send_multipart([m.name.encode(), *encode(GatewayBeat(self.ring.epoch))],
                                                           flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # gone or frozen: its own silence is what the planner acts on
@@ -278,9 +261,10 @@ class Gateway:
                 continue
             name = NodeId(ident)
             if isinstance(msg, Heartbeat):
-                if self.members.on_beat(name, msg, frames[1].get("Peer-Address")) is None:
+                peer = str(frames[1].get("Peer-Address"))  # libzmq's metadata: always a string
+                if self.members.on_beat(name, msg, peer) is None:
                     log.warning("heartbeat from a node neither in nodes.toml nor found over mDNS",
-                                node=ident, peer=frames[1].get("Peer-Address"))
+                                node=ident, peer=peer)
                 continue
             m = self.members.members.get(name)
             if m is None:
@@ -289,7 +273,7 @@ class Gateway:
 
     def _on_control(self, m: Member, msg: Message) -> None:
         match msg:
-            case Loaded() if msg.epoch == self.epoch:
+            case Loaded() if msg.epoch == self.ring.epoch:
                 self.members.on_loaded(m, msg)
                 self.planner.changed.set()
             case Pong():

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from zmqinfer.gateway.validate import DEFAULT_MAX_TOKENS, ChatRequest, CompletionRequest, Message, RequestError, param_error
+from zmqinfer.gateway.validate import (
+    DEFAULT_MAX_TOKENS,
+    ChatRequest,
+    CompletionRequest,
+    Message,
+    RequestError,
+    param_error,
+)
 
 
 @dataclass(frozen=True)

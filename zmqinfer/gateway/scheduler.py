@@ -16,7 +16,7 @@ for prefill), which is what the credits count.
 Prefill is cut exactly as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK
 (chunks over all but the last prompt token; the last token is the first decode step), so a
 request alone in the ring is token-identical to a single-process mlx-lm run. Batched with
-others, its logits agree to float rounding (stage.py), so only an exact near-tie could differ.
+others, its logits agree to float rounding (node/stage.py), so only an exact near-tie could differ.
 
 Only the pump task sends on the ring, so messages leave in the order they were decided and a
 cancelled HTTP handler can never leave a half-sent step behind. Release of a sequence's KV
@@ -35,12 +35,23 @@ import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, Protocol
 
 import structlog
 
 from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import Chunk, Epoch, Forward, Release, Sample, Sampled, SamplingParams, SeqId, StepFailed
+from zmqinfer.wire import (
+    NO_GROUP,
+    Chunk,
+    Epoch,
+    Forward,
+    Release,
+    Sample,
+    Sampled,
+    SamplingParams,
+    SeqId,
+    StepFailed,
+)
 
 log = structlog.get_logger()
 
@@ -76,11 +87,13 @@ class RingTimeout(Exception):
     """The ring stopped answering for a request within its deadline: 504."""
 
 
-class Ring(Protocol):
-    """What the scheduler needs from the gateway's ring state."""
+class RingPort(Protocol):
+    """What the scheduler needs from the ring (gateway/ring.py)."""
 
-    epoch: Epoch
-    n_stages: int
+    @property
+    def epoch(self) -> Epoch: ...
+    @property
+    def n_stages(self) -> int: ...
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
@@ -118,7 +131,7 @@ class _Group:
 
 
 class Scheduler:
-    def __init__(self, ring: Ring, eos_ids: set[int]) -> None:
+    def __init__(self, ring: RingPort, eos_ids: set[int]) -> None:
         self.ring = ring
         self.eos_ids = eos_ids
         self._seqs: dict[SeqId, _Seq] = {}
@@ -127,7 +140,7 @@ class Scheduler:
         self._groups: dict[int, _Group] = {}
         self._prefilling: deque[_Seq] = deque()  # waiting for (more) prefill chunks to be sent
         self._prefill_in_flight = 0
-        self._acks: dict[int, tuple[str, int]] = {}  # step -> ("group", id) | ("prefill", 0)
+        self._acks: dict[int, int] = {}  # step in flight -> its group, NO_GROUP for a prefill chunk
         self._releases: list[tuple[Epoch, SeqId]] = []
         self._parked: list[_Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
@@ -148,7 +161,7 @@ class Scheduler:
     # ---- the request side -------------------------------------------------------------------
 
     async def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
-                       request_id: str = "") -> AsyncIterator[Sample]:
+                       request_id: str = "") -> AsyncGenerator[Sample, None]:
         """Yield one Sample per generated token; stop after max_tokens or an EOS token (yielded).
         Closing the iterator early ends the sequence and frees its caches along the ring."""
         if not prompt:
@@ -219,10 +232,10 @@ class Scheduler:
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
     def on_sampled(self, msg: Sampled) -> None:
-        kind, gid = self._acks.pop(msg.step, ("?", 0))
-        if kind == "prefill":
+        gid = self._acks.pop(msg.step, None)
+        if gid == NO_GROUP:
             self._prefill_in_flight -= 1
-        elif kind == "group":
+        elif gid is not None:
             self._groups[gid].in_flight = False
         for s in msg.samples:
             seq = self._seqs.get(s.seq)
@@ -303,7 +316,7 @@ class Scheduler:
                         if not seq.done and seq.epoch == msg.epoch:
                             seq.queue.put_nowait(e)
                     if isinstance(msg, Forward):  # it never left: give its group/credit back
-                        self.on_sampled(Sampled(msg.epoch, msg.step, ()))
+                        self.on_sampled(Sampled(epoch=msg.epoch, step=msg.step, samples=()))
 
     def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
         out: list[tuple[Forward | Release, list[_Seq]]] = []
@@ -325,9 +338,10 @@ class Scheduler:
                 seq.params_sent = True
                 toks.append(seq.next_token)
             step = self.next_step()
-            self._acks[step] = ("group", gid)
+            self._acks[step] = gid
             g.in_flight = True
-            out.append((Forward(epoch, step, tuple(chunks), gid, tokens_to_wire(toks)), list(g.members)))
+            out.append((Forward(epoch=epoch, step=step, chunks=tuple(chunks), group=gid,
+                                tokens=tokens_to_wire(toks)), list(g.members)))
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
@@ -336,9 +350,10 @@ class Scheduler:
                           params=None if seq.params_sent else seq.params)
             seq.params_sent = True
             step = self.next_step()
-            self._acks[step] = ("prefill", 0)
+            self._acks[step] = NO_GROUP
             self._prefill_in_flight += 1
-            out.append((Forward(epoch, step, (chunk,), -1, tokens_to_wire(toks)), [seq]))
+            out.append((Forward(epoch=epoch, step=step, chunks=(chunk,), group=NO_GROUP,
+                                tokens=tokens_to_wire(toks)), [seq]))
             if seq.prefill:
                 self._prefilling.append(seq)  # round robin: one long prompt doesn't starve others
             else:

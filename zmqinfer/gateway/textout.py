@@ -33,8 +33,11 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mlx_lm.tokenizer_utils import (BPEStreamingDetokenizer, SPMStreamingDetokenizer,
-                                    TokenizerWrapper)
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    TokenizerWrapper,
+)
 
 from zmqinfer.wire import Sample
 
@@ -148,7 +151,7 @@ class TextStream:
                                  tuple((self._texts(t.token), t.logprob) for t in sample.top),
                                  start)
             self._entries.append((entry, start + len(segment)))
-        final = "length" if self.completion_tokens >= self._max_tokens else None
+        final: FinishReason | None = "length" if self.completion_tokens >= self._max_tokens else None
         return self._advance(segment, final)
 
     def finish(self) -> Delta:

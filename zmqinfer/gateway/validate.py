@@ -18,8 +18,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-
+from typing import Any, Literal, TypeVar
 
 from zmqinfer.wire import SamplingParams
 
@@ -107,6 +106,15 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 def param_error(name: str, message: str, code: str = "invalid_value") -> RequestError:
     return RequestError(f"{name} {message}", param=name, code=code)
+
+
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None) -> _T:
+    """A parameter read with a non-None default is never None."""
+    assert value is not None
+    return value
 
 
 def _number(body: Mapping[str, Any], name: str, default: float | None, lo: float, hi: float,
@@ -225,10 +233,10 @@ def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
 
     seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
     sampling = SamplingParams(
-        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        temperature=_given(_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0)),
+        top_p=_given(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
+        top_k=_given(_integer(body, "top_k", 0, 0)),
+        min_p=_given(_number(body, "min_p", 0.0, 0.0, 1.0)),
         # OpenAI seeds are signed 64-bit; mlx keys are unsigned: the same bits either way.
         seed=None if seed is None else seed % (1 << 64),
         # Penalties stay None (not a neutral value) when absent: the sampler then skips them.

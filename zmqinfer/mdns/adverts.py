@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from zmqinfer.config import NODE_NAME
 from zmqinfer.wire import PROTOCOL_VERSION, NodeId
 
 PROTOCOL = PROTOCOL_VERSION.decode()
@@ -25,7 +26,7 @@ MAX_VALUE_BYTES = 255  # one DNS character-string
 REANNOUNCE_FREE_FRACTION = 0.05
 # What each text field of an ad must look like (the numbers are checked by _int).
 _TEXT_RULES = {
-    "id": (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"), "1-63 letters, digits, '.', '_', '-'"),
+    "id": (NODE_NAME, "1-63 letters, digits, '.', '_', '-'"),
     "proto": (re.compile(r"[ -~]{1,32}"), "a protocol version"),
     "role": (re.compile(r"node|gateway"), "'node' or 'gateway'"),
     "dev": (re.compile(r"[ -~]{0,128}"), "printable ASCII, at most 128 characters"),
@@ -46,7 +47,7 @@ class NodeAd:
     mem_total: int  # bytes
     mem_free: int  # bytes available for weights and KV caches
     device: str  # e.g. "gpu (Darwin arm64, 10 cores)"
-    fingerprint: str = ""  # model.model_fingerprint of the loaded model; "" = none loaded yet
+    fingerprint: str = ""  # model.resolve.model_fingerprint of the loaded model; "" = none loaded yet
     control_port: int | None = None  # a gateway's control port (nodes have none today)
     pubkey: str | None = None  # CurveZMQ public key (Z85) once encryption lands
     role: Role = "node"
@@ -91,10 +92,11 @@ class NodeAd:
         if mem_free > mem_total:
             raise AdError(f"free memory {mem_free} exceeds total {mem_total}")
         role: Role = "gateway" if txt.get("role") == "gateway" else "node"
-        return NodeAd(NodeId(txt["id"]), _int(txt, "dport", 1, 65535), mem_total, mem_free,
-                      txt.get("dev", ""), txt.get("fp", ""),
-                      _int(txt, "cport", 1, 65535) if "cport" in txt else None, txt.get("pk"),
-                      role, txt["proto"])
+        return NodeAd(node_id=NodeId(txt["id"]), data_port=_int(txt, "dport", 1, 65535),
+                      mem_total=mem_total, mem_free=mem_free, device=txt.get("dev", ""),
+                      fingerprint=txt.get("fp", ""),
+                      control_port=_int(txt, "cport", 1, 65535) if "cport" in txt else None,
+                      pubkey=txt.get("pk"), role=role, protocol=txt["proto"])
 
 
 def _int(txt: dict[str, str], key: str, lo: int, hi: int) -> int:
@@ -111,3 +113,11 @@ def worth_reannouncing(old: NodeAd, new: NodeAd) -> bool:
     return abs(old.mem_free - new.mem_free) >= REANNOUNCE_FREE_FRACTION * max(new.mem_total, 1)
 
 
+def refusal(ad: NodeAd, protocol: str = PROTOCOL, fingerprint: str = "") -> str | None:
+    """Why the gateway must not use this node, or None. An empty fingerprint on either side
+    means "not known yet" (a node learns its model from its assignment) and is not a refusal."""
+    if ad.protocol != protocol:
+        return f"speaks protocol {ad.protocol!r}, this gateway speaks {protocol!r}"
+    if ad.fingerprint and fingerprint and ad.fingerprint != fingerprint:
+        return f"serves model {ad.fingerprint}, this gateway serves {fingerprint}"
+    return None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +29,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from zeroconf import (AddressResolverIPv4, BadTypeInNameException, InterfaceChoice, IPVersion,
-                      NonUniqueNameException, ServiceInfo, ServiceStateChange, Zeroconf)
+from zeroconf import (
+    AddressResolverIPv4,
+    BadTypeInNameException,
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from zmqinfer.config import LOCAL_HOST
 from zmqinfer.mdns.adverts import AdError, NodeAd, worth_reannouncing
 from zmqinfer.wire import NodeId
 
@@ -50,7 +58,6 @@ DUPLICATE_CHECK_S = 1.5
 # RFC 6762 suggests 120 s for host records; we use it for all records so a node that died
 # without a goodbye leaves browsers' caches within two minutes instead of 75.
 RECORD_TTL_S = 120
-_LOCAL_NAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local\.?$")
 
 
 
@@ -142,7 +149,7 @@ class Advertiser:
         addresses = list(interfaces) if interfaces else [ip for ip, _ in _local_networks()]
         base = host_name or socket.gethostname().split(".")[0]  # macOS: "mini2.local" -> "mini2"
         host = base.rstrip(".").removesuffix(".local") + ".local."
-        if not _LOCAL_NAME.match(host):
+        if not LOCAL_HOST.fullmatch(host.removesuffix(".")):
             raise DiscoveryError(f"host name {host!r} is not a valid .local name")
         if not addresses:
             raise DiscoveryError("this host has no IPv4 address to advertise")
@@ -248,7 +255,10 @@ class Browser:
         self._tasks.clear()
         await self._close_own()
 
-    _close_own = Advertiser._close_own  # same rule: close the zeroconf only if we opened it
+    async def _close_own(self) -> None:  # the Advertiser's rule: close the zeroconf only if we opened it
+        if self._given is None and self.aiozc is not None:
+            aiozc, self.aiozc = self.aiozc, None
+            await close_zeroconf(aiozc)
 
     async def __aenter__(self) -> Browser:
         return self
@@ -342,7 +352,7 @@ async def resolve_local_name(aiozc: AsyncZeroconf, name: str,
     Only `.local` names are accepted (ValueError otherwise): anything else would need a real
     DNS server, and this function must never fall back to the system resolver."""
     fqdn = name.rstrip(".") + "."
-    if not _LOCAL_NAME.match(fqdn):
+    if not LOCAL_HOST.fullmatch(fqdn.removesuffix(".")):
         raise ValueError(f"{name!r} is not a .local host name")
     resolver = AddressResolverIPv4(fqdn)
     try:

@@ -23,10 +23,18 @@ from types import MappingProxyType
 import structlog
 from zeroconf.asyncio import AsyncZeroconf
 
-from zmqinfer.mdns.adverts import NodeAd, worth_reannouncing
-from zmqinfer.mdns.discovery import (SERVICE_TYPE, Advertiser, Browser, Discovered, DiscoveryError,
-                        DuplicateNodeId, close_zeroconf, open_zeroconf, resolve_local_name)
-from zmqinfer.gateway.placement import refusal
+from zmqinfer.mdns.adverts import NodeAd, refusal, worth_reannouncing
+from zmqinfer.mdns.discovery import (
+    SERVICE_TYPE,
+    Advertiser,
+    Browser,
+    Discovered,
+    DiscoveryError,
+    DuplicateNodeId,
+    close_zeroconf,
+    open_zeroconf,
+    resolve_local_name,
+)
 from zmqinfer.wire import NodeId
 
 log = structlog.get_logger()

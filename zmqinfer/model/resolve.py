@@ -32,11 +32,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
-
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -70,6 +69,12 @@ class ModelNotFound(Exception):
     """The requested model is not available locally; the message says how to make it so."""
 
 
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """An mlx-lm directory's config.json."""
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return config
+
+
 def cache_root() -> Path:
     """Where zmqinfer keeps converted models: ``$ZMQINFER_CACHE`` or ``~/.cache/zmqinfer``."""
     return Path(os.environ.get("ZMQINFER_CACHE") or "~/.cache/zmqinfer").expanduser()
@@ -77,14 +82,9 @@ def cache_root() -> Path:
 
 def platform_dtype() -> str:
     """The dtype the embedded model is converted to on this machine."""
-    # mlx's CPU backend (Linux) sends float32 matmuls to BLAS but runs half types and
-    # quantized matmuls in generic kernels. Measured single-stream greedy decode of the
-    # embedded SmolLM2-135M, 64 tokens, 2-core x86-64 VM, best of 3, tok/s without / with
-    # LD_PRELOAD=libopenblas.so.0: float32 5.3/8.6, bfloat16 4.5/4.8, float16 1.7/1.4,
-    # GGUF Q4_1 kept quantized 4.8/5.6; prompt prefill float32 takes 5.4 s / 0.5 s, every
-    # other variant 2.5-5 s either way. On a GPU (Metal) memory bandwidth dominates, so the
-    # half-size bfloat16 (mlx-lm's usual dtype) is the choice there. Caveat: bfloat16 compute
-    # flips near-tied greedy picks of this small model (CPU bf16: "Paris" question -> French).
+    # mlx's CPU backend (Linux) sends float32 matmuls to BLAS but runs half types and quantized
+    # matmuls in generic kernels, so float32 is fastest there (measurements: README, "Why these
+    # settings"); on a GPU memory bandwidth dominates and half-size bfloat16 wins.
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
@@ -146,7 +146,7 @@ def model_fingerprint(path: Path) -> str:
     that downloaded only its shard (fetch_shard) has the same fingerprint as a full copy.
     """
     path = Path(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     if (path / WEIGHT_INDEX).is_file():
         index = json.loads((path / WEIGHT_INDEX).read_text(encoding="utf-8"))
@@ -175,7 +175,7 @@ def _embedded_gguf() -> Path:
 
 def _is_converted(dest: Path) -> bool:
     try:
-        config = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+        config = read_config(dest)
     except (OSError, ValueError):
         return False
     return (config.get("zmqinfer", {}).get("converter_version") == _CONVERTER_VERSION
@@ -203,16 +203,6 @@ def _ensure_embedded(dtype: str, progress: _Progress | None) -> Path:
         return _convert(gguf, dest, dtype, progress)
 
 
-def convert_embedded(dest: Path, dtype: str,
-                     progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Convert the embedded GGUF into an mlx-lm directory at ``dest`` (replacing it) and
-    return ``dest``. ``dtype`` is an mlx dtype name such as "float32" or "bfloat16"."""
-    gguf = _embedded_gguf()
-    dest = Path(dest)
-    with _conversion_lock(dest):
-        return _convert(gguf, dest, dtype, progress)
-
-
 def _convert(gguf: Path, dest: Path, dtype: str, progress: _Progress | None) -> Path:
     target = getattr(mx, dtype, None)
     if not isinstance(target, mx.Dtype) or not mx.issubdtype(target, mx.floating):
@@ -224,7 +214,9 @@ def _convert(gguf: Path, dest: Path, dtype: str, progress: _Progress | None) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared $ZMQINFER_CACHE from other users
     try:
-        tensors, metadata = mx.load(str(gguf), return_metadata=True)
+        # A GGUF loads as (tensors, metadata); mlx's stub types every load result alike.
+        tensors, metadata = cast(tuple[dict[str, mx.array], dict[str, Any]],
+                                 mx.load(str(gguf), return_metadata=True))
         weights = _convert_weights(tensors, target, report)
         tied = "lm_head.weight" not in weights
         config = _model_config(metadata, dtype, tied)
@@ -329,7 +321,14 @@ def _model_config(metadata: dict[str, Any], dtype: str, tied: bool) -> dict[str,
 
 
 def _write_tokenizer(metadata: dict[str, Any], dest: Path, max_length: int) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     if metadata.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError("embedded GGUF tokenizer is not byte-level BPE ('gpt2')")

@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
-from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound
-from zmqinfer.gateway.placement import ModelSize
+from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, read_config
+from zmqinfer.model.size import ModelSize
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
 # Everything of a hub model except its weights (mlx_lm.utils.sharded_load fetches the same).
@@ -63,7 +62,7 @@ def shard_weight_files(model: Path | str, start: int, end: int, n_layers: int | 
         return sorted(p.name for p in path.glob("model*.safetensors"))
     if n_layers is None:
         config_dir = path.parent if path.is_file() else path
-        config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_config(config_dir)
         n_layers = int(config["num_hidden_layers"])
     if tied is None:
         tied = not any(name.startswith("lm_head.") for name in weight_map)
@@ -97,7 +96,7 @@ def fetch_shard(repo_id: str, start: int, end: int | None, *, revision: str | No
 
     meta = download(_META_PATTERNS, "the config, tokenizer and weight index")
     if end is None:
-        end = int(json.loads((meta / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+        end = int(read_config(meta)["num_hidden_layers"])
     weights = (shard_weight_files(meta, start, end) if (meta / WEIGHT_INDEX).is_file()
                else ["model*.safetensors"])
     return download([*_META_PATTERNS, *weights], f"{', '.join(weights)} (layers [{start}, {end}))")
@@ -116,7 +115,7 @@ def load_shard_model(path: Path, start: int, end: int) -> tuple[Any, dict[str, A
     from mlx_lm.utils import load_model
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
     n = int(config["num_hidden_layers"])
     weight_map = _weight_map(path)
     lo, hi = min(max(start, 0), n), min(max(end, 0), n)
@@ -146,7 +145,7 @@ def load_shard_model(path: Path, start: int, end: int) -> tuple[Any, dict[str, A
 def model_size(path: Path) -> ModelSize:
     """ring.ModelSize of a local model, from the safetensors headers alone (no weights read)."""
     path = Path(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
     n = int(config["num_hidden_layers"])
     layers: dict[int, int] = {}
     parts = {"embed": 0, "head": 0, "shared": 0}

@@ -32,11 +32,29 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import sockets
-from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
-from zmqinfer.wire import (Assign, Bye, Epoch, Forward, GatewayBeat, Heartbeat, Loaded, Message, NodeId, Ping,
-                   Pong, Release, Sampled, StepFailed, WireError, decode, encode)
+from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node.worker import Worker
+from zmqinfer.wire import (
+    Assign,
+    Bye,
+    Epoch,
+    Forward,
+    GatewayBeat,
+    Heartbeat,
+    Loaded,
+    Message,
+    NodeId,
+    Ping,
+    Pong,
+    Release,
+    Sampled,
+    SeqId,
+    StepFailed,
+    WireError,
+    decode,
+    encode,
+)
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -44,9 +62,6 @@ T = TypeVar("T")
 CONTROL_SEND_TIMEOUT_S = 2.0  # a control message older than this is no longer worth sending
 # How often idle KV caches are swept (stage.IDLE_CACHE_SECONDS says when one is idle).
 EXPIRE_EVERY_S = 30.0
-# A hop that cannot take a message for this long is treated as down; the step fails loudly
-# (StepFailed to the gateway) instead of waiting forever behind a dead peer.
-SEND_TIMEOUT_S = 10.0
 # SIGTERM: how long the node keeps serving while the gateway re-plans without it.
 DRAIN_TIMEOUT_S = 30.0
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
@@ -183,8 +198,8 @@ class Node:
 
     def _ad(self, vm: Any) -> NodeAd:
         total, free = self._memory(vm, psutil.Process().memory_info().rss)
-        return NodeAd(self.opts.name, self.opts.data_port, total, free, self._device,
-                      self.worker.fingerprint)
+        return NodeAd(node_id=self.opts.name, data_port=self.opts.data_port, mem_total=total,
+                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint)
 
     async def _beat(self) -> None:
         proc = psutil.Process()
@@ -268,16 +283,19 @@ class Node:
                 await self._mlx(self.worker.load, a.model, a.start, a.end)
             except Exception as e:  # any load failure is reported to the gateway, not fatal here
                 self.log.error("load failed", error=str(e))
-                await self._send_control(Loaded(a.epoch, self.opts.name, False, f"{type(e).__name__}: {e}",
-                                                "", 0, psutil.Process().memory_info().rss, 0.0))
+                await self._send_control(Loaded(
+                    epoch=a.epoch, node=self.opts.name, ok=False, detail=f"{type(e).__name__}: {e}",
+                    fingerprint="", shard_bytes=0, rss_bytes=psutil.Process().memory_info().rss,
+                    load_seconds=0.0))
                 return
             self._connect_out(a)
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
                       seconds=round(time.monotonic() - t0, 2))
-        await self._send_control(Loaded(a.epoch, self.opts.name, True, "", self.worker.fingerprint,
-                                        self.worker.shard_bytes, rss, time.monotonic() - t0))
+        await self._send_control(Loaded(
+            epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
+            shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0))
 
     def _connect_out(self, a: Assign) -> None:
         if self.out is not None:
@@ -307,32 +325,37 @@ class Node:
             if isinstance(msg, Release):
                 await self._mlx(self.worker.release, msg.seqs)
                 if self.assignment is not None and self.assignment.next_hop is not None:
-                    await self._send_out(msg, msg.seqs, -1)
+                    await self._send_out(msg, msg.seqs, None)
                 continue
             try:
                 out, failures = await self._mlx(self.worker.run, msg)
             except Exception as e:  # a bug must cost this step, not the node and every request on it
                 self.log.exception("step crashed", step=msg.step)
                 seqs = tuple(c.seq for c in msg.chunks)
-                await self._send_control(StepFailed(msg.epoch, msg.step, self.opts.name, seqs,
-                                                    f"internal error: {type(e).__name__}: {e}"))
+                await self._step_failed(msg.epoch, msg.step, seqs, f"internal error: {type(e).__name__}: {e}")
                 continue
             for seqs, reason in failures:
                 self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
-                await self._send_control(StepFailed(msg.epoch, msg.step, self.opts.name, seqs, reason))
+                await self._step_failed(msg.epoch, msg.step, seqs, reason)
             await self._send_out(out, tuple(c.seq for c in msg.chunks), msg.step)
 
-    async def _send_out(self, msg: Forward | Sampled | Release, seqs: tuple, step: int) -> None:
+    async def _step_failed(self, epoch: Epoch, step: int, seqs: tuple[SeqId, ...], reason: str) -> None:
+        await self._send_control(StepFailed(epoch=epoch, step=step, node=self.opts.name, seqs=seqs,
+                                            reason=reason))
+
+    async def _send_out(self, msg: Forward | Sampled | Release, seqs: tuple[SeqId, ...],
+                        step: int | None) -> None:
+        """`step`: the Forward's step, to report a failed send; None for a Release."""
         assert self.out is not None
         try:
-            if not await sockets.send(self.out, encode(msg), SEND_TIMEOUT_S):
+            if not await sockets.send(self.out, encode(msg), sockets.NEXT_HOP_SEND_TIMEOUT_S):
                 self.log.debug("dropped a stale message: re-assigned while sending", step=step)
         except TimeoutError:
             where = self.assignment.next_hop if self.assignment and self.assignment.next_hop else "gateway"
-            reason = f"{self.opts.name}: could not send to {where} within {SEND_TIMEOUT_S:.0f}s"
+            reason = f"{self.opts.name}: could not send to {where} within {sockets.NEXT_HOP_SEND_TIMEOUT_S:.0f}s"
             self.log.error("send timed out", to=where, step=step)
-            if step >= 0:
-                await self._send_control(StepFailed(self.epoch, step, self.opts.name, seqs, reason))
+            if step is not None:
+                await self._step_failed(self.epoch, step, seqs, reason)
 
 
 async def run_node(opts: NodeOptions) -> int:

@@ -11,9 +11,15 @@ travel the ring with each chunk. Runs on the mlx thread only.
 from __future__ import annotations
 
 import secrets
+from typing import cast
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+)
 
 from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
@@ -39,7 +45,7 @@ class SeqSampler:
     def observe(self, tokens: mx.array) -> None:
         """Every token that enters the sequence, in order (prompt chunks and sampled tokens)."""
         if self._processors:
-            self._history.extend(tokens.tolist())
+            self._history.extend(_ints(tokens))
             del self._history[: -self.params.penalty_context]
 
     @property
@@ -68,7 +74,7 @@ class SeqSampler:
                 filtered = apply_top_k(filtered, p.top_k)
             self._key, draw = mx.random.split(self._key)
             token = mx.random.categorical(filtered * (1.0 / p.temperature), key=draw)
-        tok = int(token.item())
+        tok = _ints(token.reshape(-1))[0]
         lp = logprobs[0]
         top: tuple[TokenLogprob, ...] = ()
         if p.top_logprobs > 0:
@@ -76,9 +82,8 @@ class SeqSampler:
             ids = mx.argpartition(-lp, kth=k - 1)[:k]
             vals = lp[ids]
             order = mx.argsort(-vals)
-            top = tuple(TokenLogprob(int(i), float(v))
-                        for i, v in zip(ids[order].tolist(), vals[order].tolist()))
-        return Sample(self.seq, tok, float(lp[tok].item()), top)
+            top = tuple(TokenLogprob(i, v) for i, v in zip(_ints(ids[order]), _floats(vals[order])))
+        return Sample(self.seq, tok, _floats(lp[tok : tok + 1])[0], top)
 
 
 def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
@@ -91,9 +96,18 @@ def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
         logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
         tokens = mx.argmax(logprobs, axis=-1)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        for i, tok, lp in zip(plain, tokens.tolist(), chosen.tolist()):
-            out[i] = Sample(samplers[i].seq, int(tok), float(lp))
+        for i, tok, lp in zip(plain, _ints(tokens), _floats(chosen)):
+            out[i] = Sample(samplers[i].seq, tok, lp)
     for i, s in enumerate(samplers):
         if out[i] is None:
             out[i] = s.sample(logits[i : i + 1])
     return [x for x in out if x is not None]
+
+
+# mlx's stubs type tolist() as any nesting of scalars; these are 1-D by construction.
+def _ints(a: mx.array) -> list[int]:
+    return [int(x) for x in cast(list[int], a.tolist())]
+
+
+def _floats(a: mx.array) -> list[float]:
+    return [float(x) for x in cast(list[float], a.tolist())]

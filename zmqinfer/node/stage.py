@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,9 +99,12 @@ class Stage:
             raise StageError("sliding-window attention layers are not supported yet")
 
         self.layers = inner.layers[start:end]
-        self.embed = inner.embed_tokens if self.is_first or (self.is_last and self.tied) else None
-        self.norm = inner.norm if self.is_last else None
-        self.head = None
+        # Each is None on the stages that do not hold it (only the first embeds, the last norms
+        # and projects to the vocabulary; a tied last stage holds the embedding for its head).
+        self.embed: nn.Module | None = (inner.embed_tokens if self.is_first or (self.is_last and self.tied)
+                                        else None)
+        self.norm: nn.Module | None = inner.norm if self.is_last else None
+        self.head: Callable[[mx.array], mx.array] | None = None
         if self.is_last:
             self.head = inner.embed_tokens.as_linear if self.tied else model.lm_head
         # Drop every other module so their lazy weights are never evaluated (never read).
@@ -115,7 +118,7 @@ class Stage:
             kept.lm_head = model.lm_head
         self._kept = kept
         mx.eval(kept.parameters())
-        self.shard_bytes = sum(v.nbytes for _, v in tree_flatten(kept.parameters()))
+        self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(kept.parameters())))
         self.hidden_size = int(config["hidden_size"])
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
@@ -175,7 +178,7 @@ class Stage:
         """
         n = tokens.shape[0]
         cache = self._cache_for(seq, start)
-        if self.is_first:
+        if self.embed is not None and self.is_first:
             h = self.embed(tokens[None])
         else:
             if hidden is None or hidden.shape != (n, self.hidden_size):
@@ -191,7 +194,7 @@ class Stage:
         if not want_logits:
             mx.eval([c.state for c in cache.layers])
             return mx.zeros((0,), dtype=h.dtype)
-        return self.head(self.norm(h[:, -1:, :]))[:, -1, :]
+        return self._logits(h[:, -1:, :])
 
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:
@@ -212,7 +215,7 @@ class Stage:
                 held = c.offset if c is not None else 0
             if held != start:
                 raise StageError(f"sequence {seq}: decode at position {start}, cache holds {held}")
-        if self.is_first:
+        if self.embed is not None and self.is_first:
             h = self.embed(tokens[:, None])
         else:
             if hidden is None or hidden.shape != (len(seqs), self.hidden_size):
@@ -235,10 +238,15 @@ class Stage:
         g.last_used = time.monotonic()
         assert g.layers is not None
         mask = create_attention_mask(h, g.layers[0])
-        for layer, c in zip(self.layers, g.layers):
-            h = layer(h, mask, cache=c)
+        for layer, bc in zip(self.layers, g.layers):
+            h = layer(h, mask, cache=bc)
         for seq in seqs:
             g.offsets[seq] += 1
         if not self.is_last:
             return h[:, 0, :]
+        return self._logits(h)
+
+    def _logits(self, h: mx.array) -> mx.array:
+        """[B, T, hidden] -> the last position's logits [B, vocab] (last stage only)."""
+        assert self.head is not None and self.norm is not None
         return self.head(self.norm(h))[:, -1, :]

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
-from zmqinfer.model.resolve import _HUB_ID, DEFAULT_MODEL, ModelNotFound, model_fingerprint, resolve_model
-from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.model.resolve import (
+    _HUB_ID,
+    DEFAULT_MODEL,
+    ModelNotFound,
+    model_fingerprint,
+    resolve_model,
+)
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
+from zmqinfer.node.sampling import SeqSampler, sample_batch
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.tensors import from_wire, to_wire
 from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
@@ -86,66 +93,75 @@ class Worker:
         """
         assert self.stage is not None
         t0 = time.perf_counter()
-        st = self.stage
-        tokens = from_wire(fwd.tokens)
-        hidden = from_wire(fwd.hidden) if fwd.hidden is not None else None
-        starts = list(itertools.accumulate((c.length for c in fwd.chunks), initial=0))
-        prefill = [(c, starts[i]) for i, c in enumerate(fwd.chunks) if not c.sample]
-        decode = [(c, starts[i]) for i, c in enumerate(fwd.chunks) if c.sample]
-        failures: list[Failure] = []
-        kept: list[Chunk] = []
-        outs: list[mx.array] = []
-        out_tokens: list[mx.array] = []
-        for chunk, at in prefill:
-            sl = slice(at, at + chunk.length)
-            try:
-                out = st.forward(chunk.seq, chunk.start, tokens[sl],
-                                 hidden[sl] if hidden is not None else None, want_logits=False)
-            except StageError as e:
-                st.release((chunk.seq,))  # a sequence out of step is unrecoverable here
-                failures.append(((chunk.seq,), str(e)))
-                continue
-            self._observe(chunk, tokens[sl], failures)
-            kept.append(chunk)
-            out_tokens.append(tokens[sl])
-            outs.append(out)
-        samples: list[Sample] = []
-        if decode:
-            bad = [c for c, _ in decode if c.length != 1]
-            if bad:
-                failures += [((c.seq,), f"sequence {c.seq}: a decode chunk must be 1 token") for c in bad]
-                decode = [(c, at) for c, at in decode if c.length == 1]
-            rows = mx.array([at for _, at in decode], dtype=mx.int32)
-            dec_tokens = tokens[rows]
-            try:
-                out = st.decode(fwd.group, [c.seq for c, _ in decode], [c.start for c, _ in decode],
-                                dec_tokens, hidden[rows] if hidden is not None else None)
-            except StageError as e:  # the whole group is out of step: drop it here, tell the gateway
-                seqs = tuple(c.seq for c, _ in decode)
-                st.release(seqs)
-                failures.append((seqs, str(e)))
-            else:
-                if st.is_last:
-                    rows, samplers = [], []
-                    for j, (chunk, _) in enumerate(decode):
-                        sampler = self._observe(chunk, dec_tokens[j : j + 1], failures)
-                        if sampler is not None:
-                            rows.append(j)
-                            samplers.append(sampler)
-                    if samplers:
-                        picked = out if len(rows) == len(decode) else out[mx.array(rows)]
-                        samples += sample_batch(samplers, picked)
-                kept += [c for c, _ in decode]
-                out_tokens.append(dec_tokens)
-                outs.append(out)
-        if st.is_last:
-            msg: Forward | Sampled = Sampled(fwd.epoch, fwd.step, tuple(samples))
-        else:
-            h = mx.concatenate(outs) if outs else mx.zeros((0, st.hidden_size), dtype=mx.float32)
-            toks = mx.concatenate(out_tokens) if out_tokens else mx.zeros((0,), dtype=mx.int32)
-            msg = Forward(fwd.epoch, fwd.step, tuple(kept), fwd.group, to_wire(toks), to_wire(h))
+        step = _unpack(fwd)                     # 1. frames -> arrays, chunks by kind
+        out = _Out()
+        self._prefill(step, out)                # 2. each prefill chunk on its own cache
+        decoded = self._decode(fwd.group, step, out)  # 3. the group's decode chunks as one batch
+        if decoded is not None and self.stage.is_last:
+            self._sample(step, decoded, out)    # 4. last stage: tokens for the gateway
+        msg = self._pack(fwd, out)              # 5. the next stage's Forward, or the Sampled
         self.busy_seconds += time.perf_counter() - t0
-        return msg, failures
+        return msg, out.failures
+
+    def _prefill(self, step: _Step, out: _Out) -> None:
+        assert self.stage is not None
+        for chunk, at in step.prefill:
+            sl = slice(at, at + chunk.length)
+            hidden = step.hidden[sl] if step.hidden is not None else None
+            try:
+                h = self.stage.forward(chunk.seq, chunk.start, step.tokens[sl], hidden, want_logits=False)
+            except StageError as e:
+                self.stage.release((chunk.seq,))  # a sequence out of step is unrecoverable here
+                out.failures.append(((chunk.seq,), str(e)))
+                continue
+            self._observe(chunk, step.tokens[sl], out.failures)
+            out.add(chunk, step.tokens[sl], h)
+
+    def _decode(self, group: int, step: _Step, out: _Out) -> mx.array | None:
+        """The group's step: hidden rows (or logits on the last stage) in `step.decode` order;
+        None when there is nothing to decode or the group failed."""
+        assert self.stage is not None
+        bad = [c for c, _ in step.decode if c.length != 1]
+        out.failures += [((c.seq,), f"sequence {c.seq}: a decode chunk must be 1 token") for c in bad]
+        step.decode = [(c, at) for c, at in step.decode if c.length == 1]
+        if not step.decode:
+            return None
+        rows = mx.array([at for _, at in step.decode], dtype=mx.int32)
+        step.decode_tokens = step.tokens[rows]
+        seqs = [c.seq for c, _ in step.decode]
+        try:
+            h = self.stage.decode(group, seqs, [c.start for c, _ in step.decode], step.decode_tokens,
+                                  step.hidden[rows] if step.hidden is not None else None)
+        except StageError as e:  # the whole group is out of step: drop it here, tell the gateway
+            self.stage.release(seqs)
+            out.failures.append((tuple(seqs), str(e)))
+            return None
+        for chunk, _ in step.decode:
+            out.chunks.append(chunk)
+        out.tokens.append(step.decode_tokens)
+        out.hidden.append(h)
+        return h
+
+    def _sample(self, step: _Step, logits: mx.array, out: _Out) -> None:
+        rows: list[int] = []
+        samplers: list[SeqSampler] = []
+        for j, (chunk, _) in enumerate(step.decode):
+            sampler = self._observe(chunk, step.decode_tokens[j : j + 1], out.failures)
+            if sampler is not None:
+                rows.append(j)
+                samplers.append(sampler)
+        if samplers:
+            picked = logits if len(rows) == len(step.decode) else logits[mx.array(rows)]
+            out.samples += sample_batch(samplers, picked)
+
+    def _pack(self, fwd: Forward, out: _Out) -> Forward | Sampled:
+        assert self.stage is not None
+        if self.stage.is_last:
+            return Sampled(epoch=fwd.epoch, step=fwd.step, samples=tuple(out.samples))
+        h = mx.concatenate(out.hidden) if out.hidden else mx.zeros((0, self.stage.hidden_size), dtype=mx.float32)
+        toks = mx.concatenate(out.tokens) if out.tokens else mx.zeros((0,), dtype=mx.int32)
+        return Forward(epoch=fwd.epoch, step=fwd.step, chunks=tuple(out.chunks), group=fwd.group,
+                       tokens=to_wire(toks), hidden=to_wire(h))
 
     def _observe(self, chunk: Chunk, toks: mx.array, failures: list[Failure]) -> SeqSampler | None:
         """Last stage: feed the chunk's tokens to its sequence's sampler (made on first sight)."""
@@ -159,3 +175,37 @@ class Worker:
             return None
         sampler.observe(toks)
         return sampler
+
+
+@dataclass
+class _Step:
+    """An incoming Forward, unpacked: its chunks by kind, each with its first row in `tokens`."""
+
+    tokens: mx.array  # int32 [rows]
+    hidden: mx.array | None  # [rows, hidden] from the previous stage; None on the first
+    prefill: list[tuple[Chunk, int]]
+    decode: list[tuple[Chunk, int]]
+    decode_tokens: mx.array = field(default_factory=lambda: mx.zeros((0,), dtype=mx.int32))
+
+
+@dataclass
+class _Out:
+    """What a step produced: the chunks that went through, their rows, and the samples."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    tokens: list[mx.array] = field(default_factory=list)
+    hidden: list[mx.array] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def add(self, chunk: Chunk, tokens: mx.array, hidden: mx.array) -> None:
+        self.chunks.append(chunk)
+        self.tokens.append(tokens)
+        self.hidden.append(hidden)
+
+
+def _unpack(fwd: Forward) -> _Step:
+    starts = list(itertools.accumulate((c.length for c in fwd.chunks), initial=0))
+    return _Step(from_wire(fwd.tokens), from_wire(fwd.hidden) if fwd.hidden is not None else None,
+                 [(c, starts[i]) for i, c in enumerate(fwd.chunks) if not c.sample],
+                 [(c, starts[i]) for i, c in enumerate(fwd.chunks) if c.sample])
