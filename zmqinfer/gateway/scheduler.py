@@ -333,7 +333,7 @@ class Scheduler:
                 continue
             chunks, toks = [], []
             for seq in g.members:
-                chunks.append(Chunk(seq.id, seq.pos, 1, sample=True,
+                chunks.append(Chunk(seq=seq.id, start=seq.pos, length=1, sample=True,
                                     params=None if seq.params_sent else seq.params))
                 seq.params_sent = True
                 toks.append(seq.next_token)
@@ -346,7 +346,7 @@ class Scheduler:
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
             start, toks = seq.prefill.popleft()
-            chunk = Chunk(seq.id, start, len(toks), sample=False,
+            chunk = Chunk(seq=seq.id, start=start, length=len(toks), sample=False,
                           params=None if seq.params_sent else seq.params)
             seq.params_sent = True
             step = self.next_step()

@@ -33,7 +33,7 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit; also keeps the wire header small (see wi
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits for chat / legacy completions
 MAX_COMPLETION_LOGPROBS = 5
 
-Role = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant"]
 
 
 class RequestError(Exception):
@@ -63,7 +63,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Message:
-    role: Role
+    role: ChatRole
     content: str
     name: str | None = None
 

@@ -83,7 +83,7 @@ class SeqSampler:
             vals = lp[ids]
             order = mx.argsort(-vals)
             top = tuple(TokenLogprob(i, v) for i, v in zip(_ints(ids[order]), _floats(vals[order])))
-        return Sample(self.seq, tok, _floats(lp[tok : tok + 1])[0], top)
+        return Sample(seq=self.seq, token=tok, logprob=_floats(lp[tok : tok + 1])[0], top=top)
 
 
 def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
@@ -97,7 +97,7 @@ def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
         tokens = mx.argmax(logprobs, axis=-1)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
         for i, tok, lp in zip(plain, _ints(tokens), _floats(chosen)):
-            out[i] = Sample(samplers[i].seq, tok, lp)
+            out[i] = Sample(seq=samplers[i].seq, token=tok, logprob=lp)
     for i, s in enumerate(samplers):
         if out[i] is None:
             out[i] = s.sample(logits[i : i + 1])
