@@ -24,6 +24,7 @@ class NodeStatus(TypedDict):
     mem_total: int | None
     mem_free: int | None
     busy_fraction: float  # time computing / wall time between its last two beats
+    busy_seconds: float  # time computing since the node started (its own clock)
     sequences: int  # KV caches it holds
     excluded: NotRequired[str]  # left out of the current ring by placement, and why
 
@@ -45,6 +46,9 @@ class ClusterStatus(TypedDict):
     n_layers: int
     epoch: int
     active_requests: int
+    devices: int  # distinct devices among the stages: stages on one machine are one device
+    groups: int  # micro-batch groups the scheduler keeps in the ring
+    decode_steps: int  # group decode steps the ring has completed since the gateway started
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
 

@@ -104,3 +104,18 @@ def test_bench_rejects_nonsense_sizes() -> None:
     r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--concurrency", "0,4"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--concurrency" in r.stderr
+
+
+def test_simulated_devices_bench(tmp_path: Path) -> None:
+    """`bench --simulate`: the report's shape, and what physics allows: sleeping devices cannot
+    beat the ideal pipeline, every node did work, and each was busy at most all the time."""
+    out = tmp_path / "sim.json"
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--simulate", "--stages", "2",
+                        "--step-ms", "5", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    sim = json.loads(out.read_text())["simulate"]
+    assert (sim["stages"], sim["step_ms"], sim["concurrency"], sim["devices"]) == (2, 5.0, 16, 2)
+    assert sim["ideal_ms_per_token"] == 10.0 and sim["ideal_steps_per_s"] == 200.0
+    assert sim["single_stream_ms_per_token"] >= 0.95 * sim["ideal_ms_per_token"]
+    assert 0 < sim["aggregate_steps_per_s"] <= 1.05 * sim["ideal_steps_per_s"]
+    assert set(sim["busy"]) == {"node0", "node1"} and all(0 < b <= 1.1 for b in sim["busy"].values())

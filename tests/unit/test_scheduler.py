@@ -10,6 +10,7 @@ import contextlib
 import pytest
 
 from zmqinfer.gateway.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
+from zmqinfer.gateway.scheduler import groups as sched_groups
 from zmqinfer.wire import Epoch, Forward, Release, Sample, Sampled, SamplingParams
 
 EOS = 0
@@ -21,7 +22,7 @@ class MemoryRing:
 
     def __init__(self, n_stages: int = 3) -> None:
         self.epoch = Epoch(1)
-        self.n_stages = n_stages
+        self.n_stages = self.n_devices = n_stages  # a device per stage
         self.sent: list[Forward | Release] = []
         self.unanswered: list[Forward] = []
         self.max_in_flight = 0
@@ -108,7 +109,7 @@ async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
                  for p, o in zip(prompts, outs)]
         await drive(ring, sched, tasks)
     assert all(len(o) == 5 for o in outs)
-    groups = 2  # one per stage
+    groups = sched_groups(2)
     assert ring.max_in_flight <= groups + 2  # every group once + the prefill credits (1 per stage)
     prefill = [f.chunks[0].seq for f in ring.forwards() if not f.chunks[0].sample]
     # Round robin: the two long prompts' chunks alternate instead of one going first entirely.

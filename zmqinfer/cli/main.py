@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zmqinfer.cli import serve
 from zmqinfer.cli import status as client  # status, ping, discover: clients of a running cluster
@@ -25,6 +25,9 @@ from zmqinfer.config import (
     parse_size,
 )
 from zmqinfer.wire import NodeId
+
+if TYPE_CHECKING:
+    from zmqinfer.node.simulated import SimulatedCost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +61,8 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="one core per node (node i on core i mod cores, one BLAS thread): stands in for "
                          "separate machines; Linux only, the gateway stays unpinned")
     up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
+    up.add_argument("--simulate", metavar="COST", help="passed to each node (see node --help): "
+                    "N simulated devices instead of N stages computing")
     up.set_defaults(func=serve.cmd_up)
 
 
@@ -73,6 +78,9 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node.add_argument("--no-advertise", action="store_true", help="no mDNS ad: nodes.toml must list its address")
     node.add_argument("--memory-limit", metavar="SIZE", help="offer at most this much memory for layers: bytes, "
                       "450M, 1.5G, 512MiB (K..T, KiB..TiB: powers of 1024; KB..TB: of 1000)")
+    node.add_argument("--simulate", metavar="STEP_MS[,SEQ_MS[,PREFILL_TOKEN_MS]]", help="stand in for "
+                      "a device: sleep this cost per decode step (+ per sequence, + per prefill token) "
+                      "instead of computing (benchmarks of the pipeline itself)")
     node.set_defaults(func=cmd_node)
 
 
@@ -111,6 +119,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--level-timeout", type=float, default=None,
                        help="seconds a concurrency level may take before it counts as failed (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
+    bench.add_argument("--simulate", action="store_true", help="only the simulated devices: a ring of "
+                       "--stages nodes that sleep --step-ms per step instead of computing, at c=1 and c=16")
+    bench.add_argument("--stages", type=int, default=3, help="simulated devices (default 3)")
+    bench.add_argument("--step-ms", type=float, default=10.0, help="a simulated decode step (default 10)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -184,10 +196,37 @@ def cmd_node(args: argparse.Namespace) -> int:
         if (found := client.locate_gateway(interfaces)) is None:
             return 1
         host, port = found
-    opts = NodeOptions(NodeId(args.name), ip_literal(host, "--gateway"), port,
-                       args.port or spec.port, args.bind, interfaces=interfaces,
-                       advertise=not args.no_advertise, memory_limit=memory_limit)
+    opts = NodeOptions(name=NodeId(args.name), gateway_host=ip_literal(host, "--gateway"), control_port=port,
+                       data_port=args.port or spec.port, bind=args.bind, interfaces=interfaces,
+                       advertise=not args.no_advertise, memory_limit=memory_limit,
+                       simulate=_simulate(args.simulate))
     return asyncio.run(run_node(opts))
+
+
+def _simulate(text: str | None) -> SimulatedCost | None:
+    from zmqinfer.node.simulated import SimulatedCost, SimulatedCostError
+
+    try:
+        return SimulatedCost.parse(text) if text is not None else None
+    except SimulatedCostError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _bench_simulated(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from zmqinfer.bench import simulate
+
+    if not 1 <= args.stages <= 16 or not 0 < args.step_ms <= 1000:
+        raise ConfigError("--stages must be 1..16 and --step-ms in (0, 1000]")
+    opts = simulate.SimOptions(stages=args.stages, step_ms=args.step_ms)
+    with tempfile.TemporaryDirectory(prefix="zmqinfer-sim-") as tmp:
+        report = simulate.run(opts, Path(tmp), log=lambda what: print(what, file=sys.stderr, flush=True))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
 
 
 def _names_gateway(path: Path) -> bool:
@@ -200,6 +239,9 @@ def _names_gateway(path: Path) -> bool:
 def cmd_bench(args: argparse.Namespace) -> int:
     from zmqinfer.bench import run as bench
     from zmqinfer.bench.report import failures, report_tables
+
+    if args.simulate:
+        return _bench_simulated(args)
 
     def ints(text: str | None, what: str) -> tuple[int, ...] | None:
         if text is None:

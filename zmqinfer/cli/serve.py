@@ -85,8 +85,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.update(ONE_BLAS_THREAD)
     procs = []
     for i, n in enumerate(nodes):
-        cmd = node_command(n.name, f"127.0.0.1:{gspec.control_port}", n.port,
-                           ["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
+        extra = ["--memory-limit", str(memory_limit)] if memory_limit is not None else []
+        if args.simulate:
+            extra += ["--simulate", args.simulate]
+        cmd = node_command(n.name, f"127.0.0.1:{gspec.control_port}", n.port, extra)
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
         procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
                                       preexec_fn=None if cores is None else pinner(cores[i])))

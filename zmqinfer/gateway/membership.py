@@ -236,7 +236,8 @@ class Membership:
                 "rss_bytes": b.rss_bytes if b else None,
                 "shard_bytes": m.shard_bytes or None,
                 "mem_total": b.mem_total if b else None, "mem_free": b.mem_free if b else None,
-                "busy_fraction": round(m.busy_fraction, 3), "sequences": b.sequences if b else 0,
+                "busy_fraction": round(m.busy_fraction, 3), "busy_seconds": b.busy_seconds if b else 0.0,
+                "sequences": b.sequences if b else 0,
             })
         return out
 

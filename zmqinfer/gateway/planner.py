@@ -219,7 +219,8 @@ class Planner:
             return
         first = ring[0]
         assert first.beat is not None  # usable members have beaten
-        self.ring.bring_up(placement, plan.excluded, f"tcp://{first.address}:{first.beat.data_port}")
+        self.ring.bring_up(placement, plan.excluded, f"tcp://{first.address}:{first.beat.data_port}",
+                           n_devices=len({_device(m) for m in ring}))
         self._planned_over = {m.name for m in usable}
         resumed = self.requests.resume()
         self._record(placement, resumed)
@@ -264,3 +265,9 @@ class Planner:
             entry["down_s"] = round(time.monotonic() - self._down["at"], 3)
             self._down = None
         self.history = (self.history + [entry])[-HISTORY:]
+
+
+def _device(m: Member) -> tuple[str | None, str]:
+    """Which device a stage runs on: stages at one address with the same device description
+    share one machine's cores. A pinned node names its cores, a simulated one itself."""
+    return m.address, m.beat.device if m.beat is not None else ""

@@ -40,7 +40,7 @@ from zmqinfer.gateway.api import make_app
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
-from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
+from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, groups
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.model.resolve import model_fingerprint, read_config
 from zmqinfer.model.shards import model_size
@@ -121,6 +121,8 @@ class Gateway:
                 row["excluded"] = ring.excluded[NodeId(row["name"])]
         return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
                 "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": self.scheduler.active,
+                "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
+                "decode_steps": self.scheduler.decode_steps,
                 "replans": self.planner.history[-5:], "nodes": nodes}
 
     async def cluster_ping(self) -> ClusterPing:

@@ -30,6 +30,7 @@ class Ring:
         self._ctx, self._where = ctx, where  # where(node): "name (address)" for error messages
         self.epoch = Epoch(0)
         self.placement: list[Placement] = []
+        self.n_devices = 0  # distinct devices among the stages (planner.py says which are one)
         self.excluded: dict[NodeId, str] = {}  # nodes left out of the current ring, and why
         self.ready = asyncio.Event()
         self.reason = reason
@@ -88,12 +89,13 @@ class Ring:
     def unplaceable(self, reason: str) -> None:
         self.reason, self.no_capacity = reason, True
 
-    def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str) -> None:
+    def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
+                 n_devices: int) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
         old, self._push = self._push, sockets.data_push(self._ctx, first_data)
         if old is not None:
             old.close(linger=0)
-        self.placement, self.excluded = placement, dict(excluded)
+        self.placement, self.excluded, self.n_devices = placement, dict(excluded), n_devices
         self.ready.set()
         self.reason, self.rebuilding = "", False
 

@@ -59,8 +59,11 @@ log = structlog.get_logger()
 # prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
 # steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
 PREFILL_CHUNK = 256
-# Prefill messages in the ring at once: enough to keep every stage busy with a long prompt.
-PREFILL_CREDITS_PER_STAGE = 1
+# Prefill messages in the ring at once: enough to keep every device busy with a long prompt.
+PREFILL_CREDITS_PER_DEVICE = 1
+# Micro-batch groups beyond one per device: while one group's tokens travel back through the
+# gateway, the spare keeps the first device busy (README, "Keeping every device busy").
+SPARE_GROUPS = 0
 # A decode step through a healthy ring takes milliseconds; 30 s means something is wrong, and
 # the client hears so instead of waiting forever. Prefill gets more per prompt token.
 STEP_TIMEOUT_S = 30.0
@@ -70,6 +73,12 @@ READY_WAIT_S = 10.0
 # How long a parked request waits for the re-planned ring (detection, survivors loading their
 # extra layers, its own re-prefill) before it gets a 504; a "no capacity" verdict ends it sooner.
 REPLAY_WAIT_S = 120.0
+
+
+def groups(n_devices: int) -> int:
+    """Micro-batch groups for a ring over `n_devices` devices. Stages on one machine share its
+    cores, so splitting their batch only costs: they get one group, as batch_generate has."""
+    return 1 if n_devices <= 1 else n_devices + SPARE_GROUPS
 
 
 class _Paused:
@@ -94,6 +103,8 @@ class RingPort(Protocol):
     def epoch(self) -> Epoch: ...
     @property
     def n_stages(self) -> int: ...
+    @property
+    def n_devices(self) -> int: ...  # distinct machines (or simulated devices) among the stages
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
@@ -145,6 +156,7 @@ class Scheduler:
         self._parked: list[_Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
         self._wake = asyncio.Event()
+        self.decode_steps = 0  # group steps answered: what `bench --simulate` counts
 
     @property
     def active(self) -> int:
@@ -206,10 +218,7 @@ class Scheduler:
 
     def _join(self, seq: _Seq) -> None:
         """Put a prefilled sequence in the smallest group; it decodes from that group's next step."""
-        # One group per stage is enough to keep every stage busy; each extra group only splits
-        # the batch further (c=16 aggregate measured: 1 node 24.7 -> 30.7 tok/s, 3 nodes
-        # 18.1 -> 22.0, going from stages+1 groups to stages).
-        k = max(1, self.ring.n_stages)
+        k = groups(self.ring.n_devices)
         for gid in range(k):
             self._groups.setdefault(gid, _Group())
         gid = min(range(k), key=lambda g: len(self._groups[g].members))
@@ -237,6 +246,7 @@ class Scheduler:
             self._prefill_in_flight -= 1
         elif gid is not None:
             self._groups[gid].in_flight = False
+            self.decode_steps += 1
         for s in msg.samples:
             seq = self._seqs.get(s.seq)
             if seq is None or seq.done or seq.epoch != msg.epoch:
@@ -342,7 +352,7 @@ class Scheduler:
             g.in_flight = True
             out.append((Forward(epoch=epoch, step=step, chunks=tuple(chunks), group=gid,
                                 tokens=tokens_to_wire(toks)), list(g.members)))
-        credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
+        credits = max(1, PREFILL_CREDITS_PER_DEVICE * self.ring.n_devices)
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
             start, toks = seq.prefill.popleft()

@@ -53,7 +53,7 @@ _GGUF_GROUP_SIZE = 32
 # llama.cpp's token_type value for control tokens (<|im_start|>, <|im_end|>, ...).
 _GGUF_CONTROL_TOKEN = 3
 WEIGHT_INDEX = "model.safetensors.index.json"  # a sharded model's tensor -> file map
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # GGUF tensor names -> mlx-lm llama parameter names (without the ".weight" suffix).
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -106,7 +106,7 @@ def resolve_model(model: str | None = None, *,
     if path.exists():
         raise ModelNotFound(f"{path} is a file; expected an mlx-lm model directory "
                             "(config.json + model*.safetensors + tokenizer files)")
-    if _HUB_ID.fullmatch(model):
+    if HUB_ID.fullmatch(model):
         return _from_hub_cache(model)
     raise ModelNotFound(
         f"model {model!r} not found: expected {DEFAULT_MODEL!r}, an existing mlx-lm model "

@@ -34,6 +34,7 @@ import zmq.asyncio
 from zmqinfer import sockets
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.node.simulated import DEVICE_PREFIX, SimulatedCost
 from zmqinfer.node.worker import Worker
 from zmqinfer.wire import (
     Assign,
@@ -79,13 +80,19 @@ class NodeOptions:
     interfaces: tuple[str, ...] = ()  # IPs to advertise (and browse) on; () = every interface
     advertise: bool = True  # register _zmqinfer._tcp over mDNS
     memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
+    simulate: SimulatedCost | None = None  # stand in for a device: sleep instead of computing
 
 
 def device_name() -> str:
     import mlx.core as mx  # only for the device kind; no mlx work happens here
 
     kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    return f"{kind} ({platform.system()} {platform.machine()}, {os.cpu_count()} cores)"
+    where = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+    # Pinned to some cores (`up --pin`): a device of its own, apart from nodes on other cores.
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cores and len(cores) < (os.cpu_count() or 0):
+        where += f"; on core {','.join(map(str, cores))}"
+    return f"{kind} ({where})"
 
 
 class Node:
@@ -100,12 +107,14 @@ class Node:
         self.assignment: Assign | None = None
         self.epoch = Epoch(0)
         self.loaded = False
-        self.worker = Worker()
+        self.worker = Worker(opts.simulate)
         self._mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         self._stopping = asyncio.Event()
         self._draining = False
         self._drain_deadline = 0.0
-        self._device = device_name()
+        # A simulated node is a device of its own, whichever machine it runs on (planner.py).
+        self._device = (f"{DEVICE_PREFIX} {opts.name} ({opts.simulate.text()} ms)" if opts.simulate is not None
+                        else device_name())
         self.gateway = Liveness[str]()  # the gateway's beats
         self.gateway_epoch = Epoch(0)  # the epoch the gateway's ring runs now
         self.presence: Any = None  # presence.NodePresence while advertising

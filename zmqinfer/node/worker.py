@@ -11,11 +11,12 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import mlx.core as mx
 
 from zmqinfer.model.resolve import (
-    _HUB_ID,
+    HUB_ID,
     DEFAULT_MODEL,
     ModelNotFound,
     model_fingerprint,
@@ -23,6 +24,7 @@ from zmqinfer.model.resolve import (
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
 from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.tensors import from_wire, to_wire
 from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
@@ -30,9 +32,30 @@ from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
 Failure = tuple[tuple[SeqId, ...], str]
 
 
+class Slice(Protocol):
+    """What the worker drives: a real Stage, or a SimulatedStage standing in for a device."""
+
+    is_first: bool
+    is_last: bool
+    hidden_size: int
+    shard_bytes: int
+
+    @property
+    def sequences(self) -> int: ...
+    @property
+    def seq_ids(self) -> tuple[SeqId, ...]: ...
+    def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None: ...
+    def expire_idle(self, now: float | None = None) -> list[SeqId]: ...
+    def forward(self, seq: SeqId, start: int, tokens: mx.array, hidden: mx.array | None,
+                want_logits: bool) -> mx.array: ...
+    def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
+               hidden: mx.array | None) -> mx.array: ...
+
+
 class Worker:
-    def __init__(self) -> None:
-        self.stage: Stage | None = None
+    def __init__(self, simulate: SimulatedCost | None = None) -> None:
+        self.simulate = simulate  # sleep this cost instead of computing (node/simulated.py)
+        self.stage: Slice | None = None
         self.fingerprint = ""
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
@@ -50,7 +73,7 @@ class Worker:
         A hub model needs only the weight files holding these layers in the local cache."""
         self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
         mx.clear_cache()
-        if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not _HUB_ID.fullmatch(model):
+        if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not HUB_ID.fullmatch(model):
             path = resolve_model(model)
         else:  # a hub id: from the local cache only, and only this stage's weight files
             path = fetch_shard(model, start, end, local_files_only=True)
@@ -62,7 +85,8 @@ class Worker:
                     f"{model!r}: layers [{start}, {end}) need {', '.join(missing)}, which the local "
                     f"Hugging Face cache lacks; fetch them with `zmqinfer model fetch {model} "
                     f"--layers {start}:{end}`")
-        self.stage = Stage(path, start, end)
+        self.stage = (Stage(path, start, end) if self.simulate is None
+                      else SimulatedStage(path, start, end, self.simulate))
         self.fingerprint = model_fingerprint(path)
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
