@@ -316,6 +316,9 @@ class Candidate:
     listed: bool  # named in nodes.toml
     ad: NodeAd | None = None
     refused: str | None = None  # why it may not join; None = may join
+    # Every address the source gave, best first (`address` is the first): the gateway uses the
+    # first one the node's own heartbeat confirms (membership.Member.address).
+    addresses: tuple[str, ...] = ()
 
 
 def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discovered], *,
@@ -342,12 +345,13 @@ def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discov
             detail = f"{spec.host} not resolved yet" if spec.host else "address of its control connection"
         ad = d.ad if d is not None else None
         out.append(Candidate(spec.name, addr, ad.data_port if ad else spec.port, by, detail, True,
-                             ad, refusal(ad, protocol, fingerprint) if ad else None))
+                             ad, refusal(ad, protocol, fingerprint) if ad else None,
+                             d.addresses if d is not None else (addr,) if addr else ()))
     listed = {s.name for s in static}
     for node in sorted(set(discovered) - listed):
         d = discovered[node]
         if d.ad.role != "node":
             continue
         out.append(Candidate(node, d.addresses[0], d.ad.data_port, "mdns", "mdns ad", False, d.ad,
-                             refusal(d.ad, protocol, fingerprint)))
+                             refusal(d.ad, protocol, fingerprint), d.addresses))
     return out
