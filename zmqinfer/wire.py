@@ -32,7 +32,9 @@ from typing import Any, ClassVar, Literal, NewType, Union
 
 import msgpack
 
-PROTOCOL_VERSION = b"zmqinfer/1"
+# 2: Heartbeat gained `addresses`. A 1 peer would refuse the field (decode refuses unknown
+# fields) and a 2 gateway cannot confirm a 1 node's address: refuse each other by version.
+PROTOCOL_VERSION = b"zmqinfer/2"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -182,6 +184,9 @@ class Heartbeat:
     rss_bytes: int
     busy_seconds: float  # time spent computing since start: busy fraction = d(busy)/d(wall)
     sequences: int  # live KV caches
+    # The IPv4 addresses its data port listens on, as the node itself sees them: the gateway
+    # wires the ring only to an address found here, never to what mDNS alone claims.
+    addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ async def advertise(a: argparse.Namespace) -> None:
     adv = Advertiser()
     try:
         t0 = time.monotonic()
-        await adv.start(ad, [a.ip], host_name=a.host)
+        await adv.start(ad, [a.ip])
         emit(event="ready", register_s=round(time.monotonic() - t0, 3), started_at=t0)
         if a.find_gateway:
             # A node without --gateway: find the gateway's ad on the zeroconf we already have.
@@ -101,8 +101,8 @@ async def junk(a: argparse.Namespace) -> None:
     """A foreign service under our type with a TXT record no zmqinfer would send."""
     aiozc = AsyncZeroconf(interfaces=[a.ip])
     info = AsyncServiceInfo(SERVICE_TYPE, f"{a.id}.{SERVICE_TYPE}", port=a.port,
-                            properties={"id": "not a valid id!", "proto": "zmqinfer/1"},
-                            server=f"{a.host}.local.", parsed_addresses=[a.ip])
+                            properties={"id": "not a valid id!", "proto": "zmqinfer/2"},
+                            server="stranger.local.", parsed_addresses=[a.ip])
     try:
         await asyncio.wait_for(await aiozc.async_register_service(info), 10)
         emit(event="ready")
@@ -141,12 +141,12 @@ async def browse(a: argparse.Namespace) -> None:
     async with Advertiser(aiozc) as adv, Browser(aiozc, on_change=on_change) as b:
         t0 = time.monotonic()
         await b.start([a.ip])
-        await adv.start(gateway_ad, [a.ip], host_name="gateway")
+        await adv.start(gateway_ad, [a.ip])
         seen_all = await b.wait_until(lambda t: expect <= set(t), a.timeout)
         elapsed = time.monotonic() - t0
         # Give a blocked host the same chance the others had (and then some) to show up.
         await asyncio.sleep(max(0.0, a.absent_grace - elapsed))
-        found = {n: {"addresses": list(d.addresses), "port": d.ad.data_port,
+        found = {n: {"addresses": list(d.addresses), "port": d.ad.data_port, "host": d.host,
                      "after_s": round(first_seen[n] - t0, 3)}
                  for n, d in b.table.items() if d.ad.role == "node"}
         emit(event="browsed", seen_all=seen_all, found=found, ignored=b.ignored,
@@ -210,7 +210,6 @@ def main() -> None:
     ad = sub.add_parser("advertise")
     ad.add_argument("--id", required=True)
     ad.add_argument("--ip", required=True)
-    ad.add_argument("--host", required=True)
     ad.add_argument("--port", type=int, default=8110)
     ad.add_argument("--seconds", type=float, default=30)
     ad.add_argument("--update-after", type=float, default=0)
@@ -231,7 +230,7 @@ def main() -> None:
     ls.add_argument("--port", type=int, required=True)
     ls.add_argument("--seconds", type=float, default=30)
     jk = sub.add_parser("junk")
-    for name in ("--id", "--ip", "--host"):
+    for name in ("--id", "--ip"):
         jk.add_argument(name, required=True)
     jk.add_argument("--port", type=int, default=8110)
     jk.add_argument("--seconds", type=float, default=30)

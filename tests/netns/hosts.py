@@ -61,11 +61,6 @@ class Host:
     ip: str
     multicast: bool = True
 
-    @property
-    def local_name(self) -> str:
-        """The .local host name it may advertise (namespaces share the root's UTS hostname)."""
-        return f"{self.name}.local"
-
 
 class Net:
     def __init__(self, n_hosts: int, net_id: int, *, blocked_host: bool = False) -> None:
@@ -146,15 +141,13 @@ class Net:
 
     # ---- running things inside a host -------------------------------------------------------
 
-    def popen(self, host: Host, argv: list[str], *, own_hostname: bool = False,
+    def popen(self, host: Host, argv: list[str], *,
               env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start `argv` in `host`'s namespace (stdio piped); killed on teardown. `own_hostname`:
-        in its own UTS namespace named `host.name`, as a separate machine would be (namespaces
-        otherwise share this host's name, and every mDNS ad would claim the same `.local` host).
+        """Start `argv` in `host`'s namespace (stdio piped); killed on teardown. Every host
+        keeps this machine's host name (network namespaces share one UTS namespace), as
+        machines installed from one image do: nothing may rely on host names being unique.
         `env` adds to this process's environment."""
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
-        if own_hostname:
-            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host.name, *argv]
         # stdin is a pipe the process may watch: closing it asks for a clean stop. stderr goes
         # to a file, so a chatty process can never block on a full pipe nobody is reading.
         assert self._logs is not None, "use Net as a context manager"

@@ -7,15 +7,20 @@
     zq2-m   10.214.2.2   `zmqinfer node` n4 behind a router that stops multicast: started with
                          --gateway and --no-advertise, reached at its nodes.toml address
 
-Every process is the real CLI in its own namespace with its own host name (as separate machines
-are) and loads the embedded model's converted directory (the gateway's `model`). Then: `zmqinfer
-discover` in the gateway's namespace lists n1..n3 (not n4), the ring becomes ready over all four,
-a chat completion succeeds over HTTP, and `zmqinfer status` shows how each node was found.
+Every process is the real CLI in its own namespace, and every one has the same host name (the
+namespaces share this machine's), as machines cloned from one image do (issue 14: that put all
+three mDNS nodes at one address). Each loads the embedded model's converted directory (the
+gateway's `model`). Then: `zmqinfer discover` in the gateway's namespace lists n1..n3 (not n4),
+each at its own address; the ring becomes ready over all four, each wired to its own address;
+a greedy chat completion over HTTP is exactly single-process mlx-lm's answer; and `zmqinfer
+status` shows how each node was found.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from zmqinfer.mdns.adverts import server_name
 
 from .hosts import Host, Net, skip_reason
 
@@ -64,14 +71,14 @@ class Cluster:
 
     def start(self) -> None:
         self.procs["gateway"] = self.net.popen(self.gw, [*ZMQINFER, "gateway", "--config", str(self.config),
-                                                         "--interface", self.gw.ip], own_hostname=True, env=ENV)
+                                                         "--interface", self.gw.ip], env=ENV)
         for name, h in self.mdns_nodes.items():
             self.procs[name] = self.node(name, h)
         self.procs["n4"] = self.node("n4", self.static, "--gateway", f"{self.gw.ip}:{CONTROL}", "--no-advertise")
 
     def node(self, name: str, h: Host, *extra: str) -> subprocess.Popen[str]:
         return self.net.popen(h, [*ZMQINFER, "node", "--name", name, "--interface", h.ip, "--port", str(DATA),
-                                  "--bind", h.ip, *extra], own_hostname=True, env=ENV)
+                                  "--bind", h.ip, *extra], env=ENV)
 
     def logs(self) -> str:
         """Each process's exit status and last log lines, for a failure message."""
@@ -90,15 +97,37 @@ class Cluster:
         return self.net.run(self.gw, [*ZMQINFER, *args], timeout, env={**ENV, "COLUMNS": "200"})
 
 
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 12
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def model_dir() -> Path:
     reason = skip_reason()
     if reason:
         print(f"skipping netns tests: {reason}")
         pytest.skip(reason)
     from zmqinfer.model.resolve import resolve_model
 
-    model_dir = resolve_model(None)  # converts the embedded model once, before any node starts
+    return resolve_model(None)  # converts the embedded model once, before any node starts
+
+
+@pytest.fixture(scope="module")
+def greedy_answer(model_dir: Path) -> str:
+    """Single-process mlx-lm's greedy answer, computed before the cluster takes the cores."""
+    import gc
+
+    from tests.loopback.conftest import Reference
+
+    ref = Reference(model_dir)
+    text = ref.text(ref.greedy(ref.chat_ids(QUESTION), MAX_TOKENS))
+    del ref
+    gc.collect()
+    return text
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, greedy_answer: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Net(4, net_id=NET_ID, blocked_host=True) as net:
         c = Cluster(net, tmp_path_factory.mktemp("netns-cluster"), model_dir)
         try:
@@ -139,11 +168,15 @@ def test_the_gateway_namespace_sees_the_multicast_nodes_only(cluster: Cluster) -
         assert found[name]["data_port"] == DATA and found[name]["refused"] is None
     gateways = [s for s in found.values() if s["role"] == "gateway"]
     assert [(g["addresses"], g["control_port"]) for g in gateways] == [([c.gw.ip], CONTROL)], found
+    # Every namespace has this machine's host name: the gateway names its ad after it...
+    assert gateways[0]["id"] == "gateway-" + re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54]
+    # ... and each node answers for its own server name, not that shared host name.
+    assert {n: found[n]["host"] for n in expected} == {n: server_name(n) for n in expected}
     text = c.cli("discover", "--interface", c.gw.ip, "--seconds", "2").stdout
     assert all(name in text for name in expected) and "n4" not in text, text
 
 
-def test_the_ring_serves_over_all_four_nodes(cluster: Cluster) -> None:
+def test_the_ring_serves_over_all_four_nodes(cluster: Cluster, greedy_answer: str) -> None:
     c = cluster
 
     def ready() -> dict[str, Any] | None:
@@ -159,15 +192,18 @@ def test_the_ring_serves_over_all_four_nodes(cluster: Cluster) -> None:
         {"n1": "mdns", "n2": "mdns", "n3": "mdns", "n4": "static"}, rows
     assert {n: r["address"] for n, r in rows.items()} == \
         {**{n: h.ip for n, h in c.mdns_nodes.items()}, "n4": c.static.ip}
+    assert all(r["refused"] is None and r["health"] == "ok" for r in rows.values()), rows
     ranges = sorted(tuple(r["layers"]) for r in rows.values())
     assert ranges[0][0] == 0 and ranges[-1][1] == st["n_layers"] == 30
     assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:])), ranges
 
     model = c.http("/v1/models")["data"][0]["id"]
     answer = c.http("/v1/chat/completions", {
-        "model": model, "temperature": 0, "max_tokens": 12,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]}, timeout=120)
-    assert "Paris" in answer["choices"][0]["message"]["content"], (answer, c.logs())
+        "model": model, "temperature": 0, "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": QUESTION}]}, timeout=120)
+    assert "Paris" in greedy_answer, greedy_answer  # the reference itself is sane
+    assert answer.get("choices", [{}])[0].get("message", {}).get("content") == greedy_answer, \
+        (answer, greedy_answer, c.logs())
 
     table = c.cli("status", "--url", f"http://{c.gw.ip}:{API}")
     assert table.returncode == 0, table.stdout + table.stderr

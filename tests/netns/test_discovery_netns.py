@@ -5,9 +5,11 @@
     zq1-m   10.214.1.2   a fourth node whose network blocks multicast (behind a router): it
                          advertises too, is never discovered, and is reachable by its address
 
-A second host claiming a live node's id is refused. The browser must see exactly the three
-with the right IPs within DISCOVERY_DEADLINE_S, see a
-re-announcement, resolve `zq1-h2.local` through mDNS, not resolve the blocked host's name,
+Every namespace shares this machine's host name, as machines cloned from one image do: each ad
+must answer for its own server name (adverts.server_name), not the shared host name. A second
+host claiming a live node's id is refused. The browser must see exactly the three, each at its
+own IP, within DISCOVERY_DEADLINE_S, see a re-announcement, resolve node2's server name
+through mDNS, not resolve the blocked host's,
 reach the blocked host by a plain TCP connect to its static address, drop a node that says
 goodbye, and find it again when it restarts with the same id (and the node finds the
 gateway's own ad, as a node started without --gateway would).
@@ -22,6 +24,8 @@ import time
 from typing import Any
 
 import pytest
+
+from zmqinfer.mdns.adverts import server_name
 
 from .hosts import Host, Net, skip_reason
 
@@ -80,10 +84,10 @@ def test_discovery_across_namespaces(net: Net) -> None:
     m = net.blocked
     assert m is not None
     nodes = {"node1": h1, "node2": h2, "node3": h3, "node4": m}
-    ads = {name: agent(net, h, "advertise", "--id", name, "--ip", h.ip, "--host", h.name,
+    ads = {name: agent(net, h, "advertise", "--id", name, "--ip", h.ip,
                        "--update-after", "1.5" if name == "node1" else "0")
            for name, h in nodes.items()}
-    junk = agent(net, h1, "junk", "--id", "stranger", "--ip", h1.ip, "--host", "stranger")
+    junk = agent(net, h1, "junk", "--id", "stranger", "--ip", h1.ip)
     listener = agent(net, m, "listen", "--ip", m.ip, "--port", "8110")
     register_s = {}
     for name, p in ads.items():
@@ -93,14 +97,14 @@ def test_discovery_across_namespaces(net: Net) -> None:
     assert events(net, junk, 1)[0]["event"] == "ready"
     assert events(net, listener, 1)[0]["event"] == "listening"
     # A second host claiming a live node's id is refused while probing, before it announces.
-    twin = agent(net, h3, "advertise", "--id", "node2", "--ip", h3.ip, "--host", "twin")
+    twin = agent(net, h3, "advertise", "--id", "node2", "--ip", h3.ip)
     refused = events(net, twin, None)
     assert refused[0]["kind"] == "DuplicateNodeId" and "already advertises 'node2'" in refused[0]["error"]
 
     browser = agent(net, h0, "browse", "--ip", h0.ip, "--expect", "node1,node2,node3",
                     "--absent", "node4", "--absent-grace", "3", "--timeout", str(DISCOVERY_DEADLINE_S),
-                    "--wait-update", f"node1={4 * GIB}", "--resolve", h2.local_name,
-                    "--resolve-missing", m.local_name, "--wait-gone", "node3",
+                    "--wait-update", f"node1={4 * GIB}", "--resolve", server_name("node2"),
+                    "--resolve-missing", server_name("node4"), "--wait-gone", "node3",
                     "--connect", f"{m.ip}:8110")
     browsed = events(net, browser, 1)[0]
     # node3 leaves cleanly now; the browser is already waiting to see it go.
@@ -108,8 +112,7 @@ def test_discovery_across_namespaces(net: Net) -> None:
     net.ask_to_stop(ads["node3"])
     assert events(net, ads["node3"], None)[-1]["event"] == "closed"
     # node3 restarts with the same id while the browser runs: found again by its announcement.
-    again = agent(net, h3, "advertise", "--id", "node3", "--ip", h3.ip, "--host", h3.name,
-                  "--find-gateway")
+    again = agent(net, h3, "advertise", "--id", "node3", "--ip", h3.ip, "--find-gateway")
     ready, gateway = events(net, again, 2)
     assert ready["event"] == "ready", ready
     # ... and finds the gateway's own ad: a node needs no --gateway where multicast works.
@@ -133,14 +136,15 @@ def test_discovery_across_namespaces(net: Net) -> None:
     found = browsed["found"]
     assert set(found) == {"node1", "node2", "node3"}, "the multicast-blocked node4 must not be found"
     for name in ("node1", "node2", "node3"):
-        assert found[name]["addresses"] == [nodes[name].ip]
+        assert found[name]["addresses"] == [nodes[name].ip]  # its own, though one host name
+        assert found[name]["host"] == server_name(name)
         assert found[name]["port"] == 8110
         assert found[name]["after_s"] < DISCOVERY_DEADLINE_S
     assert browsed["absent_ok"]
     assert any("malformed ad" in why for why in browsed["ignored"].values()), browsed["ignored"]
     assert rest["update_seen"]["ok"], "node1's re-announcement (free memory 4 GiB) was not seen"
     assert rest["resolved"]["ip"] == h2.ip
-    assert rest["resolved_missing"]["ip"] is None, "the blocked host's .local name must not resolve"
+    assert rest["resolved_missing"]["ip"] is None, "the blocked node's server name must not resolve"
     assert rest["resolved_missing"]["after_s"] < 2.0, "a failed resolve must end at its deadline"
     assert rest["gone"]["ok"], "node3 said goodbye but stayed in the table"
     assert rest["connected"]["peer"] == m.ip, "the blocked host must be reachable by its address"

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from zeroconf import ServiceStateChange
 
-from zmqinfer.config import NodeSpec
+from zmqinfer.config import LOCAL_HOST, NodeSpec
 from zmqinfer.gateway.membership import merge_members
 from zmqinfer.mdns import discovery
 from zmqinfer.mdns.adverts import (
@@ -18,6 +18,7 @@ from zmqinfer.mdns.adverts import (
     AdError,
     NodeAd,
     refusal,
+    server_name,
     worth_reannouncing,
 )
 from zmqinfer.mdns.discovery import (
@@ -45,7 +46,23 @@ def test_ad_round_trips_through_txt() -> None:
         txt = ad.to_txt()
         assert all(isinstance(v, str) for v in txt.values())
         assert NodeAd.from_txt(raw(txt)) == ad
-    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/1"
+    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/2"
+
+
+def test_the_ads_server_name_is_the_node_ids_not_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines cloned from one image share a host name; an SRV target taken from it made every
+    node's A records answer for one name (all nodes found at one address). The target is
+    derived from the node id only: valid, unique per id, stable, blind to the host name."""
+    monkeypatch.setattr("socket.gethostname", lambda: "raspberrypi")
+    assert server_name("n1") == "zq-n1-676b8bb8.local."  # the format is what users see in discover
+    ids = ["n1", "n2", "n3", "N1", "a.b", "a_b", "a-b", "mini2.local", "x" * 63, "-_-", "9"]
+    names = [server_name(i) for i in ids]
+    assert len(set(names)) == len(ids), names  # ids that slug alike still differ by digest
+    for name in names:
+        assert LOCAL_HOST.fullmatch(name.removesuffix(".")) and len(name.split(".")[0]) <= 63, name
+    monkeypatch.setattr("socket.gethostname", lambda: "renamed-while-running")
+    assert [server_name(i) for i in ids] == names
+    assert all("raspberrypi" not in n for n in names)
 
 
 def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
@@ -121,10 +138,8 @@ async def test_local_names_only_and_never_the_system_resolver() -> None:
 
 async def test_advertiser_refuses_bad_input_before_opening_sockets() -> None:
     adv = Advertiser()
-    with pytest.raises(DiscoveryError, match="not a valid .local name"):
-        await adv.start(AD, ["10.0.0.2"], host_name="bad_host")
     with pytest.raises(DiscoveryError, match="IPv4 literals"):
-        await adv.start(AD, ["mini2.local"], host_name="mini2")
+        await adv.start(AD, ["mini2.local"])
     assert adv.aiozc is None
     with pytest.raises(DiscoveryError, match="before start"):
         await adv.update(AD)
@@ -177,7 +192,7 @@ def test_refusal_reasons() -> None:
     assert refusal(AD, PROTOCOL, "0123456789abcdef") is None
     assert refusal(AD, PROTOCOL, "") is None  # the gateway does not know yet
     assert refusal(replace(AD, fingerprint=""), PROTOCOL, "ffff") is None  # nothing loaded yet
-    assert "protocol 'zmqinfer/2'" in (refusal(replace(AD, protocol="zmqinfer/2")) or "")
+    assert "protocol 'zmqinfer/1'" in (refusal(replace(AD, protocol="zmqinfer/1")) or "")
     assert "serves model 0123456789abcdef" in (refusal(AD, PROTOCOL, "ffff") or "")
 
 

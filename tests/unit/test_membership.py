@@ -25,9 +25,15 @@ class Clock:
         return self.now
 
 
+# Tests about other things beat from a host holding every address they use, so that none is
+# refused for its address; the address cross-check has tests of its own below.
+EVERY_ADDRESS = tuple(f"10.0.0.{i}" for i in range(1, 12))
+
+
 def beat(name: str, *, free: int = 256 * MIB, pid: int = 100, epoch: int = 0, loaded: bool = False,
-         busy: float = 0.0, port: int = 9000) -> Heartbeat:
-    return Heartbeat(NodeId(name), port, 1 << 30, free, "cpu", pid, Epoch(epoch), loaded, 64 * MIB, busy, 0)
+         busy: float = 0.0, port: int = 9000, addresses: tuple[str, ...] = EVERY_ADDRESS) -> Heartbeat:
+    return Heartbeat(NodeId(name), port, 1 << 30, free, "cpu", pid, Epoch(epoch), loaded, 64 * MIB, busy, 0,
+                     addresses)
 
 
 def ad(name: str, *, fp: str = FP, protocol: str | None = None, role: str = "node",
@@ -251,3 +257,73 @@ def test_rows_for_cluster_status() -> None:
     # An address-less static node takes the address its control connection came from.
     mem.on_beat(NodeId("b"), beat("b"), "10.0.0.2")
     assert mem.rows([], Epoch(5))[1]["address"] == "10.0.0.2"
+
+
+# ---- the data address must be one the node itself reports ------------------------------------
+
+def test_nodes_mdns_puts_at_one_address_are_refused_but_the_one_that_is_there() -> None:
+    """Issue 14: three machines with one host name; mDNS says n1, n2 and n3 are all at n1's IP.
+    Each node's beat lists its own addresses: only n1 is confirmed; the others are refused with
+    the reason in status, so the ring is never wired to the wrong machine."""
+    mem, _ = table()
+    mem.merge({NodeId(n): found(ad(n), "10.0.0.1") for n in ("n1", "n2", "n3")}, {}, FP)
+    for i, n in enumerate(("n1", "n2", "n3"), start=1):
+        assert mem.members[NodeId(n)].refused is None  # nothing to compare before a beat
+        mem.on_beat(NodeId(n), beat(n, addresses=(f"10.0.0.{i}", "127.0.0.1")), f"10.0.0.{i}")
+    assert [m.name for m in mem.usable()] == ["n1"]
+    assert [m.name for m in mem.expected()] == ["n1"]  # a first plan does not wait for them
+    rows = {r["name"]: r for r in mem.rows([], Epoch(0))}
+    assert rows["n1"]["refused"] is None and rows["n1"]["address"] == "10.0.0.1"
+    assert rows["n2"]["refused"] == ("cannot confirm its data address: mdns ad says 10.0.0.1, "
+                                     "the node reports 10.0.0.2, 127.0.0.1")
+    assert rows["n3"]["health"].startswith("refused: cannot confirm its data address")
+    assert rows["n3"]["alive"]  # refused is not dead: it beats, and the row says why it is idle
+    # Discovery corrected (unique server names): the same beats now confirm every node.
+    mem.merge({NodeId(n): found(ad(n), f"10.0.0.{i}") for i, n in enumerate(("n1", "n2", "n3"), 1)}, {}, FP)
+    assert [m.name for m in mem.usable()] == ["n1", "n2", "n3"]
+
+
+def test_the_first_advertised_address_the_node_confirms_is_used() -> None:
+    mem, _ = table()
+    multi = Discovered(ad("m"), ("192.168.7.5", "10.0.0.2"), 0.0, "m._zmqinfer._tcp.local.")
+    mem.merge({NodeId("m"): multi}, {}, FP)
+    m = mem.on_beat(NodeId("m"), beat("m", addresses=("127.0.0.1", "10.0.0.2")), "10.0.0.2")
+    assert m is not None and m.refused is None and m.address == "10.0.0.2"
+    assert [u.name for u in mem.usable()] == ["m"]
+    # It moves (DHCP): its next beat no longer lists any advertised address.
+    mem.on_beat(NodeId("m"), beat("m", addresses=("10.0.0.9",)), "10.0.0.9")
+    assert mem.usable() == [] and "says 192.168.7.5, 10.0.0.2" in (m.refused or "")
+
+
+def test_two_nodes_on_one_machine_share_its_address() -> None:
+    mem, _ = table()
+    mem.merge({NodeId("a"): found(ad("a", port=9100), "10.0.0.4"),
+               NodeId("b"): found(ad("b", port=9101), "10.0.0.4")}, {}, FP)
+    mem.on_beat(NodeId("a"), beat("a", port=9100, addresses=("10.0.0.4",)), "10.0.0.4")
+    mem.on_beat(NodeId("b"), beat("b", port=9101, addresses=("10.0.0.4",)), "10.0.0.4")
+    rows = [(r["name"], r["address"], r["data_port"], r["refused"]) for r in mem.rows([], Epoch(0))]
+    assert rows == [("a", "10.0.0.4", 9100, None), ("b", "10.0.0.4", 9101, None)]
+
+
+def test_static_addresses_are_checked_too() -> None:
+    mem, _ = table(spec("s", "10.0.0.5"), spec("p", None))
+    mem.on_beat(NodeId("s"), beat("s", addresses=("10.0.0.6",)), "10.0.0.6")
+    mem.on_beat(NodeId("p"), beat("p", addresses=("10.0.0.8",)), "10.0.0.8")  # its control peer
+    s, p = mem.members[NodeId("s")], mem.members[NodeId("p")]
+    assert s.refused == ("cannot confirm its data address: nodes.toml address says 10.0.0.5, "
+                         "the node reports 10.0.0.6")
+    assert p.refused is None and p.address == "10.0.0.8"
+    assert [m.name for m in mem.usable()] == ["p"]
+    mem.on_beat(NodeId("p"), beat("p", addresses=("10.0.0.9",)), "172.16.0.1")  # behind a NAT
+    assert "address of its control connection says 172.16.0.1" in (p.refused or "")
+
+
+def test_what_a_node_reports_is_bounded_in_the_reason() -> None:
+    mem, _ = table(spec("s", "10.0.0.5"))
+    junk = ("not-an-ip", "x" * 5000, *(f"10.1.0.{i}" for i in range(100)))
+    mem.on_beat(NodeId("s"), beat("s", addresses=junk), None)
+    reason = mem.members[NodeId("s")].refused or ""
+    assert reason.endswith("the node reports " + ", ".join(f"10.1.0.{i}" for i in range(6)))
+    assert "x" * 10 not in reason and "not-an-ip" not in reason and len(reason) < 300
+    mem.on_beat(NodeId("s"), beat("s", addresses=()), None)
+    assert (mem.members[NodeId("s")].refused or "").endswith("the node reports no address")

@@ -7,14 +7,13 @@ cluster) never see each other's ads; multi-host behaviour is in tests/netns.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from dataclasses import replace
 
 import pytest
 
-from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.mdns.adverts import NodeAd, server_name
 from zmqinfer.mdns.discovery import DiscoveryError, DuplicateNodeId
 from zmqinfer.mdns.presence import GatewayDirectory, NodePresence, find_gateway
 from zmqinfer.wire import NodeId
@@ -47,7 +46,7 @@ async def wait_for(predicate, timeout: float = DEADLINE_S) -> bool:
 
 
 async def test_node_and_gateway_find_each_other(stype: str) -> None:
-    me = f"{socket.gethostname().split('.')[0]}.local"  # what the node's ad names as its host
+    me = server_name("n1").removesuffix(".")  # the node's ad answers for this name, not the machine's
     directory = GatewayDirectory([me, "zq-nobody-here.local"], LO, gateway_ad(), service_type=stype)
     node = NodePresence(LO, service_type=stype)
     try:
@@ -139,3 +138,30 @@ async def test_find_gateway_names_several_gateways(stype: str) -> None:
             await find_gateway(DEADLINE_S, LO, service_type=stype)
     finally:
         await asyncio.gather(a.close(), b.close())
+
+
+async def test_two_nodes_on_one_machine_each_answer_for_their_own_name(
+        stype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One machine, one host name, two nodes (different ports): each ad carries its own server
+    name, both found at this machine's address. Renaming the machine while they run changes
+    neither name: a re-announcement keeps the node's identity."""
+    monkeypatch.setattr("socket.gethostname", lambda: "raspberrypi")
+    directory = GatewayDirectory([], LO, service_type=stype)
+    a, b = NodePresence(LO, service_type=stype), NodePresence(LO, service_type=stype)
+    try:
+        await directory.start()
+        await a.start(node_ad("pi-a"))
+        await b.start(replace(node_ad("pi-b"), data_port=8111))
+        assert await wait_for(lambda: {"pi-a", "pi-b"} <= set(directory.discovered)), directory.ignored
+        found = {n: (d.host, d.addresses, d.ad.data_port) for n, d in directory.discovered.items()}
+        assert found == {"pi-a": (server_name("pi-a"), LO, 8110), "pi-b": (server_name("pi-b"), LO, 8111)}
+        monkeypatch.setattr("socket.gethostname", lambda: "renamed")
+        await a.update(node_ad("pi-a", free=2 * GIB))  # worth re-announcing
+        assert a._announcing is not None
+        await asyncio.wait([a._announcing])
+        assert await wait_for(lambda: directory.discovered["pi-a"].ad.mem_free == 2 * GIB)
+        assert directory.discovered["pi-a"].host == server_name("pi-a") and a.error is None
+    finally:
+        await a.close()
+        await b.close()
+        await directory.close()

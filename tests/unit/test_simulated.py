@@ -11,7 +11,12 @@ import pytest
 from tests.tiny import make_tiny_model
 from zmqinfer.gateway.scheduler import SPARE_GROUPS, groups
 from zmqinfer.node.sampling import SeqSampler, sample_batch
-from zmqinfer.node.simulated import FIRST_TOKEN, SimulatedCost, SimulatedCostError, SimulatedStage
+from zmqinfer.node.simulated import (
+    FIRST_TOKEN,
+    SimulatedCost,
+    SimulatedCostError,
+    SimulatedStage,
+)
 from zmqinfer.wire import SamplingParams, SeqId
 
 

@@ -44,7 +44,7 @@ SAMPLED = Sampled(Epoch(3), 7, (Sample(SeqId(1), 42, -0.25, (TokenLogprob(42, -0
 
 # Golden bytes: a change here is a protocol change. Bump PROTOCOL_VERSION with it.
 GOLDEN_FORWARD = [
-    "7a6d71696e6665722f31",
+    "7a6d71696e6665722f32",  # "zmqinfer/2"
     "87a46b696e64a7666f7277617264a565706f636803a47374657007a66368756e6b739285a373657101a5737461727400"
     "a66c656e67746802a673616d706c65c2a6706172616d738bab74656d7065726174757265cb3fe0000000000000a5746f"
     "705f70cb3ff0000000000000a5746f705f6b00a56d696e5f70cb0000000000000000a4736565642ab272657065746974"
@@ -56,10 +56,21 @@ GOLDEN_FORWARD = [
     "0000003c0040004200440045",
 ]
 GOLDEN_SAMPLED = [
-    "7a6d71696e6665722f31",
+    "7a6d71696e6665722f32",  # "zmqinfer/2"
     "84a46b696e64a773616d706c6564a565706f636803a47374657007a773616d706c65739184a373657101a5746f6b65"
     "6e2aa76c6f6770726f62cbbfd0000000000000a3746f709282a5746f6b656e2aa76c6f6770726f62cbbfd000000000"
     "000082a5746f6b656e07a76c6f6770726f62cbbff8000000000000",
+]
+
+# Protocol 2 added `addresses` (the node's own IPv4 addresses) to Heartbeat, last field.
+HEARTBEAT = Heartbeat(NodeId("n1"), 8110, 16 << 30, 8 << 30, "cpu", 123, Epoch(2), True, 1 << 20, 1.5, 3,
+                      ("10.0.0.2", "127.0.0.1"))
+GOLDEN_HEARTBEAT = [
+    "7a6d71696e6665722f32",
+    "8da46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f74616c"
+    "cf0000000400000000a86d656d5f66726565cf0000000200000000a6646576696365a3637075a37069647ba565706f"
+    "636802a66c6f61646564c3a97273735f6279746573ce00100000ac627573795f7365636f6e6473cb3ff80000000000"
+    "00a973657175656e63657303a961646472657373657392a831302e302e302e32a93132372e302e302e31",
 ]
 
 
@@ -70,6 +81,8 @@ def hexframes(frames: list) -> list[str]:
 def test_golden_bytes() -> None:
     assert hexframes(encode(FORWARD)) == GOLDEN_FORWARD
     assert hexframes(encode(SAMPLED)) == GOLDEN_SAMPLED
+    assert hexframes(encode(HEARTBEAT)) == ["".join(GOLDEN_HEARTBEAT[:1]), "".join(GOLDEN_HEARTBEAT[1:])]
+    assert decode([bytes.fromhex(h) for h in hexframes(encode(HEARTBEAT))]) == HEARTBEAT
     back = decode([bytes.fromhex(h) for h in GOLDEN_FORWARD])
     assert back == FORWARD
     assert bytes(back.tokens.data) == bytes(FORWARD.tokens.data)
@@ -82,6 +95,7 @@ ALL = [
     Release(Epoch(1), (SeqId(4), SeqId(5))),
     StepFailed(Epoch(1), 9, NodeId("n1"), (SeqId(4),), "position mismatch"),
     Heartbeat(NodeId("n1"), 8110, 16 << 30, 8 << 30, "cpu", 123, Epoch(2), True, 1 << 20, 1.5, 3),
+    HEARTBEAT,
     Assign(Epoch(2), "smollm2-135m", 0, 10, 30, "tcp://10.0.0.2:8111", 8102),
     Assign(Epoch(2), "smollm2-135m", 20, 30, 30, None, 8102),
     Loaded(Epoch(2), NodeId("n1"), True, "", "abc", 1000, 2000, 0.5),
@@ -104,8 +118,12 @@ def header(**fields) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+_BEAT = {k: v for k, v in msgpack.unpackb(encode(HEARTBEAT)[1]).items() if k != "kind"}
+
+
 @pytest.mark.parametrize("frames,match", [
     ([b"zmqinfer/0", header(kind="ping", nonce=1)], "protocol version"),
+    ([b"zmqinfer/1", header(kind="ping", nonce=1)], "protocol version"),  # before Heartbeat.addresses
     ([PROTOCOL_VERSION], "at least 2 frames"),
     ([PROTOCOL_VERSION, b"\xc1"], "bad msgpack"),
     ([PROTOCOL_VERSION, msgpack.packb([1, 2])], "not a map"),
@@ -124,6 +142,8 @@ def header(**fields) -> bytes:
     ([PROTOCOL_VERSION, header(kind="forward", epoch=1, step=1, chunks=[], group=0, tokens=["int32", [1 << 40]]), b""],
      "frame has 0 bytes"),
     ([PROTOCOL_VERSION, header(kind="ping", nonce=1), b"extra"], "more than the header declares"),
+    ([PROTOCOL_VERSION, header(kind="heartbeat", **{**_BEAT, "addresses": [10]})], r"addresses\[0\]: expected str"),
+    ([PROTOCOL_VERSION, header(kind="heartbeat", **{**_BEAT, "addresses": "10.0.0.2"})], "expected an array"),
     ([PROTOCOL_VERSION, msgpack.packb({"kind": "ping", "nonce": msgpack.ExtType(1, b"x")})], "bad msgpack"),
 ])
 def test_malformed_messages_are_refused(frames, match) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zmqinfer.cli import serve
-from zmqinfer.cli import status as client  # status, ping, discover: clients of a running cluster
+from zmqinfer.cli import (
+    status as client,  # status, ping, discover: clients of a running cluster
+)
 from zmqinfer.config import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_PORT,

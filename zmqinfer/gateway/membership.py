@@ -5,13 +5,14 @@
     heartbeats           ─┘   (Liveness: alive / since when)
 
 A node may join when nodes.toml lists it or mDNS found it (and did not refuse it: protocol or
-model mismatch). `usable()` is what a plan may use right now; `capacity()` is how much memory
+model mismatch), and only at an address its own heartbeat lists (`Member.unconfirmed`). `usable()` is what a plan may use right now; `capacity()` is how much memory
 each usable node offers for layers. Pure bookkeeping on the gateway's loop: no sockets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,16 @@ from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
 # Free memory moves by megabytes every beat; planning on raw numbers would move a layer back and
 # forth between equal machines. Rounded down to this, equal machines get equal shares.
 MEMORY_QUANTUM = 16 << 20
+# A refusal reason lists the node's own addresses; a machine has a handful. More is noise in
+# `status` (and the list comes from the node: bound what we repeat of it).
+MAX_ADDRESSES_SHOWN = 8
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        return bool(ipaddress.IPv4Address(value))
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,9 @@ class Candidate:
     listed: bool  # named in nodes.toml
     ad: NodeAd | None = None
     refused: str | None = None  # why it may not join; None = may join
+    # Every address the source gave, best first (`address` is the first): the gateway uses the
+    # first one the node's own heartbeat confirms (membership.Member.address).
+    addresses: tuple[str, ...] = ()
 
 
 def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discovered], *,
@@ -67,14 +81,15 @@ def merge_members(static: Sequence[NodeSpec], discovered: Mapping[NodeId, Discov
             detail = f"{spec.host} not resolved yet" if spec.host else "address of its control connection"
         ad = d.ad if d is not None else None
         out.append(Candidate(spec.name, addr, ad.data_port if ad else spec.port, by, detail, True,
-                             ad, refusal(ad, protocol, fingerprint) if ad else None))
+                             ad, refusal(ad, protocol, fingerprint) if ad else None,
+                             d.addresses if d is not None else (addr,) if addr else ()))
     listed = {s.name for s in static}
     for node in sorted(set(discovered) - listed):
         d = discovered[node]
         if d.ad.role != "node":
             continue
         out.append(Candidate(node, d.addresses[0], d.ad.data_port, "mdns", "mdns ad", False, d.ad,
-                             refusal(d.ad, protocol, fingerprint)))
+                             refusal(d.ad, protocol, fingerprint), d.addresses))
     return out
 
 
@@ -92,10 +107,22 @@ class Member:
     draining: bool = False
 
     @property
-    def address(self) -> str | None:
+    def claimed(self) -> tuple[str, ...]:
+        """Where discovery or nodes.toml says it is, best first; else its control peer."""
+        if self.found is not None and self.found.addresses:
+            return self.found.addresses
         if self.found is not None and self.found.address:
-            return self.found.address
-        return (self.spec.address if self.spec else None) or self.peer_address
+            return (self.found.address,)
+        static = (self.spec.address if self.spec else None) or self.peer_address
+        return (static,) if static else ()
+
+    @property
+    def address(self) -> str | None:
+        """The data address the ring uses: the first claimed one the node's own heartbeat lists
+        (before its first beat, or when none matches, the first claimed one, for display)."""
+        claimed = self.claimed
+        own = self.beat.addresses if self.beat is not None else ()
+        return next((a for a in claimed if a in own), claimed[0] if claimed else None)
 
     @property
     def found_by(self) -> Literal["mdns", "static"]:
@@ -103,7 +130,25 @@ class Member:
 
     @property
     def refused(self) -> str | None:
-        return self.found.refused if self.found is not None else None
+        if self.found is not None and self.found.refused is not None:
+            return self.found.refused
+        return self.unconfirmed()
+
+    def unconfirmed(self) -> str | None:
+        """Why its data address cannot be trusted, or None. Machines cloned from one image (one
+        host name) have made mDNS answer with another machine's address: only an address the
+        node itself reports is wired into the ring, never a neighbour's by mistake."""
+        if self.beat is None:
+            return None  # nothing to compare yet (and not usable without a beat anyway)
+        claimed = self.claimed
+        if not claimed:
+            return "no data address known (not advertised, not in nodes.toml)"
+        if any(a in self.beat.addresses for a in claimed):
+            return None
+        own = [a for a in self.beat.addresses[:MAX_ADDRESSES_SHOWN] if _is_ipv4(a)]
+        source = self.found.detail if self.found is not None else "its control connection"
+        return (f"cannot confirm its data address: {source} says {', '.join(claimed)}, "
+                f"the node reports {', '.join(own) or 'no address'}")
 
     def where(self) -> str:
         return f"{self.name} ({self.address or 'address unknown'})"

@@ -7,6 +7,7 @@ a stranger on the LAN can make a browser skip an ad but never crash it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -33,6 +34,22 @@ _TEXT_RULES = {
     "fp": (re.compile(r"[0-9a-f]{0,64}"), "lower-case hex"),
     "pk": (re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}"), "a Z85 CurveZMQ key"),
 }
+
+# The SRV target label: readable prefix + node id slug + digest. The slug is cut so the label
+# stays within DNS's 63 bytes; the digest (of the exact id) keeps ids that slug alike apart.
+_SLUG_CHARS = 40
+_DIGEST_CHARS = 8  # 32 bits: a clash needs ~65,000 node ids on one LAN
+
+
+def server_name(node_id: str) -> str:
+    """The `.local.` host name whose A records carry this node's addresses: derived from the
+    node id alone, so it is unique wherever node ids are (two machines left at one host name
+    no longer answer for one name), the same across restarts, and untouched when the machine's
+    host name changes while the node runs."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", node_id.lower()).strip("-")[:_SLUG_CHARS].strip("-")
+    digest = hashlib.sha256(node_id.encode()).hexdigest()[:_DIGEST_CHARS]
+    return f"zq-{slug or 'node'}-{digest}.local."
+
 
 class AdError(ValueError):
     """A TXT record that is not a valid zmqinfer ad; the message says why."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from zmqinfer.config import LOCAL_HOST
-from zmqinfer.mdns.adverts import AdError, NodeAd, worth_reannouncing
+from zmqinfer.mdns.adverts import AdError, NodeAd, server_name, worth_reannouncing
 from zmqinfer.wire import NodeId
 
 log = structlog.get_logger()
@@ -140,17 +139,13 @@ class Advertiser:
         self.ad: NodeAd | None = None
         self._host, self._addresses = "", list[str]()
 
-    async def start(self, ad: NodeAd, interfaces: Sequence[str] | None = None, *,
-                    host_name: str | None = None) -> None:
+    async def start(self, ad: NodeAd, interfaces: Sequence[str] | None = None) -> None:
         """Register and announce; raises DiscoveryError (e.g. another node has this id).
         The ad lists `interfaces` (default: every non-loopback IPv4 address) under the A
-        records of `host_name`.local (default: this machine's name; macOS's already ends in
-        .local). Namespaces share one host name, so tests pass their own."""
+        records of `adverts.server_name(node id)`, never the machine's host name: machines
+        cloned from one image share that, and their answers for one name would mix."""
         addresses = list(interfaces) if interfaces else [ip for ip, _ in _local_networks()]
-        base = host_name or socket.gethostname().split(".")[0]  # macOS: "mini2.local" -> "mini2"
-        host = base.rstrip(".").removesuffix(".local") + ".local."
-        if not LOCAL_HOST.fullmatch(host.removesuffix(".")):
-            raise DiscoveryError(f"host name {host!r} is not a valid .local name")
+        host = server_name(ad.node_id)
         if not addresses:
             raise DiscoveryError("this host has no IPv4 address to advertise")
         if self.aiozc is None:

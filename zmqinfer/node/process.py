@@ -21,6 +21,7 @@ import asyncio
 import os
 import platform
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +94,16 @@ def device_name() -> str:
     if cores and len(cores) < (os.cpu_count() or 0):
         where += f"; on core {','.join(map(str, cores))}"
     return f"{kind} ({where})"
+
+
+def listening_addresses(bind: str) -> tuple[str, ...]:
+    """The IPv4 addresses the data port accepts on, as this machine sees them: the bound one,
+    or every interface's (loopback included: a gateway on this machine may connect there).
+    Asked every beat, so a DHCP move shows up in the next one."""
+    if bind != "0.0.0.0":
+        return (bind,)
+    return tuple(dict.fromkeys(a.address for addrs in psutil.net_if_addrs().values()
+                               for a in addrs if a.family == socket.AF_INET))
 
 
 class Node:
@@ -220,7 +231,8 @@ class Node:
                 node=self.opts.name, data_port=self.opts.data_port, mem_total=total,
                 mem_free=free, device=self._device, pid=os.getpid(), epoch=self.epoch,
                 loaded=self.loaded, rss_bytes=rss,
-                busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences)
+                busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences,
+                addresses=listening_addresses(self.opts.bind))
             await self._send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
                 await self._send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))

@@ -16,8 +16,8 @@ from typing import Protocol
 import mlx.core as mx
 
 from zmqinfer.model.resolve import (
-    HUB_ID,
     DEFAULT_MODEL,
+    HUB_ID,
     ModelNotFound,
     model_fingerprint,
     resolve_model,
