@@ -14,14 +14,22 @@ from typing import Any
 
 from zmqinfer.cli import status as client
 
-from zmqinfer.cli import serve
+from zmqinfer.cli import serve, service
 from zmqinfer.config import (DEFAULT_API_PORT, DEFAULT_DATA_PORT, ClusterConfig, ConfigError, NodeSpec,
                      ip_literal, load_cluster, parse_size)
 from zmqinfer.wire import NodeId
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is for the program a service runs (argparse would not let a
+    # positional list follow the verb's options).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:cut])
+    args.passthrough = argv[cut + 1:]
+    if args.passthrough and args.func is not service.cmd_service:
+        print(f"zmqinfer: unexpected arguments after --: {' '.join(args.passthrough)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ConfigError as e:
@@ -59,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--no-advertise", action="store_true", help="no mDNS ad: nodes.toml must list its address")
     node.add_argument("--memory-limit", metavar="SIZE", help="offer at most this much memory for layers: bytes, "
                       "450M, 1.5G, 512MiB (K..T, KiB..TiB: powers of 1024; KB..TB: of 1000)")
+    node.add_argument("--allow-sleep", action="store_true", help="do not hold a no-idle-sleep assertion while "
+                      "serving (by default the machine stays awake while this node has requests)")
+    node.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
+                      "by size (what the launchd service uses), instead of stderr")
     node.set_defaults(func=cmd_node)
 
     gw = sub.add_parser("gateway", help="run the gateway (on one machine)")
@@ -69,9 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--interface", action="append", default=[], metavar="IP",
                     help="browse and advertise over mDNS on this interface IP only; repeatable")
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
+    gw.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
+                    "by size (what the launchd service uses), instead of stderr")
     gw.set_defaults(func=serve.cmd_gateway)
 
     client.add_commands(sub)  # status, ping, discover: they ask the running cluster or the LAN
+    service.add_commands(sub)  # service install|uninstall|start|stop|restart|status|logs
 
     bench = sub.add_parser("bench", help="ring vs single-process mlx-lm, side by side: decode, first "
                            "token, aggregate throughput, one core per node, hops, wire bytes, memory, BLAS")
@@ -158,7 +173,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
-    log.setup(f"node:{args.name}")  # before the gateway lookup: its logs belong on stderr too
+    log.setup(f"node:{args.name}", args.log_file)  # before the gateway lookup: its logs belong on stderr too
     host, port = cfg.gateway.address, cfg.gateway.control_port
     if args.gateway:
         host, _, p = args.gateway.partition(":")
@@ -169,7 +184,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         host, port = found
     opts = NodeOptions(NodeId(args.name), ip_literal(host, "--gateway"), port,
                        args.port or spec.port, args.bind, interfaces=interfaces,
-                       advertise=not args.no_advertise, memory_limit=memory_limit)
+                       advertise=not args.no_advertise, memory_limit=memory_limit,
+                       allow_sleep=args.allow_sleep)
     return asyncio.run(run_node(opts))
 
 
