@@ -134,13 +134,22 @@ class Manager:
         else:
             self.write(path, content)
             if not self.svc.system:  # a user's units run only while they are logged in, unless lingering
-                self.check(["loginctl", "enable-linger", user_name()])
+                self.linger()
             self.check(self.systemctl("daemon-reload"))
             self.check(self.systemctl("enable", "--now", self.svc.unit))
             if again:  # enable --now leaves a running old version running
                 self.check(self.systemctl("restart", self.svc.unit))
         self.say(f"installed {self.svc.role}{' ' + self.svc.name if self.svc.name else ''}: {path}")
         return 0
+
+    def linger(self) -> None:
+        """Without lingering a user's units stop at logout and do not start at boot. Not fatal:
+        some systems let only an administrator turn it on (polkit); the service still runs."""
+        try:
+            self.check(["loginctl", "enable-linger", user_name()])
+        except ServiceError as e:
+            print(f"zmqinfer: warning: {e}\n  the service runs only while {user_name()} is logged in; "
+                  f"an administrator can run: sudo loginctl enable-linger {user_name()}", file=sys.stderr)
 
     def uninstall(self) -> int:
         path = self.svc.path()
@@ -158,7 +167,8 @@ class Manager:
         if self.svc.platform == "darwin":
             target = self.target()
             self.check(["launchctl", "enable", target])
-            if self.call(["launchctl", "bootstrap", target.rsplit("/", 1)[0], str(self.svc.path())]) != 0:
+            bootstrap = ["launchctl", "bootstrap", target.rsplit("/", 1)[0], str(self.svc.path())]
+            if self.call(bootstrap, quiet=True) != 0:
                 self.check(["launchctl", "kickstart", target])  # it was loaded already
         else:
             self.check(self.systemctl("enable", "--now", self.svc.unit))
@@ -210,10 +220,14 @@ class Manager:
         if self.dry_run:
             print(f"# {path}\n{content.decode()}")
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(content)
-        tmp.replace(path)  # never a half-written file for the service manager to read
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(content)
+            tmp.replace(path)  # never a half-written file for the service manager to read
+        except OSError as e:
+            hint = " (a system unit needs root: sudo)" if self.svc.system else ""
+            raise ServiceError(f"cannot write {path}: {e.strerror}{hint}") from None
 
     def remove(self, path: Path) -> None:
         if self.dry_run:
