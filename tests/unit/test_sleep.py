@@ -3,12 +3,14 @@ backend, SleepGuard's one thread, and the real wakepy backend failing here (no s
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from zmqinfer.node import sleep
 from zmqinfer.node.sleep import IDLE_RELEASE_S, RETRY_S, Awake, SleepGuard, WakepyBackend
 
 
@@ -108,21 +110,76 @@ def test_close_releases_only_what_is_held() -> None:
     assert b.calls == ["hold", "release"]
 
 
+def settle(guard: SleepGuard) -> None:
+    if guard._pending is not None:
+        guard._pending.result(timeout=5)
+
+
 async def test_guard_calls_the_backend_from_one_thread_off_the_loop() -> None:
     b = Recorder()
     guard = SleepGuard(True, structlog.get_logger(), backend=b)
     guard.awake.idle_release_s = 0.0
     for busy in (True, False, True, False, True):
-        await guard.update(busy)
+        guard.update(busy)
+        settle(guard)
     await guard.close()
     assert b.calls == ["hold", "release", "hold", "release", "hold", "release"]
     assert len(b.threads) == 1 and threading.get_ident() not in b.threads  # wakepy modes are per thread
 
 
+class Stuck(Recorder):
+    """hold and release block until `go` is set (a D-Bus call that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def hold(self) -> str | None:
+        self.entered.set()
+        self.go.wait(10)
+        return super().hold()
+
+    def release(self) -> None:
+        self.go.wait(10)
+        super().release()
+
+
+async def test_a_hung_backend_never_holds_up_the_beat() -> None:
+    b = Stuck()
+    guard = SleepGuard(True, structlog.get_logger(), backend=b)
+    try:
+        for _ in range(5):  # five beats while the first hold hangs: none of them waits
+            guard.update(True)
+        assert b.entered.wait(5) and not b.go.is_set()
+        b.go.set()
+        settle(guard)
+        assert b.calls == ["hold"] and guard.awake.held  # the skipped beats did not queue up calls
+    finally:
+        b.go.set()
+        await guard.close()
+
+
+async def test_close_gives_up_on_a_stuck_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sleep, "CLOSE_TIMEOUT_S", 0.2)
+    b = Stuck()
+    b.go.set()
+    guard = SleepGuard(True, structlog.get_logger(), backend=b)
+    guard.update(True)
+    settle(guard)
+    b.go.clear()  # now release hangs
+    try:
+        with capture_logs() as logs:
+            async with asyncio.timeout(5):  # close itself returns after CLOSE_TIMEOUT_S
+                await guard.close()
+        assert any("did not release in time" in e["event"] for e in logs)
+    finally:
+        b.go.set()  # let the sleep thread finish
+
+
 async def test_allow_sleep_never_touches_the_backend() -> None:
     b = Recorder()
     guard = SleepGuard(False, structlog.get_logger(), backend=b)
-    await guard.update(True)
+    guard.update(True)
     await guard.close()
     assert b.calls == []
 

@@ -207,7 +207,7 @@ class Node:
             if self.presence is not None:
                 await self.presence.update(self._ad(vm))
             await self._watch_gateway()
-            await self.awake.update(self.worker.sequences > 0)
+            self.awake.update(self.worker.sequences > 0)  # never waits for the backend
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _watch_gateway(self) -> None:

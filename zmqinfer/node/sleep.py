@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
 # Release a minute after the last sequence: pauses between the requests of one conversation do
@@ -21,6 +21,9 @@ IDLE_RELEASE_S = 60.0
 # After a failed attempt, try again this much later, not every beat: a machine without the
 # service rarely gains it, and each attempt costs a D-Bus round trip.
 RETRY_S = 600.0
+# Shutdown waits this long for the release (a caffeinate to end, a D-Bus call to return); a
+# stuck one must not hold up the node's exit, and the OS drops the assertion with the process.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class Backend(Protocol):
@@ -71,8 +74,12 @@ class Awake:
     def close(self) -> None:
         if self.held:
             self.held = False
-            self.backend.release()
-            self.log.info("released the no-idle-sleep assertion: idle")
+            try:
+                self.backend.release()
+            except Exception as e:  # as for hold: never the node's problem
+                self.log.warning("releasing the no-idle-sleep assertion failed", error=f"{type(e).__name__}: {e}")
+                return
+            self.log.info("released the no-idle-sleep assertion")
 
 
 class WakepyBackend:
@@ -101,19 +108,27 @@ class WakepyBackend:
 
 
 class SleepGuard:
-    """The node's hook: `await update(busy)` every beat, `await close()` on the way out. The
-    backend runs on its own thread: a D-Bus call must never hold up the beat loop."""
+    """The node's hook: `update(busy)` every beat, `await close()` on the way out. The backend runs
+    on its own thread and `update` never waits for it: a D-Bus call that hangs must not hold up
+    the heartbeats (a beat skipped is a node declared dead). While a call is in flight, beats
+    only skip the update; the next free beat catches up."""
 
     def __init__(self, enabled: bool, log: Any, backend: Backend | None = None) -> None:
-        self.enabled = enabled
+        self.enabled, self.log = enabled, log
         self.awake = Awake(backend or WakepyBackend(), log)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleep")
+        self._pending: Future[None] | None = None
 
-    async def update(self, busy: bool) -> None:
-        if self.enabled:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self.awake.update, busy)
+    def update(self, busy: bool) -> None:
+        if self.enabled and (self._pending is None or self._pending.done()):
+            self._pending = self._thread.submit(self.awake.update, busy)
 
     async def close(self) -> None:
-        if self.enabled:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self.awake.close)
-        self._thread.shutdown(wait=True)
+        try:
+            if self.enabled:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.wrap_future(self._thread.submit(self.awake.close))
+        except TimeoutError:
+            self.log.warning("the no-idle-sleep assertion did not release in time", timeout_s=CLOSE_TIMEOUT_S)
+        finally:
+            self._thread.shutdown(wait=False)
