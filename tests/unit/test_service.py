@@ -31,8 +31,8 @@ LAUNCHER = str(ROOT / "bin" / "zmqinfer")
 CMD_TIMEOUT_S = 60  # one CLI run: imports and a few stub calls
 
 # Each stub appends its name and arguments, tab-separated, to $ZQ_CALLS. ZQ_NO_GUI makes
-# `launchctl print gui/<uid>` fail as it does over SSH; ZQ_FAIL=<tool> makes that tool fail with a
-# message on stderr; systemctl also records XDG_RUNTIME_DIR (which --user needs).
+# `launchctl print gui/<uid>` fail as it does over SSH; ZQ_FAIL="<tool>" (or "<tool> <verb>") makes
+# that tool (verb) fail with a message on stderr; systemctl also records XDG_RUNTIME_DIR (which --user needs).
 STUB = r"""#!/bin/sh
 tool="$(basename "$0")"
 { printf '%s' "$tool"; for a in "$@"; do printf '\t%s' "$a"; done; printf '\n'; } >> "$ZQ_CALLS"
@@ -40,7 +40,7 @@ if [ "$tool" = systemctl ]; then printf 'XDG_RUNTIME_DIR=%s\n' "${XDG_RUNTIME_DI
 if [ "$tool" = launchctl ] && [ "$1" = print ] && [ -n "${ZQ_NO_GUI:-}" ]; then
     case "$2" in gui/*) echo "Bad request. Could not find domain for port identifier." >&2; exit 113 ;; esac
 fi
-if [ "${ZQ_FAIL:-}" = "$tool" ]; then echo "$tool: simulated failure: Access denied" >&2; exit 1; fi
+case "${ZQ_FAIL:-}" in "$tool"|"$tool $1") echo "$tool: simulated failure: Access denied" >&2; exit 1 ;; esac
 exit 0
 """
 
@@ -245,6 +245,16 @@ def test_verbs(sv: Env, platform: str, verb: str) -> None:
     assert sv.calls() == [[plist if a == "PLIST" else a for a in c] for c in VERB_CALLS[platform, verb]]
 
 
+def test_launchd_start_of_a_loaded_agent_kickstarts_it(sv: Env) -> None:
+    assert sv.run("install", "--platform", "darwin", "--name", "n1").returncode == 0
+    sv.calls()
+    r = sv.run("start", "--platform", "darwin", "--name", "n1", ZQ_FAIL="launchctl bootstrap")
+    assert r.returncode == 0, r.stderr
+    assert sv.calls()[-2:] == [["launchctl", "bootstrap", f"gui/{UID}", str(agent(sv.home, LABEL))],
+                               ["launchctl", "kickstart", f"gui/{UID}/{LABEL}"]]
+    assert "Access denied" not in r.stdout + r.stderr  # the expected refusal is not shown
+
+
 def test_launchd_logs_tail_the_rotating_log(sv: Env) -> None:
     logs = sv.home / "Library" / "Logs" / "zmqinfer"
     logs.mkdir(parents=True)
@@ -310,6 +320,7 @@ def test_dry_run_changes_nothing(sv: Env, platform: str, verb: str) -> None:
     (["--name", "n9", "--config", "nodes.toml"], "no [[node]] named 'n9'"),
     (["--name", "n1", "--", "--name", "n2"], "--name is set by the service itself"),
     (["--name", "n1", "--platform", "darwin", "--system"], "--system is for Linux"),
+    (["--name", "n1", "-n", "0"], "--lines 0: at least 1"),
 ])
 def test_bad_input_is_refused_clearly(sv: Env, args: list[str], message: str) -> None:
     r = sv.run("install", "--platform", "linux", *args)
@@ -322,3 +333,11 @@ def test_gateway_without_a_config_here(sv: Env) -> None:
     (sv.work / "nodes.toml").unlink()
     r = sv.run("install", "--platform", "linux", "--role", "gateway")
     assert r.returncode == 2 and "nodes.toml: no such file" in r.stderr
+
+
+def test_flags_after_the_double_dash_are_for_install_only(sv: Env) -> None:
+    r = sv.run("restart", "--platform", "linux", "--name", "n1", "--", "--port", "9000")
+    assert r.returncode == 2 and "are for install only" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "status", "--", "x"], capture_output=True,
+                       text=True, timeout=CMD_TIMEOUT_S, env=sv.env)
+    assert r.returncode == 2 and "unexpected arguments after --" in r.stderr  # other commands refuse them
