@@ -26,7 +26,8 @@ def test_a_node_without_the_assertion_still_serves(tmp_path: Path, model_dir: Pa
     port = launch.free_port_block()
     cfg = launch.write_config(tmp_path / "nodes.toml", port, ["n1"], model_dir)
     node_log = tmp_path / "logs" / "n1.log"  # --log-file: the JSON lines the launchd service keeps
-    gw = launch.start_gateway(tmp_path, cfg, port)
+    gw_log = tmp_path / "logs" / "gateway.log"
+    gw = launch.start_gateway(tmp_path, cfg, port, extra=["--log-file", str(gw_log)])
     # A bus that is not there: wakepy's D-Bus methods fail for real (not its forced-failure switch).
     node = launch.start_node(tmp_path, "n1", f"127.0.0.1:{port + launch.CONTROL_OFFSET}",
                              port + launch.DATA_OFFSET, extra=["--log-file", str(node_log)],
@@ -53,6 +54,7 @@ def test_a_node_without_the_assertion_still_serves(tmp_path: Path, model_dir: Pa
         assert len(tried) == 1 and tried[0]["level"] == "warning"  # logged once, not once per request
         assert "DBUS_SESSION_BUS_ADDRESS" in tried[0]["reason"] or "DBus" in tried[0]["reason"]
         assert tried[0]["node"] == "n1"
+        assert {e["component"] for e in events(gw_log)} == {"gateway"}  # the gateway's --log-file too
         node.proc.send_signal(signal.SIGINT)  # stop at once (SIGTERM would drain first)
         assert launch.wait_exit(node.proc, STOP_TIMEOUT_S) == 0
         assert events(node_log)[-1]["event"] == "node stopped"
