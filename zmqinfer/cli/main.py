@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zmqinfer.cli import serve
+from zmqinfer.cli import serve, service
 from zmqinfer.cli import (
     status as client,  # status, ping, discover: clients of a running cluster
 )
@@ -33,7 +33,15 @@ if TYPE_CHECKING:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is for the program a service runs (argparse would not let a
+    # positional list follow the verb's options).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:cut])
+    args.passthrough = argv[cut + 1:]
+    if args.passthrough and args.func is not service.cmd_service:
+        print(f"zmqinfer: unexpected arguments after --: {' '.join(args.passthrough)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ConfigError as e:
@@ -46,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
-    for add in (_add_up, _add_node, _add_gateway, client.add_commands, _add_bench, _add_model):
-        add(sub)  # client: status, ping, discover (they ask the running cluster or the LAN)
+    for add in (_add_up, _add_node, _add_gateway, client.add_commands, service.add_commands, _add_bench,
+                _add_model):
+        add(sub)  # client: status, ping, discover; service: install|uninstall|start|stop|restart|status|logs
     return p
 
 
@@ -83,6 +92,10 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node.add_argument("--simulate", metavar="STEP_MS[,SEQ_MS[,PREFILL_TOKEN_MS]]", help="stand in for "
                       "a device: sleep this cost per decode step (+ per sequence, + per prefill token) "
                       "instead of computing (benchmarks of the pipeline itself)")
+    node.add_argument("--allow-sleep", action="store_true", help="do not hold a no-idle-sleep assertion while "
+                      "serving (by default the machine stays awake while this node has requests)")
+    node.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
+                      "by size (what the launchd service uses), instead of stderr")
     node.set_defaults(func=cmd_node)
 
 
@@ -95,6 +108,8 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gw.add_argument("--interface", action="append", default=[], metavar="IP",
                     help="browse and advertise over mDNS on this interface IP only; repeatable")
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
+    gw.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
+                    "by size (what the launchd service uses), instead of stderr")
     gw.set_defaults(func=serve.cmd_gateway)
 
 
@@ -189,7 +204,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
-    log.setup(f"node:{args.name}")  # before the gateway lookup: its logs belong on stderr too
+    log.setup(f"node:{args.name}", args.log_file)  # before the gateway lookup: its logs belong on stderr too
     host, port = cfg.gateway.address, cfg.gateway.control_port
     if args.gateway:
         host, _, p = args.gateway.partition(":")
@@ -201,7 +216,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     opts = NodeOptions(name=NodeId(args.name), gateway_host=ip_literal(host, "--gateway"), control_port=port,
                        data_port=args.port or spec.port, bind=args.bind, interfaces=interfaces,
                        advertise=not args.no_advertise, memory_limit=memory_limit,
-                       simulate=_simulate(args.simulate))
+                       simulate=_simulate(args.simulate), allow_sleep=args.allow_sleep)
     return asyncio.run(run_node(opts))
 
 

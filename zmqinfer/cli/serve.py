@@ -61,7 +61,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
-                  discovery=not args.no_discovery, interfaces=interfaces)
+                  discovery=not args.no_discovery, interfaces=interfaces, log_file=args.log_file)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def resolve_or_exit(model: str | None) -> Path | None:
 def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
            api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
            model_id: str | None = None, *, discovery: bool = True,
-           interfaces: tuple[str, ...] = ()) -> int:
+           interfaces: tuple[str, ...] = (), log_file: Path | None = None) -> int:
     from zmqinfer import log
     from zmqinfer.gateway.process import Gateway
     from zmqinfer.model.resolve import DEFAULT_MODEL
@@ -138,7 +138,7 @@ def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: 
         model_path = resolve_or_exit(model)
         if model_path is None:
             return 1
-    log.setup("gateway")
+    log.setup("gateway", log_file)
     gw: Any = None
     base = f"http://{gspec.bind if gspec.bind != '0.0.0.0' else '127.0.0.1'}:{gspec.port}/v1"
 

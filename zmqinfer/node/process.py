@@ -36,6 +36,7 @@ from zmqinfer import sockets
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node.simulated import DEVICE_PREFIX, SimulatedCost
+from zmqinfer.node.sleep import SleepGuard
 from zmqinfer.node.worker import Worker
 from zmqinfer.wire import (
     Assign,
@@ -82,6 +83,7 @@ class NodeOptions:
     advertise: bool = True  # register _zmqinfer._tcp over mDNS
     memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
     simulate: SimulatedCost | None = None  # stand in for a device: sleep instead of computing
+    allow_sleep: bool = False  # no no-idle-sleep assertion while serving (node/sleep.py)
 
 
 def device_name() -> str:
@@ -130,6 +132,7 @@ class Node:
         self.gateway_epoch = Epoch(0)  # the epoch the gateway's ring runs now
         self.presence: Any = None  # presence.NodePresence while advertising
         self.error: str | None = None  # why the node stopped on its own (exit status 1)
+        self.awake = SleepGuard(not opts.allow_sleep, self.log)  # a Mac that sleeps leaves the ring
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -153,6 +156,7 @@ class Node:
                     t.cancel()
         finally:
             await self._say_bye()
+            await self.awake.close()
             if self.presence is not None:
                 await self.presence.close()
             self._close()
@@ -239,6 +243,7 @@ class Node:
             if self.presence is not None:
                 await self.presence.update(self._ad(vm))
             await self._watch_gateway()
+            self.awake.update(self.worker.sequences > 0)  # never waits for the backend
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _watch_gateway(self) -> None:
