@@ -23,6 +23,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -36,8 +37,8 @@ class LoadError(RuntimeError):
     """A request failed (HTTP error, short answer, deadline): the measurement is not valid."""
 
 
-def _body(prompt: list[int], max_tokens: int, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+def _body(prompt: list[int] | str, max_tokens: int, stream: bool, model: str = "bench") -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
                             "temperature": 0, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -90,13 +91,14 @@ async def first_token(session: aiohttp.ClientSession, url: str, prompt: list[int
     return time.perf_counter() - t0
 
 
-async def aggregate(session: aiohttp.ClientSession, url: str, prompts: list[list[int]],
-                    max_tokens: int, level_timeout_s: float) -> dict[str, Any]:
-    """All `prompts` at once; completion tokens / wall time, or an error saying what failed."""
+async def aggregate(session: aiohttp.ClientSession, url: str, prompts: Sequence[list[int] | str],
+                    max_tokens: int, level_timeout_s: float, model: str = "bench") -> dict[str, Any]:
+    """All `prompts` at once; completion tokens / wall time, or an error saying what failed.
+    `model`: what the body names (the gateway serves one; mlx_lm.server loads what it names)."""
     done: list[int] = []
 
-    async def one(prompt: list[int]) -> None:
-        r = await _post_json(session, url + "/v1/completions", _body(prompt, max_tokens, False),
+    async def one(prompt: list[int] | str) -> None:
+        r = await _post_json(session, url + "/v1/completions", _body(prompt, max_tokens, False, model),
                              aiohttp.ClientTimeout(total=level_timeout_s + 5))
         done.append(r["usage"]["completion_tokens"])
 

@@ -60,6 +60,34 @@ def targets(r: Report) -> list[dict[str, Any]]:
                            f"missed by {measured - limit} B ({measured} B > {limit} B); "
                            f"per extra sequence {hop['per_seq_bytes']:.0f} B. The hidden state alone is "
                            f"hidden_size x {_size(w['dtype'])} B in {w['dtype']}")})
+    return out + _speed_targets(r, rings)
+
+
+def _speed_targets(r: Report, rings: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 13: as fast as the best single process on one machine, every device busy."""
+    base, server, sim = r["baseline"], r.get("server") or {}, r.get("simulated") or {}
+    c, exact_c = _closest([int(k) for k in base["batch_tps"]], 16)
+    out = [_ratio(tid, f"up, {n} node(s), concurrency 16: aggregate vs mlx_lm.server", f"{n} node(s), concurrency {c}",
+                  exact_c and n in rings, dig(rings.get(n), "batch", str(c), "tps"),
+                  dig(server, "batch", str(c), "tps"), ">=", need)
+           for tid, n, need in ((6, 3, 0.9), (7, 1, 1.0))]
+    out.append(_ratio(8, "ring, 1 node, concurrency 16: aggregate vs batch_generate", f"1 node, concurrency {c}",
+                      exact_c and 1 in rings, dig(rings.get(1), "batch", str(c), "tps"),
+                      base["batch_tps"].get(str(c)), ">=", 0.95))
+    out.append(_ratio(9, "single stream through 3 nodes vs single-process mlx-lm", "3 nodes", 3 in rings,
+                      dig(rings.get(3), "single", "decode_tps"), base["decode_tps"], ">=", 0.95))
+    at = f"{sim.get('stages')} simulated devices, {sim.get('step_ms')} ms a step, concurrency {sim.get('concurrency')}"
+    spec = (sim.get("stages"), sim.get("step_ms"), sim.get("concurrency")) == (3, 10.0, 16)
+    out.append(_ratio(10, "simulated devices: aggregate steps/s vs ideal", at, spec,
+                      sim.get("aggregate_steps_per_s"), sim.get("ideal_steps_per_s"), ">=", 0.9))
+    busy = min((sim.get("busy") or {}).values(), default=None)
+    out.append(_ratio(11, "simulated devices: the least busy device (busy time / wall time)", at, spec,
+                      busy, 1.0 if busy is not None else None, ">=", 0.9))
+    gap = (sim["single_stream_ms_per_token"] - sim["ideal_ms_per_token"]) if sim.get("ideal_ms_per_token") else None
+    out.append({"id": 12, "what": "simulated devices: one stream's ms per token over the ideal", "at": at,
+                "as_specified": spec, "measured": gap, "required": 1.0, "op": "<=", "unit": "ms",
+                "status": "not measured" if gap is None else "met" if gap <= 1.0 else "missed",
+                "detail": "a measurement is missing" if gap is None else f"{gap:.2f} ms over {sim['ideal_ms_per_token']} ms"})
     return out
 
 
@@ -103,7 +131,8 @@ def dig(d: Any, *keys: Any) -> Any:
 def failures(r: Report) -> list[str]:
     """Every measurement that failed, one line each (the tables show them in place too)."""
     out = []
-    setups = [r["baseline_before"], *_rings_all(r), r["baseline_after"]]
+    setups = [r["baseline_before"], *_rings_all(r), *([r["server"]] if r.get("server") else []),
+              r["baseline_after"]]
     if "baseline" in (r.get("pinned") or {}):
         setups.append(r["pinned"]["baseline"])
     for x in setups:
@@ -126,8 +155,8 @@ def failures(r: Report) -> list[str]:
 
 def report_tables(r: Report) -> str:
     o = r["options"]
-    parts = [_machine(r), _single(r), _aggregate(r), _pinned(r), _hops(r), _wire(r), _memory(r), _blas(r),
-             _targets(r), _phases(r), _failures(r)]
+    parts = [_machine(r), _single(r), _aggregate(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
+             _blas(r), _targets(r), _phases(r), _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "
             f"{o['batch_tokens']} tokens per request; the mlx-lm baseline runs before and after the rings and "
@@ -184,8 +213,8 @@ def _aggregate(r: Report) -> str:
     base = r["baseline"]["batch_tps"]
     levels = [str(c) for c in r["options"]["concurrency"]]
     rows = []
-    for x in [r["baseline_before"], *r["rings"], r["baseline_after"]]:
-        row = [x["setup"] + (" (batch_generate)" if "mlx-lm" in x["setup"] else "")]
+    for x in [r["baseline_before"], *r["rings"], *([r["server"]] if r.get("server") else []), r["baseline_after"]]:
+        row = [x["setup"] + (" (batch_generate)" if "mlx-lm," in x["setup"] else "")]
         for c in levels:
             tps = dig(x, "batch", c, "tps")
             row.append(f"{tps:.1f}{_x(tps, base.get(c))}" if tps is not None else _err(dig(x, "batch", c) or x))
@@ -285,11 +314,28 @@ def _proc(p: dict[str, Any]) -> list[str]:
             "-" if aff is None else ",".join(map(str, aff)), str(p.get("threads") or "-")]
 
 
+def _simulated(r: Report) -> str:
+    s = r.get("simulated")
+    if not s:
+        return ""
+    if "error" in s:
+        return f"**Simulated devices**: {s['error']}"
+    busy = ", ".join(f"{k} {v:.2f}" for k, v in s["busy"].items())
+    return (f"**Simulated devices** ({s['stages']} nodes sleeping {s['step_ms']} ms a step instead of computing; "
+            f"the real gateway, scheduler, wire and HTTP between them; {s['groups']} micro-batch groups)\n\n"
+            + _table(["concurrency", "measured", "ideal", "busy"],
+                     [[str(s["concurrency"]), f"{s['aggregate_steps_per_s']:.1f} steps/s "
+                       f"({s['aggregate_tokens_per_s']:.0f} tok/s)", f"{s['ideal_steps_per_s']:.0f} steps/s", busy],
+                      ["1", f"{s['single_stream_ms_per_token']:.1f} ms/token", f"{s['ideal_ms_per_token']:.0f} ms/token",
+                       "-"]]))
+
+
 def _targets(r: Report) -> str:
-    rows = [[str(t["id"]), t["what"], t["at"], f"{t['op']} {t['required']}{t['unit'] if t['unit'] == 'x' else ' B'}",
+    units = {"x": "x", "ms": " ms"}
+    rows = [[str(t["id"]), t["what"], t["at"], f"{t['op']} {t['required']}{units.get(t['unit'], ' B')}",
              t["status"].upper() if t["status"] != "not measured" else t["status"], t["detail"]]
             for t in r["targets"]]
-    return "**Targets** (issue #3)\n\n" + _table(["#", "target", "measured at", "needs", "status", "detail"], rows)
+    return "**Targets** (1-5: issue 3; 6-12: issue 13)\n\n" + _table(["#", "target", "measured at", "needs", "status", "detail"], rows)
 
 
 def _phases(r: Report) -> str:

@@ -37,7 +37,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.bench import blasinfo, launch, loadgen
+from zmqinfer.bench import blasinfo, launch, loadgen, server, simulate
+from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.bench.report import dig, targets
 from zmqinfer.local import ONE_BLAS_THREAD
 from zmqinfer.model.resolve import read_config
@@ -77,11 +78,14 @@ class Options:
     pin_concurrency: int = 16  # the level the pinned comparison runs at (closest measured one)
     pings: int = 10
     level_timeout_s: float = 300.0
+    server: bool = True  # mlx_lm.server at the same concurrency levels
+    simulate: SimOptions | None = SimOptions()  # simulated devices (simulate.py); None: skip
 
 
 # What `--quick` means: every size small enough for a smoke run of well under a minute.
 QUICK = dict(nodes=(2,), concurrency=(1, 4), tokens=8, batch_tokens=8, reps=1, prompt_lengths=(16, 64),
-             pings=3, level_timeout_s=60.0)
+             pings=3, level_timeout_s=60.0,
+             simulate=SimOptions(stages=2, step_ms=5, concurrency=4, tokens=16, single_tokens=16))
 
 
 def can_pin() -> bool:
@@ -97,7 +101,8 @@ def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> di
     from zmqinfer.model.resolve import resolve_model
 
     model_path = resolve_model(opts.model)
-    work = workload(load_tokenizer(model_path), model_path, opts)
+    tokenizer = load_tokenizer(model_path)
+    work = workload(tokenizer, model_path, opts)
     pin_c = str(min(opts.concurrency, key=lambda c: abs(c - opts.pin_concurrency)))
     pinned_work = {**work, "batch": {pin_c: work["batch"][pin_c]}}
     report: dict[str, Any] = {"machine": machine(), "options": dataclasses.asdict(opts),
@@ -130,6 +135,12 @@ def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> di
             report["pinned"] = {"baseline": base, "ring": ring, "concurrency": pin_c}
         elif opts.pin:
             report["pinned"] = {"error": "CPU pinning is not supported on this platform"}
+        if opts.server:
+            report["server"] = phase("mlx_lm.server", lambda: server.run(model_path, tokenizer, work, t,
+                                                                         opts.level_timeout_s))
+        if opts.simulate is not None:
+            sim = opts.simulate
+            report["simulated"] = phase("simulated devices", lambda: simulate.run_safely(sim, t))
         report["baseline_after"] = phase("mlx-lm, single process (after)", lambda: run_baseline(work, t / "after"))
     report["machine"]["cpu_busy_after_pct"] = _others_load()
     report["baseline"] = _mean_baseline(report["baseline_before"], report["baseline_after"])

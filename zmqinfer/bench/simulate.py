@@ -43,6 +43,15 @@ def run(opts: SimOptions, tmp: Path, log: Any = lambda s: None) -> dict[str, Any
         launch.stop(c)
 
 
+def run_safely(opts: SimOptions, tmp: Path) -> dict[str, Any]:
+    """The `simulate` section of a full bench report, or what failed (the rest still reports)."""
+    try:
+        section: dict[str, Any] = run(opts, tmp)["simulate"]
+        return section
+    except (RuntimeError, OSError, loadgen.LoadError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _status(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url + "/cluster/status", timeout=STATUS_TIMEOUT_S) as r:
         status: dict[str, Any] = json.loads(r.read())
