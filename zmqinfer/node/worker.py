@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zmqinfer.model.resolve import _HUB_ID, DEFAULT_MODEL, ModelNotFound, model_fingerprint, resolve_model
-from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.tensors import from_wire, to_wire
@@ -29,6 +29,7 @@ class Worker:
         self.fingerprint = ""
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
+        self.token_limit: int | None = None  # the tokenizer's size: the last stage samples below it
 
     @property
     def shard_bytes(self) -> int:
@@ -56,6 +57,7 @@ class Worker:
                     f"Hugging Face cache lacks; fetch them with `zmqinfer model fetch {model} "
                     f"--layers {start}:{end}`")
         self.stage = Stage(path, start, end)
+        self.token_limit = tokenizer_size(path) if self.stage.is_last else None
         self.fingerprint = model_fingerprint(path)
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
@@ -134,7 +136,7 @@ class Worker:
                             samplers.append(sampler)
                     if samplers:
                         picked = out if len(rows) == len(decode) else out[mx.array(rows)]
-                        samples += sample_batch(samplers, picked)
+                        samples += sample_batch(samplers, picked, self.token_limit)
                 kept += [c for c, _ in decode]
                 out_tokens.append(dec_tokens)
                 outs.append(out)
