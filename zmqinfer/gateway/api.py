@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,10 +35,13 @@ import structlog
 from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from zmqinfer.gateway.httpio import (BODY_READ_TIMEOUT_S, SSE_WRITE_TIMEOUT_S, SlowClient, read_body,
+                                     send_event)
+from zmqinfer.gateway.openapi import openapi
 from zmqinfer.gateway.prompt import Plan, plan
 from zmqinfer.gateway.validate import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
                        parse_chat, parse_completion)
-from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable, StepNotSent
 from zmqinfer.gateway.textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
 from zmqinfer.wire import Sample, SamplingParams
 
@@ -66,6 +69,8 @@ class _Admission:
 
     limit: int
     active: int = 0
+    body_timeout: float = BODY_READ_TIMEOUT_S
+    write_timeout: float = SSE_WRITE_TIMEOUT_S
 
 
 BACKEND = web.AppKey("backend", Backend)  # type: ignore[type-abstract]
@@ -81,12 +86,13 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
-             max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> web.Application:
+             max_concurrent: int = DEFAULT_MAX_CONCURRENT, body_timeout: float = BODY_READ_TIMEOUT_S,
+             write_timeout: float = SSE_WRITE_TIMEOUT_S) -> web.Application:
     """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_frame])
     app[BACKEND] = backend
     app[API_KEYS] = api_keys
-    app[ADMISSION] = _Admission(max_concurrent)
+    app[ADMISSION] = _Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -96,6 +102,7 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     app.router.add_get("/health", health)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/ping", cluster_ping)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
@@ -111,11 +118,19 @@ def _error(status: int, message: str, **kw: Any) -> web.Response:
     return web.json_response(error_body(message, **kw), status=status)
 
 
-def _ring_error(e: RingUnavailable | RingTimeout) -> tuple[int, dict[str, Any]]:
+# A file path in an error (a node's load failure, say) tells a client about our disks, not its request.
+_PATH = re.compile(r"(?<![\w:/.])(?:~|\.{1,2})?/(?:[^\s/'\"]+/)*[^\s/'\",)]*")
+
+
+def _ring_error(e: RingUnavailable | RingTimeout | StepNotSent) -> tuple[int, dict[str, Any]]:
+    text = _PATH.sub("<path>", str(e))
+    if isinstance(e, StepNotSent):
+        return 500, error_body(f"this request could not be sent to the ring: {text}",
+                               type="server_error", code="internal_error")
     if isinstance(e, RingTimeout):
-        return 504, error_body(f"the inference ring timed out: {e}", type="server_error",
+        return 504, error_body(f"the inference ring timed out: {text}", type="server_error",
                                code="ring_timeout")
-    return 503, error_body(f"the inference ring is unavailable: {e}", type="server_error",
+    return 503, error_body(f"the inference ring is unavailable: {text}", type="server_error",
                            code="ring_unavailable")
 
 
@@ -133,8 +148,11 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as e:
         request[LOG].info("request refused", status=e.status, error=e.message)
-        return _error(e.status, e.message, param=e.param, code=e.code)
-    except (RingUnavailable, RingTimeout) as e:
+        response = _error(e.status, e.message, param=e.param, code=e.code)
+        if e.status == 408:
+            response.force_close()  # the rest of that body may still come: not a request
+        return response
+    except (RingUnavailable, RingTimeout, StepNotSent) as e:
         status, body = _ring_error(e)
         request[LOG].warning("ring error", status=status, error=str(e))
         return web.json_response(body, status=status)
@@ -146,6 +164,10 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
                    else f"{request.method} {request.path}: {e.reason}")
         return web.json_response(error_body(message, code=e.reason.lower().replace(" ", "_")),
                                  status=e.status, headers=allow)
+    except Exception:  # a bug must cost this request a 500 in OpenAI's shape, never a traceback
+        request[LOG].exception("internal error")
+        return _error(500, f"internal error (request {request_id}); the server log has the details",
+                      type="server_error", code="internal_error")
 
 
 def _authorised(request: web.Request, keys: frozenset[str]) -> bool:
@@ -178,14 +200,16 @@ def _admitted(request: web.Request) -> Iterator[None]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[ADMISSION].body_timeout)  # before taking a slot
     with _admitted(request):
-        req = parse_chat(parse_body(await request.read()))
+        req = parse_chat(parse_body(raw))
         return await _complete(request, req, _ChatShape(request, req.options))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[ADMISSION].body_timeout)
     with _admitted(request):
-        req = parse_completion(parse_body(await request.read()))
+        req = parse_completion(parse_body(raw))
         return await _complete(request, req, _CompletionShape(request, req.options))
 
 
@@ -243,35 +267,38 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
                   shape: _ChatShape | _CompletionShape, opts: Options,
                   p: Plan) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
+    timeout = request.app[ADMISSION].write_timeout
+
+    async def send(payload: dict[str, Any] | bytes) -> None:
+        await send_event(request, response, payload, timeout)
 
     async def emit(delta: Delta) -> None:
         if not response.prepared:  # first token: only now is success certain enough to say 200
             await response.prepare(request)
             for chunk in shape.start():
-                await _send(response, chunk)
+                await send(chunk)
         for chunk in shape.chunks(delta):
-            await _send(response, chunk)
+            await send(chunk)
 
     try:
         await _run(samples, text, emit)
         if opts.include_usage:
-            await _send(response, shape.usage_chunk(_usage(p, text)))
-        await response.write(b"data: [DONE]\n\n")
-    except (RingUnavailable, RingTimeout) as e:
+            await send(shape.usage_chunk(_usage(p, text)))
+        await send(b"data: [DONE]\n\n")
+    except (RingUnavailable, RingTimeout, StepNotSent) as e:
         if not response.prepared:
             raise  # still time for a proper status code
         status, body = _ring_error(e)
         request[LOG].warning("ring error mid-stream", status=status, error=str(e))
-        await _send(response, body)
+        await send(body)
+    except SlowClient as e:  # cut off: its slot and its sequence are freed now
+        request[LOG].warning("client stopped reading the stream", error=str(e))
+        return response
     except ConnectionResetError:  # client went away between two writes; nothing left to tell it
         request[LOG].info("client disconnected while writing")
         return response
     await response.write_eof()
     return response
-
-
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
 
 def _usage(p: Plan, text: TextStream) -> dict[str, int]:
