@@ -11,6 +11,7 @@ ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -74,7 +75,7 @@ async def recv(sock: zmq.asyncio.Socket, max_frames: int) -> list[zmq.Frame]:
     if sock.get(zmq.RCVMORE):
         # The rest of a message arrives with its first frame: plain non-blocking calls on the same
         # socket, not one awaited future per frame (2,000 frames would cost the loop 0.1 s).
-        raw = zmq.Socket.shadow(sock.underlying)
+        raw: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
         extra = 0
         while raw.get(zmq.RCVMORE):
             frame = raw.recv(zmq.NOBLOCK, copy=False)

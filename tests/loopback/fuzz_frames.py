@@ -13,7 +13,7 @@ import numpy as np
 
 from zmqinfer import limits
 from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (PROTOCOL_VERSION, Bye, Chunk, Epoch, Forward, Heartbeat, Loaded, NodeId, Ping,
+from zmqinfer.wire import (PROTOCOL_VERSION, Bye, Chunk, Epoch, Forward, Heartbeat, Loaded, Message, NodeId, Ping,
                            Release, Sample, Sampled, SamplingParams, SeqId, StepFailed, Tensor, TokenLogprob,
                            encode)
 
@@ -114,7 +114,7 @@ class Fuzz:
     def shape_lies(self) -> Frames:
         """Tokens or hidden whose shape disagrees with the chunks (wirecheck's refusals)."""
         r, seq = self.r, self._seq()
-        return _b(encode(r.choice([
+        lies: list[Message] = [
             Forward(self.epoch, 1, (Chunk(seq, 0, 3, False),), -1, tokens_to_wire([1, 2])),
             Forward(self.epoch, 1, (Chunk(seq, 0, 2, False),), -1, Tensor("float32", (2,), b"\0" * 8)),
             Forward(self.epoch, 1, (Chunk(seq, 0, 0, False),), -1, tokens_to_wire([])),
@@ -122,12 +122,13 @@ class Fuzz:
             Forward(self.epoch, 1, (Chunk(seq, 0, 1, False, SamplingParams(temperature=math.nan)),), -1,
                     tokens_to_wire([1])),
             Release(self.epoch, ()),
-        ])))
+        ]
+        return _b(encode(r.choice(lies)))
 
-    def control_message(self) -> Any:
+    def control_message(self) -> Message:
         """Well-typed control messages that mean nothing (or come from nobody the ring knows)."""
         r, nan = self.r, math.nan
-        return r.choice([
+        options: list[Message] = [
             Heartbeat(NodeId("fuzz"), r.choice([0, 65536, 1 << 40]), 1, 1, "cpu", 1, Epoch(0), False, 1, 0.0, 0),
             Heartbeat(NodeId("fuzz"), 8000, -1, 1, "cpu", 1, Epoch(0), False, 1, 0.0, 0),
             Heartbeat(NodeId("fuzz"), 8000, 1, 1, "cpu", 1, Epoch(0), False, 1, nan, 0),
@@ -136,7 +137,8 @@ class Fuzz:
             StepFailed(self.epoch, 1, NodeId("node0"), (self._seq(),), "fuzz"),
             Bye(NodeId("node0"), "fuzz", True),  # from a routing id that is not node0's: ignored
             Ping(r.randrange(1 << 32)),
-        ])
+        ]
+        return r.choice(options)
 
     def sampled(self) -> Sampled:
         r, seq = self.r, self._seq()

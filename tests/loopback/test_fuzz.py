@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Iterator
 
 import openai
 import pytest
@@ -30,7 +31,7 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def ring(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
+def ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = launch.start(tmp_path_factory.mktemp("fuzz"), nodes=3)
     yield c
     launch.stop(c)

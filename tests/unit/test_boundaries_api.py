@@ -223,7 +223,7 @@ async def test_openapi_describes_every_route() -> None:
         r = await client.get("/openapi.json")
         assert r.status == 200
         spec = await r.json()
-        routes = {res.canonical for res in client.server.app.router.resources()}
+        routes = {res.canonical for res in client.app.router.resources()}
     assert spec == json.loads(json.dumps(SPEC))
     assert set(spec["paths"]) == routes
     assert schemathesis.openapi.from_dict(spec) is not None

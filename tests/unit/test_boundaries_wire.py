@@ -20,7 +20,7 @@ from zmqinfer.gateway.scheduler import PREFILL_CHUNK
 from zmqinfer.inbox import Inbox
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (PROTOCOL_VERSION, Assign, Chunk, Epoch, Forward, Heartbeat, Loaded, NodeId,
-                           Ping, Release, Sample, Sampled, SamplingParams, SeqId, Tensor, TokenLogprob,
+                           Message, Ping, Release, Sample, Sampled, SamplingParams, SeqId, Tensor, TokenLogprob,
                            WireError, decode, encode)
 from zmqinfer.wirecheck import check
 
@@ -134,7 +134,7 @@ def hidden(rows: int, width: int, dtype: str = "float32") -> Tensor:
 
 
 NAN = math.nan
-MEANINGLESS = {
+MEANINGLESS: dict[str, Message] = {
     "tokens shorter than the chunks": fwd(C2, tokens_to_wire([1])),
     "tokens not int32": fwd(C2, Tensor("float32", (2,), b"\0" * 8)),
     "tokens 2-D": fwd(C2, Tensor("int32", (1, 2), b"\0" * 8)),
@@ -208,7 +208,7 @@ async def test_a_message_of_a_million_frames_keeps_only_a_few() -> None:
     ctx = zmq.asyncio.Context()
     pull = sockets.data_pull(ctx, "tcp://127.0.0.1:0")
     push = ctx.socket(zmq.PUSH)
-    push.connect(pull.getsockopt(zmq.LAST_ENDPOINT).decode())
+    push.connect(pull.getsockopt_string(zmq.LAST_ENDPOINT))
     try:
         await push.send_multipart([b""] * 100_000 + [b"x"])
         async with asyncio.timeout(10):
@@ -227,7 +227,7 @@ async def test_a_message_of_a_million_frames_keeps_only_a_few() -> None:
 async def test_a_control_frame_over_its_limit_drops_the_connection_not_the_socket() -> None:
     ctx = zmq.asyncio.Context()
     router = sockets.control_router(ctx, "tcp://127.0.0.1:0")
-    endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
     big, small = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         big.connect(endpoint)
