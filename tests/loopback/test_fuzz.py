@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -77,6 +79,26 @@ async def fuzz(c: LocalCluster, epoch: int) -> dict[str, int]:
             s.close(0)
         ctx.term()
     return sent
+
+
+def post(c: LocalCluster, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(c.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_issues_requests_are_400s_and_the_gateway_lives(ring: LocalCluster) -> None:
+    """Issue 10 against `up`: top_k 2**64 was a 504, then the gateway died (and `up` with it);
+    a lone surrogate was a plain-text 500."""
+    for body, param in [(b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 18446744073709551616}', "top_k"),
+                        (b'{"messages": [{"role": "user", "content": "a\\udc80b"}]}', "messages")]:
+        status, answer = post(ring, body)
+        assert status == 400 and answer["error"]["param"] == param, answer
+    assert ring.proc.poll() is None and ring.status()["ready"]
 
 
 def test_fuzzed_frames_take_nothing_down(ring: LocalCluster, tmp_path: Path) -> None:
