@@ -1,18 +1,23 @@
 """The OpenAI HTTP API: routes, auth, and JSON/SSE shaping around a `Backend`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both stream and non-stream),
-GET /v1/models, GET /v1/models/{id}, GET /health, GET /cluster/status, POST /cluster/ping.
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /cluster/status, POST /cluster/ping,
+GET /openapi.json (openapi.py: the ranges below, documented).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
   `web.AppRunner(app, handler_cancellation=True)`: a client that disconnects then cancels its
   handler, and the handler's `finally` (an `aclosing` around `backend.generate`) stops the
   generation. Nothing here starts a task of its own.
-* Validation and every 400 live in `requests.py`; token ids -> text in `textout.py`.
+* Validation and every 400 live in `validate.py`; token ids -> text in `textout.py`; response
+  objects in `shapes.py`; body reads and SSE writes under deadlines in `httpio.py` (a body is
+  read before the request takes an admission slot; a stalled body is a 408, a stream nobody
+  reads is cut).
 * With api_keys, every route except /health needs `Authorization: Bearer <key>` (401).
 * Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: RequestError -> its
-  status (400), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies over
-  MAX_BODY_BYTES -> 413. A ring error after an SSE stream started becomes a `data: {"error": ...}`
+  status (400, 408), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies
+  over MAX_BODY_BYTES -> 413, anything else -> 500 with no details (the log has the traceback);
+  file paths in ring errors become `<path>`. A ring error after an SSE stream started becomes a `data: {"error": ...}`
   event that ends the stream (no [DONE]).
 * A streamed response only starts (headers sent) once the first token is back, so an
   unavailable ring is still a plain 503 rather than an error event.
@@ -42,7 +47,8 @@ from zmqinfer.gateway.prompt import Plan, plan
 from zmqinfer.gateway.validate import (ChatRequest, CompletionRequest, Options, RequestError, parse_body,
                        parse_chat, parse_completion)
 from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable, StepNotSent
-from zmqinfer.gateway.textout import Delta, LogprobEntry, TextStream, chat_logprobs, completion_logprobs
+from zmqinfer.gateway.shapes import ChatShape, CompletionShape
+from zmqinfer.gateway.textout import Delta, LogprobEntry, TextStream
 from zmqinfer.wire import Sample, SamplingParams
 
 # 4 MiB of JSON is ~1M tokens of text: far past any context length, small enough to buffer.
@@ -203,18 +209,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, request.app[ADMISSION].body_timeout)  # before taking a slot
     with _admitted(request):
         req = parse_chat(parse_body(raw))
-        return await _complete(request, req, _ChatShape(request, req.options))
+        shape = ChatShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
+        return await _complete(request, req, shape)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request, request.app[ADMISSION].body_timeout)
     with _admitted(request):
         req = parse_completion(parse_body(raw))
-        return await _complete(request, req, _CompletionShape(request, req.options))
+        shape = CompletionShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
+        return await _complete(request, req, shape)
 
 
 async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
-                    shape: _ChatShape | _CompletionShape) -> web.StreamResponse:
+                    shape: ChatShape | CompletionShape) -> web.StreamResponse:
     backend, log = request.app[BACKEND], request[LOG]
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
@@ -250,7 +258,7 @@ async def _run(samples: AsyncIterator[Sample], text: TextStream,
 
 
 async def _collect(samples: AsyncIterator[Sample], text: TextStream,
-                   shape: _ChatShape | _CompletionShape, p: Plan) -> web.Response:
+                   shape: ChatShape | CompletionShape, p: Plan) -> web.Response:
     pieces: list[str] = []
     entries: list[LogprobEntry] = []
 
@@ -264,7 +272,7 @@ async def _collect(samples: AsyncIterator[Sample], text: TextStream,
 
 
 async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: TextStream,
-                  shape: _ChatShape | _CompletionShape, opts: Options,
+                  shape: ChatShape | CompletionShape, opts: Options,
                   p: Plan) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
     timeout = request.app[ADMISSION].write_timeout
@@ -304,75 +312,6 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
 def _usage(p: Plan, text: TextStream) -> dict[str, int]:
     return {"prompt_tokens": len(p.prompt), "completion_tokens": text.completion_tokens,
             "total_tokens": len(p.prompt) + text.completion_tokens}
-
-
-class _ChatShape:
-    """chat.completion and chat.completion.chunk objects."""
-
-    def __init__(self, request: web.Request, opts: Options) -> None:
-        self._head = {"id": "chatcmpl-" + request[REQUEST_ID].removeprefix("req-"),
-                      "created": int(time.time()), "model": request.app[BACKEND].model_id}
-        self._logprobs = opts.logprobs is not None
-
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(entries) if self._logprobs else None,
-                  "finish_reason": finish}
-        return self._head | {"object": "chat.completion", "choices": [choice], "usage": usage}
-
-    def start(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, (), None)]
-
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        out = []
-        if delta.text or delta.logprobs:
-            out.append(self._chunk({"content": delta.text}, delta.logprobs, None))
-        if delta.finish_reason is not None:
-            out.append(self._chunk({}, (), delta.finish_reason))
-        return out
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
-
-    def _chunk(self, delta: dict[str, Any], entries: tuple[LogprobEntry, ...],
-               finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta,
-                  "logprobs": chat_logprobs(entries) if self._logprobs and entries else None,
-                  "finish_reason": finish}
-        return self._head | {"object": "chat.completion.chunk", "choices": [choice]}
-
-
-class _CompletionShape:
-    """text_completion objects (streamed chunks have the same object name)."""
-
-    def __init__(self, request: web.Request, opts: Options) -> None:
-        self._head = {"id": "cmpl-" + request[REQUEST_ID].removeprefix("req-"),
-                      "object": "text_completion", "created": int(time.time()),
-                      "model": request.app[BACKEND].model_id}
-        self._logprobs = opts.logprobs is not None
-
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [self._choice(text, entries, finish)], "usage": usage}
-
-    def start(self) -> list[dict[str, Any]]:
-        return []  # legacy completions have no role chunk
-
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        if not (delta.text or delta.logprobs or delta.finish_reason):
-            return []
-        return [self._head | {"choices": [self._choice(delta.text, delta.logprobs,
-                                                       delta.finish_reason)]}]
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [], "usage": usage}
-
-    def _choice(self, text: str, entries: tuple[LogprobEntry, ...] | list[LogprobEntry],
-                finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text,
-                "logprobs": completion_logprobs(entries) if self._logprobs else None,
-                "finish_reason": finish}
 
 
 # ---- models, health, cluster ------------------------------------------------------------------
