@@ -11,17 +11,34 @@ ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from zmqinfer.wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES
+from zmqinfer.limits import (
+    MAX_CONTROL_FRAME_BYTES,
+    MAX_CONTROL_FRAMES,
+    MAX_DATA_FRAME_BYTES,
+    MAX_DATA_FRAMES,
+    MAX_RESULT_FRAME_BYTES,
+)
 
-# A peer cannot make us allocate more than one maximal tensor frame plus its header.
-MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + MAX_HEADER_BYTES
-# Data-plane high-water marks are a safety net only: the gateway's credits bound what is in
-# flight. 1000 messages is far above any sane number of micro-batches.
-DATA_HWM = 1000
+# Data-plane high-water marks are a safety net only: the gateway's credits keep about two
+# messages per stage in flight (a decode group and a prefill chunk), plus small Releases. 64
+# covers a 16-stage ring, and bounds what one peer can queue on one pipe to 64 maximal
+# messages (64 x ~17 MiB) instead of 1000 (17 GB).
+DATA_HWM = 64
+# Control messages are a few hundred bytes, sent every beat: 100 is seconds of backlog.
+CONTROL_HWM = 100
+# Frames a receive loop keeps per message, by role (a ROUTER's routing id frame on top).
+DATA_FRAMES = MAX_DATA_FRAMES
+CONTROL_FRAMES = MAX_CONTROL_FRAMES
+ROUTER_CONTROL_FRAMES = 1 + MAX_CONTROL_FRAMES
+ROUTER_RESULT_FRAMES = 1 + MAX_CONTROL_FRAMES  # Sampled is a header only
+# Draining a hostile message's extra frames costs ~4 us each: give the loop a turn every 10,000
+# (40 ms), so even a million-frame message never silences the heartbeats.
+DRAIN_YIELD_EVERY = 10_000
 # Reconnect quickly after a node restarts, but back off to 2 s so a dead peer costs nothing.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
@@ -58,13 +75,37 @@ async def send(sock: zmq.asyncio.Socket, frames: list, timeout: float) -> bool:
         raise
 
 
+async def recv(sock: zmq.asyncio.Socket, max_frames: int) -> list[zmq.Frame]:
+    """One message, keeping at most `max_frames` + 1 of its frames: the rest are read and let go
+    at once, so a peer's million-frame message never becomes a million-item list (and the
+    decoder then refuses the message for its frame count)."""
+    # One yield per message: a flood of messages that are all ready must not starve the beats
+    # (an awaited recv that is already complete never gives the loop a turn).
+    await asyncio.sleep(0)
+    frames = [await sock.recv(copy=False)]
+    if sock.get(zmq.RCVMORE):
+        # The rest of a message arrives with its first frame: plain non-blocking calls on the same
+        # socket, not one awaited future per frame (2,000 frames would cost the loop 0.1 s).
+        raw: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
+        extra = 0
+        while raw.get(zmq.RCVMORE):
+            frame = raw.recv(zmq.NOBLOCK, copy=False)
+            if len(frames) <= max_frames:
+                frames.append(frame)
+            extra += 1
+            if extra % DRAIN_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the only reader of this socket: safe to give a turn
+    return frames
+
+
 def context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
 
-def _common(s: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
+def _common(s: zmq.asyncio.Socket, max_frame_bytes: int) -> zmq.asyncio.Socket:
     s.setsockopt(zmq.LINGER, 0)  # never block process exit on undeliverable messages
-    s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames drop the connection
+    # libzmq drops the connection of a peer whose frame is larger (per frame, not per message).
+    s.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     s.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
@@ -73,7 +114,8 @@ def _common(s: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
 
 
 def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.ROUTER))
+    s = _common(ctx.socket(zmq.ROUTER), MAX_CONTROL_FRAME_BYTES)
+    s.setsockopt(zmq.RCVHWM, CONTROL_HWM)
     # A send to a node that is gone raises EHOSTUNREACH instead of vanishing silently.
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # A restarted node reuses its routing id; without handover it would be ignored forever.
@@ -83,18 +125,19 @@ def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socke
 
 
 def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.DEALER))
+    s = _common(ctx.socket(zmq.DEALER), MAX_CONTROL_FRAME_BYTES)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
+    s.setsockopt(zmq.RCVHWM, CONTROL_HWM)
     # Control messages are only meaningful fresh: don't queue Ready/heartbeats for a gateway that
     # is not connected yet; the loops resend on their own schedule.
     s.setsockopt(zmq.IMMEDIATE, 1)
-    s.setsockopt(zmq.SNDHWM, 100)
+    s.setsockopt(zmq.SNDHWM, CONTROL_HWM)
     s.connect(endpoint)
     return s
 
 
 def results_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.ROUTER))
+    s = _common(ctx.socket(zmq.ROUTER), MAX_RESULT_FRAME_BYTES)
     s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a re-assigned last stage reconnects with its id
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
@@ -102,7 +145,7 @@ def results_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socke
 
 
 def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.DEALER))
+    s = _common(ctx.socket(zmq.DEALER), MAX_RESULT_FRAME_BYTES)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     s.connect(endpoint)
@@ -110,14 +153,14 @@ def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq
 
 
 def data_pull(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.PULL))
+    s = _common(ctx.socket(zmq.PULL), MAX_DATA_FRAME_BYTES)
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
     return s
 
 
 def data_push(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    s = _common(ctx.socket(zmq.PUSH))
+    s = _common(ctx.socket(zmq.PUSH), MAX_DATA_FRAME_BYTES)
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     # Queue only on a completed connection: a send to a hop that is down then waits (under the
     # caller's deadline) instead of piling hidden states into a pipe nobody will read.

@@ -11,7 +11,9 @@ Messages are frozen dataclasses; `encode(msg) -> frames` and `decode(frames) -> 
 way in or out. `decode` trusts nothing: msgpack runs with size limits (never pickle, never ext
 types), every field is type-checked against the dataclass annotation, unknown kinds and missing
 or extra fields are refused, and every tensor frame must have exactly the byte length its header
-declares. A `WireError` says what was wrong; the caller drops the message and logs it.
+declares; ranks and dimensions are bounded before anything multiplies them. What the fields
+*mean* (ranges, lengths that must agree) is wirecheck.py's, and receive loops go through
+inbox.py, which does both. A `WireError` says what was wrong; the message is dropped.
 
 Data plane (PUSH/PULL along the ring, DEALER -> ROUTER back to the gateway):
     Forward   tokens (+ hidden states after stage 0) for one micro-batch of sequence chunks
@@ -25,12 +27,21 @@ Control plane (node DEALER, routing id = node id  <->  gateway ROUTER):
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NewType, Union
 
 import msgpack
+
+from zmqinfer.limits import MAX_DATA_FRAMES as MAX_FRAMES
+from zmqinfer.limits import (
+    MAX_ENTRIES,
+    MAX_HEADER_BYTES,
+    MAX_TENSOR_BYTES,
+    MAX_TENSOR_RANK,
+)
 
 # 2: Heartbeat gained `addresses`. A 1 peer would refuse the field (decode refuses unknown
 # fields) and a 2 gateway cannot confirm a 1 node's address: refuse each other by version.
@@ -39,13 +50,6 @@ PROTOCOL_VERSION = b"zmqinfer/2"
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
 Epoch = NewType("Epoch", int)
-
-# Limits on what a peer may send. A header is small: token ids and hidden states travel as tensor
-# frames, so 1 MiB of msgpack is already generous (a logit_bias map of 300 entries is ~5 KiB).
-MAX_HEADER_BYTES = 1 << 20
-# A prefill chunk of 8192 tokens x 8192 hidden x 4 bytes is 256 MiB: the largest sane frame.
-MAX_TENSOR_BYTES = 256 << 20
-MAX_ENTRIES = 4096  # sequences in one micro-batch, results in one Sampled
 
 DTYPE_SIZES: dict[str, int] = {
     "bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4,
@@ -67,10 +71,8 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        # Only ever called on shapes `decode` has bounded (rank and every dim), or our own.
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
 # ---- data plane ------------------------------------------------------------------------------
@@ -281,8 +283,8 @@ def _to_plain(obj: Any, payloads: list[Any]) -> Any:
 
 def decode(frames: list[Any]) -> Message:
     """The message in `frames` (bytes or zmq.Frame), or WireError saying what is wrong."""
-    if len(frames) < 2:
-        raise WireError(f"expected at least 2 frames, got {len(frames)}")
+    if not 2 <= len(frames) <= MAX_FRAMES:
+        raise WireError(f"expected 2 to {MAX_FRAMES} frames, got {len(frames)}")
     version = bytes(frames[0])
     if version != PROTOCOL_VERSION:
         raise WireError(f"protocol version {version[:32]!r}, expected {PROTOCOL_VERSION!r}")
@@ -302,13 +304,22 @@ def decode(frames: list[Any]) -> Message:
     kind = header.pop("kind", None)
     cls = MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise WireError(f"unknown message kind {kind!r}")
+        raise WireError(f"unknown message kind {_short(kind)}")
     payloads = [memoryview(f) if not isinstance(f, memoryview) else f for f in frames[2:]]
     reader = _TensorReader(payloads)
     msg = _from_plain(cls, header, reader, kind)
     if reader.left:
         raise WireError(f"{kind}: {reader.left} tensor frame(s) more than the header declares")
     return msg
+
+
+def _short(value: Any) -> str:
+    """A peer's value for an error message: never long, never a huge int's digits (Python
+    refuses to format ints of over 4,300 digits, and a log line is no place for a megabyte)."""
+    if isinstance(value, int) and not -(1 << 64) < value < 1 << 64:
+        return "<an integer out of range>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _TensorReader:
@@ -322,17 +333,24 @@ class _TensorReader:
 
     def take(self, spec: Any, where: str) -> Tensor:
         if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
-                and isinstance(spec[1], list) and all(type(d) is int and d >= 0 for d in spec[1])):
+                and isinstance(spec[1], list)):
             raise WireError(f"{where}: tensor spec must be [dtype, [dims...]]")
-        dtype, shape = spec[0], tuple(spec[1])
+        dtype, dims = spec
+        # Rank and every dim are bounded before anything multiplies them: a product of 300 dims
+        # of 2**64 takes a second to compute and cannot even be formatted.
+        if len(dims) > MAX_TENSOR_RANK:
+            raise WireError(f"{where}: rank {len(dims)} exceeds {MAX_TENSOR_RANK}")
+        if not all(type(d) is int and 0 <= d <= MAX_TENSOR_BYTES for d in dims):
+            raise WireError(f"{where}: every dimension must be an integer in [0, {MAX_TENSOR_BYTES}]")
         if dtype not in DTYPE_SIZES:
-            raise WireError(f"{where}: unsupported dtype {dtype!r}")
+            raise WireError(f"{where}: unsupported dtype {_short(dtype)}")
+        shape = tuple(dims)
         if self._next >= len(self._payloads):
             raise WireError(f"{where}: tensor frame missing")
         data = self._payloads[self._next]
         self._next += 1
         t = Tensor(dtype, shape, data)
-        if t.nbytes > MAX_TENSOR_BYTES or data.nbytes != t.nbytes:
+        if t.nbytes > MAX_TENSOR_BYTES or data.nbytes != t.nbytes:  # bounded: safe to format
             raise WireError(f"{where}: frame has {data.nbytes} bytes, header says {dtype}{list(shape)}"
                             f" = {t.nbytes} (limit {MAX_TENSOR_BYTES})")
         return t
@@ -360,7 +378,7 @@ def _from_plain(tp: Any, value: Any, reader: _TensorReader, where: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = set(value) - set(fields)
         if unknown:
-            raise WireError(f"{where}: unknown field(s) {sorted(unknown)}")
+            raise WireError(f"{where}: unknown field(s) {_short(sorted(map(repr, unknown)))}")
         hints = _hints(tp)
         kwargs = {}
         for name, f in fields.items():
@@ -390,7 +408,7 @@ def _from_plain(tp: Any, value: Any, reader: _TensorReader, where: str) -> Any:
         return tuple(_from_plain(a, v, reader, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise WireError(f"{where}: {value!r} not one of {typing.get_args(tp)}")
+            raise WireError(f"{where}: {_short(value)} not one of {typing.get_args(tp)}")
         return value
     if tp is float:
         if type(value) not in (float, int):
@@ -401,3 +419,4 @@ def _from_plain(tp: Any, value: Any, reader: _TensorReader, where: str) -> Any:
             raise WireError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
         return value
     raise WireError(f"{where}: cannot decode type {tp}")  # a protocol bug, not a peer's
+

@@ -9,7 +9,8 @@ import grimp
 import pytest
 
 ROLES = ("gateway", "node", "model", "mdns", "cli", "bench")
-SHARED = ("wire", "sockets", "liveness", "config", "log", "tensors", "clusterstatus", "local")
+SHARED = ("wire", "wirecheck", "limits", "inbox", "sockets", "liveness", "config", "log", "tensors",
+          "clusterstatus", "local")
 
 
 @pytest.fixture(scope="module")

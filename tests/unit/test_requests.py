@@ -159,7 +159,7 @@ CHAT_400 = [
     ({"min_p": 1.5}, "min_p", "[0, 1]"),
     ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
     ({"frequency_penalty": -2.1}, "frequency_penalty", "[-2, 2]"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "(0, 10]"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "[0.01, 10]"),
     ({"seed": 1.5}, "seed", "integer"),
     ({"seed": 1 << 64}, "seed", "between"),
     ({"max_tokens": 0}, "max_tokens", ">= 1"),

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from zmqinfer.bench import blasinfo, launch, loadgen, server, simulate
-from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.bench.report import dig, targets
+from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.local import ONE_BLAS_THREAD
 from zmqinfer.model.resolve import read_config
 

@@ -1,18 +1,23 @@
 """The OpenAI HTTP API: routes, auth, and JSON/SSE shaping around a `Backend`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both stream and non-stream),
-GET /v1/models, GET /v1/models/{id}, GET /health, GET /cluster/status, POST /cluster/ping.
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /cluster/status, POST /cluster/ping,
+GET /openapi.json (openapi.py: the ranges below, documented).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
   `web.AppRunner(app, handler_cancellation=True)`: a client that disconnects then cancels its
   handler, and the handler's `finally` (an `aclosing` around `backend.generate`) stops the
   generation. Nothing here starts a task of its own.
-* Validation and every 400 live in `validate.py`; token ids -> text in `textout.py`.
+* Validation and every 400 live in `validate.py`; token ids -> text in `textout.py`; response
+  objects in `shapes.py`; body reads and SSE writes under deadlines in `httpio.py` (a body is
+  read before the request takes an admission slot; a stalled body is a 408, a stream nobody
+  reads is cut).
 * With api_keys, every route except /health needs `Authorization: Bearer <key>` (401).
 * Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: RequestError -> its
-  status (400), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies over
-  MAX_BODY_BYTES -> 413. A ring error after an SSE stream started becomes a `data: {"error": ...}`
+  status (400, 408), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies
+  over MAX_BODY_BYTES -> 413, anything else -> 500 with no details (the log has the traceback);
+  file paths in ring errors become `<path>`. A ring error after an SSE stream started becomes a `data: {"error": ...}`
   event that ends the stream (no [DONE]).
 * A streamed response only starts (headers sent) once the first token is back, so an
   unavailable ring is still a plain 503 rather than an error event.
@@ -24,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -36,14 +41,21 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
+from zmqinfer.gateway.httpio import (
+    BODY_READ_TIMEOUT_S,
+    SSE_WRITE_TIMEOUT_S,
+    SlowClient,
+    read_body,
+    send_event,
+)
+from zmqinfer.gateway.openapi import openapi
 from zmqinfer.gateway.prompt import Plan, plan
-from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable, StepNotSent
+from zmqinfer.gateway.shapes import ChatShape, CompletionShape
 from zmqinfer.gateway.textout import (
     Delta,
     LogprobEntry,
     TextStream,
-    chat_logprobs,
-    completion_logprobs,
 )
 from zmqinfer.gateway.validate import (
     ChatRequest,
@@ -80,6 +92,8 @@ class _Admission:
 
     limit: int
     active: int = 0
+    body_timeout: float = BODY_READ_TIMEOUT_S
+    write_timeout: float = SSE_WRITE_TIMEOUT_S
 
 
 BACKEND = web.AppKey[Backend]("backend")
@@ -95,12 +109,13 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
-             max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> web.Application:
+             max_concurrent: int = DEFAULT_MAX_CONCURRENT, body_timeout: float = BODY_READ_TIMEOUT_S,
+             write_timeout: float = SSE_WRITE_TIMEOUT_S) -> web.Application:
     """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_frame])
     app[BACKEND] = backend
     app[API_KEYS] = api_keys
-    app[ADMISSION] = _Admission(max_concurrent)
+    app[ADMISSION] = _Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -110,6 +125,7 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     app.router.add_get("/health", health)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/ping", cluster_ping)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
@@ -125,11 +141,19 @@ def _error(status: int, message: str, **kw: Any) -> web.Response:
     return web.json_response(error_body(message, **kw), status=status)
 
 
-def _ring_error(e: RingUnavailable | RingTimeout) -> tuple[int, dict[str, Any]]:
+# A file path in an error (a node's load failure, say) tells a client about our disks, not its request.
+_PATH = re.compile(r"(?<![\w:/.])(?:~|\.{1,2})?/(?:[^\s/'\"]+/)*[^\s/'\",)]*")
+
+
+def _ring_error(e: RingUnavailable | RingTimeout | StepNotSent) -> tuple[int, dict[str, Any]]:
+    text = _PATH.sub("<path>", str(e))
+    if isinstance(e, StepNotSent):
+        return 500, error_body(f"this request could not be sent to the ring: {text}",
+                               type="server_error", code="internal_error")
     if isinstance(e, RingTimeout):
-        return 504, error_body(f"the inference ring timed out: {e}", type="server_error",
+        return 504, error_body(f"the inference ring timed out: {text}", type="server_error",
                                code="ring_timeout")
-    return 503, error_body(f"the inference ring is unavailable: {e}", type="server_error",
+    return 503, error_body(f"the inference ring is unavailable: {text}", type="server_error",
                            code="ring_unavailable")
 
 
@@ -147,8 +171,11 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as e:
         request[LOG].info("request refused", status=e.status, error=e.message)
-        return _error(e.status, e.message, param=e.param, code=e.code)
-    except (RingUnavailable, RingTimeout) as e:
+        response = _error(e.status, e.message, param=e.param, code=e.code)
+        if e.status == 408:
+            response.force_close()  # the rest of that body may still come: not a request
+        return response
+    except (RingUnavailable, RingTimeout, StepNotSent) as e:
         status, body = _ring_error(e)
         request[LOG].warning("ring error", status=status, error=str(e))
         return web.json_response(body, status=status)
@@ -160,6 +187,10 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
                    else f"{request.method} {request.path}: {e.reason}")
         return web.json_response(error_body(message, code=e.reason.lower().replace(" ", "_")),
                                  status=e.status, headers=allow)
+    except Exception:  # a bug must cost this request a 500 in OpenAI's shape, never a traceback
+        request[LOG].exception("internal error")
+        return _error(500, f"internal error (request {request_id}); the server log has the details",
+                      type="server_error", code="internal_error")
 
 
 def _authorised(request: web.Request, keys: frozenset[str]) -> bool:
@@ -192,19 +223,23 @@ def _admitted(request: web.Request) -> Iterator[None]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[ADMISSION].body_timeout)  # before taking a slot
     with _admitted(request):
-        req = parse_chat(parse_body(await request.read()))
-        return await _complete(request, req, _ChatShape(request, req.options))
+        req = parse_chat(parse_body(raw))
+        shape = ChatShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
+        return await _complete(request, req, shape)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request, request.app[ADMISSION].body_timeout)
     with _admitted(request):
-        req = parse_completion(parse_body(await request.read()))
-        return await _complete(request, req, _CompletionShape(request, req.options))
+        req = parse_completion(parse_body(raw))
+        shape = CompletionShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
+        return await _complete(request, req, shape)
 
 
 async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
-                    shape: _ChatShape | _CompletionShape) -> web.StreamResponse:
+                    shape: ChatShape | CompletionShape) -> web.StreamResponse:
     backend, log = request.app[BACKEND], request[LOG]
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
@@ -240,7 +275,7 @@ async def _run(samples: AsyncIterator[Sample], text: TextStream,
 
 
 async def _collect(samples: AsyncIterator[Sample], text: TextStream,
-                   shape: _ChatShape | _CompletionShape, p: Plan) -> web.Response:
+                   shape: ChatShape | CompletionShape, p: Plan) -> web.Response:
     pieces: list[str] = []
     entries: list[LogprobEntry] = []
 
@@ -254,29 +289,36 @@ async def _collect(samples: AsyncIterator[Sample], text: TextStream,
 
 
 async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: TextStream,
-                  shape: _ChatShape | _CompletionShape, opts: Options,
+                  shape: ChatShape | CompletionShape, opts: Options,
                   p: Plan) -> web.StreamResponse:
     response = web.StreamResponse(headers=_SSE_HEADERS)
+    timeout = request.app[ADMISSION].write_timeout
+
+    async def send(payload: dict[str, Any] | bytes) -> None:
+        await send_event(request, response, payload, timeout)
 
     async def emit(delta: Delta) -> None:
         if not response.prepared:  # first token: only now is success certain enough to say 200
             await response.prepare(request)
             for chunk in shape.start():
-                await _send(response, chunk)
+                await send(chunk)
         for chunk in shape.chunks(delta):
-            await _send(response, chunk)
+            await send(chunk)
 
     try:
         await _run(samples, text, emit)
         if opts.include_usage:
-            await _send(response, shape.usage_chunk(_usage(p, text)))
-        await response.write(b"data: [DONE]\n\n")
-    except (RingUnavailable, RingTimeout) as e:
+            await send(shape.usage_chunk(_usage(p, text)))
+        await send(b"data: [DONE]\n\n")
+    except (RingUnavailable, RingTimeout, StepNotSent) as e:
         if not response.prepared:
             raise  # still time for a proper status code
         status, body = _ring_error(e)
         request[LOG].warning("ring error mid-stream", status=status, error=str(e))
-        await _send(response, body)
+        await send(body)
+    except SlowClient as e:  # cut off: its slot and its sequence are freed now
+        request[LOG].warning("client stopped reading the stream", error=str(e))
+        return response
     except ConnectionResetError:  # client went away between two writes; nothing left to tell it
         request[LOG].info("client disconnected while writing")
         return response
@@ -284,82 +326,9 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
     return response
 
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-
-
 def _usage(p: Plan, text: TextStream) -> dict[str, int]:
     return {"prompt_tokens": len(p.prompt), "completion_tokens": text.completion_tokens,
             "total_tokens": len(p.prompt) + text.completion_tokens}
-
-
-class _ChatShape:
-    """chat.completion and chat.completion.chunk objects."""
-
-    def __init__(self, request: web.Request, opts: Options) -> None:
-        self._head = {"id": "chatcmpl-" + request[REQUEST_ID].removeprefix("req-"),
-                      "created": int(time.time()), "model": request.app[BACKEND].model_id}
-        self._logprobs = opts.logprobs is not None
-
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(entries) if self._logprobs else None,
-                  "finish_reason": finish}
-        return self._head | {"object": "chat.completion", "choices": [choice], "usage": usage}
-
-    def start(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, (), None)]
-
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        out = []
-        if delta.text or delta.logprobs:
-            out.append(self._chunk({"content": delta.text}, delta.logprobs, None))
-        if delta.finish_reason is not None:
-            out.append(self._chunk({}, (), delta.finish_reason))
-        return out
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
-
-    def _chunk(self, delta: dict[str, Any], entries: tuple[LogprobEntry, ...],
-               finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta,
-                  "logprobs": chat_logprobs(entries) if self._logprobs and entries else None,
-                  "finish_reason": finish}
-        return self._head | {"object": "chat.completion.chunk", "choices": [choice]}
-
-
-class _CompletionShape:
-    """text_completion objects (streamed chunks have the same object name)."""
-
-    def __init__(self, request: web.Request, opts: Options) -> None:
-        self._head = {"id": "cmpl-" + request[REQUEST_ID].removeprefix("req-"),
-                      "object": "text_completion", "created": int(time.time()),
-                      "model": request.app[BACKEND].model_id}
-        self._logprobs = opts.logprobs is not None
-
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [self._choice(text, entries, finish)], "usage": usage}
-
-    def start(self) -> list[dict[str, Any]]:
-        return []  # legacy completions have no role chunk
-
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        if not (delta.text or delta.logprobs or delta.finish_reason):
-            return []
-        return [self._head | {"choices": [self._choice(delta.text, delta.logprobs,
-                                                       delta.finish_reason)]}]
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [], "usage": usage}
-
-    def _choice(self, text: str, entries: tuple[LogprobEntry, ...] | list[LogprobEntry],
-                finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text,
-                "logprobs": completion_logprobs(entries) if self._logprobs else None,
-                "finish_reason": finish}
 
 
 # ---- models, health, cluster ------------------------------------------------------------------

@@ -41,6 +41,7 @@ from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, groups
+from zmqinfer.inbox import Inbox
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.model.resolve import model_fingerprint, read_config
 from zmqinfer.model.shards import model_size
@@ -60,8 +61,6 @@ from zmqinfer.wire import (
     Sampled,
     SamplingParams,
     StepFailed,
-    WireError,
-    decode,
     encode,
 )
 
@@ -90,6 +89,7 @@ class Gateway:
         self.context_length = int(cfg.get("max_position_embeddings", 4096))
         self.fingerprint = model_fingerprint(model_path)
         self.tokenizer: TokenizerWrapper = load_tokenizer(model_path)
+        self.vocab = len(self.tokenizer)  # sampled tokens must be below it
         self.liveness: Liveness[NodeId] = Liveness()
         self.members = Membership(nodes, self.liveness, counts)
         self.discovery, self.interfaces = discovery, interfaces
@@ -105,6 +105,7 @@ class Gateway:
         self._nonces = itertools.count(1)
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
+        self.control_in, self.results_in = Inbox("control", log), Inbox("results", log)
 
     # ---- Backend for the API ----------------------------------------------------------------
 
@@ -254,19 +255,16 @@ class Gateway:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=False)
+            frames = await sockets.recv(self.control, sockets.ROUTER_CONTROL_FRAMES)
             ident = frames[0].bytes.decode(errors="replace")
-            try:
-                msg = decode(frames[1:])
-            except WireError as e:
-                log.warning("dropped control message", peer=ident, error=str(e))
+            if (msg := self.control_in.read(frames[1:], peer=ident[:64])) is None:
                 continue
             name = NodeId(ident)
             if isinstance(msg, Heartbeat):
                 peer = str(frames[1].get("Peer-Address"))  # libzmq's metadata: always a string
                 if self.members.on_beat(name, msg, peer) is None:
-                    log.warning("heartbeat from a node neither in nodes.toml nor found over mDNS",
-                                node=ident, peer=peer)
+                    self.control_in.drop("heartbeat from a node neither in nodes.toml nor found over mDNS",
+                                         node=ident[:64], peer=peer)
                 continue
             m = self.members.members.get(name)
             if m is None:
@@ -291,14 +289,14 @@ class Gateway:
 
     async def _results_loop(self) -> None:
         while True:
-            frames = await self.results.recv_multipart(copy=False)
-            try:
-                msg = decode(frames[1:])
-            except WireError as e:
-                log.warning("dropped result message", error=str(e))
+            frames = await sockets.recv(self.results, sockets.ROUTER_RESULT_FRAMES)
+            if (msg := self.results_in.read(frames[1:])) is None:
                 continue
             if not isinstance(msg, Sampled):
-                log.warning("unexpected result message", kind=msg.KIND)
+                self.results_in.drop(f"unexpected {msg.KIND}")
+                continue
+            if any(s.token >= self.vocab for s in msg.samples):  # nothing could decode it
+                self.results_in.drop("a sampled token outside the tokenizer's vocabulary")
                 continue
             if (fut := self._probes.get(msg.step)) is not None:
                 if not fut.done():

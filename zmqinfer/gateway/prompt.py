@@ -49,6 +49,8 @@ def plan(request: ChatRequest | CompletionRequest, tokenizer: TokenizerWrapper,
     bad = next((t for t, _ in options.sampling.logit_bias if t >= vocab), None)
     if bad is not None:
         raise param_error("logit_bias", f"has token id {bad}, outside the vocabulary [0, {vocab})")
+    if options.sampling.top_k > vocab:
+        raise param_error("top_k", f"must be at most the vocabulary size {vocab}, got {options.sampling.top_k}")
 
     room = context_length - len(prompt)
     if options.max_tokens is None:

@@ -92,6 +92,11 @@ class RingUnavailable(Exception):
     """The ring cannot serve right now (not assigned, a node missing, no placement fits): 503."""
 
 
+class StepNotSent(Exception):
+    """A step that could not be encoded or sent for a reason other than the ring (a bug, or a
+    value the wire cannot carry): its requests fail with a 500; the pump and the rest go on."""
+
+
 class RingTimeout(Exception):
     """The ring stopped answering for a request within its deadline: 504."""
 
@@ -321,7 +326,11 @@ class Scheduler:
             for msg, seqs in self._decide():
                 try:
                     await self.ring.send(msg)
-                except RingUnavailable as e:
+                except Exception as e:  # one bad message (e.g. one that cannot be encoded) fails
+                    # only its sequences: never the pump, which every request depends on
+                    if not isinstance(e, RingUnavailable):
+                        log.exception("could not send a step: its sequences fail", kind=msg.KIND)
+                        e = StepNotSent(f"{type(e).__name__} while sending a step")
                     for seq in seqs:  # parked sequences (epoch changed) will replay instead
                         if not seq.done and seq.epoch == msg.epoch:
                             seq.queue.put_nowait(e)

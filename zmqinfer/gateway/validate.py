@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from zmqinfer.limits import GREEDY_TEMPERATURE, MAX_TOKEN_ID
 from zmqinfer.wire import SamplingParams
 
 # What a request gets when it names no budget: OpenAI has no fixed default (it runs to the
@@ -32,6 +33,13 @@ MAX_STOP_CHARS = 1000  # a stop string longer than this is a mistake, and each t
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; also keeps the wire header small (see wire.py)
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits for chat / legacy completions
 MAX_COMPLETION_LOGPROBS = 5
+# Every integer a client sends is at most this (token ids are int32 on the wire; a budget or a
+# top_k larger than any vocabulary or context means nothing). prompt.plan then checks top_k and
+# logit_bias ids against the actual vocabulary, and the budget against the context.
+MAX_INTEGER = MAX_TOKEN_ID
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # OpenAI's int64 seeds, or the uint64 mlx keys take
+# vLLM's range is (0, inf); below 0.01 (or above 10) logits/penalty overflows float32 to inf.
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 ChatRole = Literal["system", "user", "assistant"]
 
@@ -94,11 +102,33 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
-        raise RequestError(f"the request body is not valid JSON: {e}",
+        raise RequestError(f"the request body is not valid JSON: {str(e)[:200]}",
                            code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
+    _no_lone_surrogates(body)
     return body
+
+
+def _no_lone_surrogates(body: dict[str, Any]) -> None:
+    """JSON may escape half a UTF-16 pair ("\\udc80"): valid JSON, but no text. Refused here,
+    by where it is, instead of failing deep in the tokenizer."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else str(k), k) for k in value]  # keys are text too
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                name = where.encode("utf-8", "backslashreplace").decode()[:100]
+                raise RequestError(f"{name} contains a lone surrogate (\\u{ord(value[e.start]):04x}) at"
+                                   f" character {e.start}: not valid Unicode text",
+                                   param=name.split("[")[0].split(".")[0], code="invalid_unicode") from None
 
 
 # ---- field readers: None (absent or null) gives the default --------------------------------
@@ -122,11 +152,18 @@ def _number(body: Mapping[str, Any], name: str, default: float | None, lo: float
     value = body.get(name)
     if value is None:
         return default
-    if type(value) not in (int, float) or not math.isfinite(value):  # bool is not a number here
+    # bool is not a number here; an int is compared as is (float() of 10**400 would raise)
+    if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
         raise param_error(name, "must be a number", "invalid_type")
     if value < lo or value > hi or (lo_open and value == lo):
-        raise param_error(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}")
+        raise param_error(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {_shown(value)}")
     return float(value)
+
+
+def _shown(value: float) -> str:
+    """A client's number for an error message: never thousands of digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"a number of {len(text)} digits"
 
 
 def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
@@ -136,9 +173,11 @@ def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
         return default
     if type(value) is not int:
         raise param_error(name, "must be an integer", "invalid_type")
-    if value < lo or (hi is not None and value > hi):
-        raise param_error(name, f"must be {f'between {lo} and {hi}' if hi is not None else f'>= {lo}'},"
-                         f" got {value}")
+    top = MAX_INTEGER if hi is None else hi
+    if value < lo or value > top:
+        bound = (f"between {lo} and {hi}" if hi is not None
+                 else f">= {lo}" if value < lo else f"at most {MAX_INTEGER}")
+        raise param_error(name, f"must be {bound}, got {_shown(value)}")
     return value
 
 
@@ -231,16 +270,18 @@ def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
             raise param_error(f"stream_options.{extra[0]}", "is an unknown field", "unknown_parameter")
         include_usage = _boolean(stream_options, "include_usage", False, "stream_options.")
 
-    seed = _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1)
+    seed = _integer(body, "seed", None, *SEED_RANGE)
+    temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0) or 0.0
     sampling = SamplingParams(
-        temperature=_given(_number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0)),
+        # Below GREEDY_TEMPERATURE, 1/T overflows the logits: such a request is greedy.
+        temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
         top_p=_given(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
-        top_k=_given(_integer(body, "top_k", 0, 0)),
+        top_k=_given(_integer(body, "top_k", 0, 0)),  # <= the vocabulary: prompt.plan
         min_p=_given(_number(body, "min_p", 0.0, 0.0, 1.0)),
         # OpenAI seeds are signed 64-bit; mlx keys are unsigned: the same bits either way.
         seed=None if seed is None else seed % (1 << 64),
         # Penalties stay None (not a neutral value) when absent: the sampler then skips them.
-        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, 10.0, lo_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", None, *REPETITION_PENALTY_RANGE),
         presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),
         logit_bias=_logit_bias(body.get("logit_bias")),
@@ -273,11 +314,11 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
         raise param_error("logit_bias", f"takes at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
     out: dict[int, float] = {}
     for key, bias in value.items():
-        if not (key.isascii() and key.isdigit()):
-            raise param_error("logit_bias", f"keys must be token ids (decimal integers), got {key!r}")
-        if type(bias) not in (int, float) or not -100 <= bias <= 100:  # NaN fails both tests
-            raise param_error("logit_bias", f"values must be numbers between -100 and 100, got {bias!r}"
-                                     f" for {key!r}")
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= MAX_TOKEN_ID):
+            raise param_error("logit_bias", f"keys must be token ids (decimal integers), got {key[:20]!r}")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:  # NaN fails; big ints compare
+            raise param_error("logit_bias", f"values must be numbers between -100 and 100, got"
+                                     f" {str(bias)[:20]} for {key!r}")
         out[int(key)] = float(bias)
     return tuple(sorted(out.items()))
 

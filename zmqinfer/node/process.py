@@ -33,8 +33,10 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import sockets
+from zmqinfer.inbox import Inbox
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.node import inbound
 from zmqinfer.node.simulated import DEVICE_PREFIX, SimulatedCost
 from zmqinfer.node.sleep import SleepGuard
 from zmqinfer.node.worker import Worker
@@ -54,8 +56,6 @@ from zmqinfer.wire import (
     Sampled,
     SeqId,
     StepFailed,
-    WireError,
-    decode,
     encode,
 )
 
@@ -133,6 +133,7 @@ class Node:
         self.presence: Any = None  # presence.NodePresence while advertising
         self.error: str | None = None  # why the node stopped on its own (exit status 1)
         self.awake = SleepGuard(not opts.allow_sleep, self.log)  # a Mac that sleeps leaves the ring
+        self.control_in, self.data_in = Inbox("control", self.log), Inbox("data", self.log)
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -270,11 +271,8 @@ class Node:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=False)
-            try:
-                msg = decode(frames)
-            except WireError as e:
-                self.log.warning("dropped control message", error=str(e))
+            frames = await sockets.recv(self.control, sockets.CONTROL_FRAMES)
+            if (msg := self.control_in.read(frames)) is None:
                 continue
             match msg:
                 case GatewayBeat():
@@ -291,7 +289,7 @@ class Node:
                 case Ping():
                     await self._send_control(Pong(msg.nonce, self.opts.name))
                 case _:
-                    self.log.warning("unexpected control message", kind=msg.KIND)
+                    self.control_in.drop(f"unexpected {msg.KIND}")
 
     async def _assign(self, a: Assign) -> None:
         same = self.assignment is not None and self.loaded and (
@@ -336,17 +334,18 @@ class Node:
 
     async def _data_loop(self) -> None:
         while True:
-            frames = await self.pull.recv_multipart(copy=False)
-            try:
-                msg = decode(frames)
-            except WireError as e:
-                self.log.warning("dropped data message", error=str(e))
+            frames = await sockets.recv(self.pull, sockets.DATA_FRAMES)
+            if (msg := self.data_in.read(frames)) is None:
                 continue
             if not isinstance(msg, (Forward, Release)):
-                self.log.warning("unexpected data message", kind=msg.KIND)
+                self.data_in.drop(f"unexpected {msg.KIND}")
                 continue
             if msg.epoch != self.epoch or not self.loaded:
                 self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
+                continue
+            if isinstance(msg, Forward) and self.worker.stage is not None and (
+                    why := inbound.problem(msg, self.worker.stage)) is not None:
+                self.data_in.drop(why, step=msg.step)  # never let mlx index with it (segfault)
                 continue
             if isinstance(msg, Release):
                 await self._mlx(self.worker.release, msg.seqs)

@@ -11,6 +11,7 @@ travel the ring with each chunk. Runs on the mlx thread only.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import cast
 
 import mlx.core as mx
@@ -21,6 +22,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from zmqinfer.limits import GREEDY_TEMPERATURE
 from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 
@@ -52,7 +54,7 @@ class SeqSampler:
     def plain_greedy(self) -> bool:
         """Argmax with nothing else to compute: such sequences are sampled as one batch."""
         p = self.params
-        return p.temperature == 0 and not self._processors and p.top_logprobs == 0
+        return p.temperature < GREEDY_TEMPERATURE and not self._processors and p.top_logprobs == 0
 
     def sample(self, logits: mx.array) -> Sample:
         """logits: [1, vocab] of the sequence's newest position."""
@@ -62,7 +64,7 @@ class SeqSampler:
             for proc in self._processors:
                 logits = proc(hist, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if p.temperature == 0:
+        if p.temperature < GREEDY_TEMPERATURE:  # 1/T would overflow the logits to inf and NaN
             token = mx.argmax(logprobs, axis=-1)
         else:
             filtered = logprobs
@@ -86,9 +88,21 @@ class SeqSampler:
         return Sample(seq=self.seq, token=tok, logprob=_floats(lp[tok : tok + 1])[0], top=top)
 
 
-def sample_batch(samplers: list[SeqSampler], logits: mx.array) -> list[Sample]:
+def mask_padding(logits: mx.array, vocab: int | None) -> mx.array:
+    """-inf for the ids >= `vocab` (the tokenizer's): some models' embeddings are padded past
+    their tokenizer (Qwen3: 151936 rows, 151669 tokens), and a padding id, once sampled, is a
+    token nobody can decode. None or a vocabulary that fills the logits: unchanged."""
+    width = logits.shape[-1]
+    if vocab is None or vocab >= width:
+        return logits
+    return mx.where(mx.arange(width) < vocab, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+def sample_batch(samplers: list[SeqSampler], logits: mx.array, vocab: int | None = None) -> list[Sample]:
     """One Sample per row of logits [B, vocab]. Plain greedy rows are done together (one
-    logsumexp, one argmax, one sync for the whole group); the rest one by one."""
+    logsumexp, one argmax, one sync for the whole group); the rest one by one. Ids >= `vocab`
+    (the tokenizer's size) are never sampled."""
+    logits = mask_padding(logits, vocab)
     out: list[Sample | None] = [None] * len(samplers)
     plain = [i for i, s in enumerate(samplers) if s.plain_greedy]
     if plain:
@@ -111,3 +125,14 @@ def _ints(a: mx.array) -> list[int]:
 
 def _floats(a: mx.array) -> list[float]:
     return [float(x) for x in cast(list[float], a.tolist())]
+
+
+def tokenizer_size(model_path: Path) -> int | None:
+    """How many token ids the model's tokenizer can decode, or None for a directory without one
+    (test models: every embedding row is then a token)."""
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return len(load_tokenizer(model_path))
+    except (OSError, ValueError):  # no tokenizer files here
+        return None

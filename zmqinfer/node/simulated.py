@@ -63,6 +63,7 @@ class SimulatedStage:
         self.start, self.end, self.cost = start, end, cost
         self.is_first, self.is_last = start == 0, end == n_layers
         self.hidden_size = int(config["hidden_size"])
+        self.hidden_dtype = "float32"  # the zeros it passes on
         self.vocab_size = int(config["vocab_size"])
         self.shard_bytes = 0  # holds no weights
         self._offsets: dict[SeqId, int] = {}  # tokens each sequence has seen: its cache length

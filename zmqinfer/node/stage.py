@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from zmqinfer.limits import MAX_HIDDEN_SIZE
 from zmqinfer.model.shards import load_shard_model
 from zmqinfer.wire import SeqId
 
@@ -120,6 +121,14 @@ class Stage:
         mx.eval(kept.parameters())
         self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(kept.parameters())))
         self.hidden_size = int(config["hidden_size"])
+        if self.hidden_size > MAX_HIDDEN_SIZE:  # its prefill chunks would not fit a data frame
+            raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
+                             " (zmqinfer/limits.py)")
+        # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
+        self.vocab_size = int(config["vocab_size"])
+        # What flows between stages: the dtype the layers compute in (an embedding's output and
+        # each layer's residual stream share it, as its first norm's weight does).
+        self.hidden_dtype = str(self.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
 

@@ -23,7 +23,7 @@ from zmqinfer.model.resolve import (
     resolve_model,
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
-from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.tensors import from_wire, to_wire
@@ -38,6 +38,8 @@ class Slice(Protocol):
     is_first: bool
     is_last: bool
     hidden_size: int
+    hidden_dtype: str  # what hidden states arrive and leave as
+    vocab_size: int  # embedding rows: every token id must be below it
     shard_bytes: int
 
     @property
@@ -59,6 +61,7 @@ class Worker:
         self.fingerprint = ""
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
+        self.token_limit: int | None = None  # the tokenizer's size: the last stage samples below it
 
     @property
     def shard_bytes(self) -> int:
@@ -87,6 +90,7 @@ class Worker:
                     f"--layers {start}:{end}`")
         self.stage = (Stage(path, start, end) if self.simulate is None
                       else SimulatedStage(path, start, end, self.simulate))
+        self.token_limit = tokenizer_size(path) if self.stage.is_last else None
         self.fingerprint = model_fingerprint(path)
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
@@ -176,7 +180,7 @@ class Worker:
                 samplers.append(sampler)
         if samplers:
             picked = logits if len(rows) == len(step.decode) else logits[mx.array(rows)]
-            out.samples += sample_batch(samplers, picked)
+            out.samples += sample_batch(samplers, picked, self.token_limit)
 
     def _pack(self, fwd: Forward, out: _Out) -> Forward | Sampled:
         assert self.stage is not None
