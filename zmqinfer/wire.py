@@ -32,7 +32,9 @@ from typing import Any, ClassVar, Literal, NewType, Union
 
 import msgpack
 
-PROTOCOL_VERSION = b"zmqinfer/1"
+# 2: Heartbeat gained the usage fields (steps ... stale_drops). A 1 peer refuses them (decode
+# refuses unknown fields): refuse each other by version rather than drop every beat.
+PROTOCOL_VERSION = b"zmqinfer/2"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -182,6 +184,15 @@ class Heartbeat:
     rss_bytes: int
     busy_seconds: float  # time spent computing since start: busy fraction = d(busy)/d(wall)
     sequences: int  # live KV caches
+    # Usage for /metrics (node/usage.py). Counters are totals since the process started; the
+    # gateway turns them into rates between beats. None: the platform does not expose it.
+    steps: int = 0  # Forwards computed
+    tokens: int = 0  # token rows computed (prefill and decode)
+    kv_bytes: int = 0  # bytes held by its KV caches (allocated, mlx-lm grows them in steps)
+    layers: int = 0  # transformer layers it holds loaded
+    accel_memory_bytes: int | None = None  # accelerator memory in use, device-wide
+    gpu_utilization: float | None = None  # 0..1, device-wide
+    stale_drops: int = 0  # data messages of another epoch dropped unread
 
 
 @dataclass(frozen=True)
