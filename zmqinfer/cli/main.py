@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.cli import serve
+from zmqinfer.cli import serve, top
 from zmqinfer.cli import status as client  # status, ping, discover: clients of a running cluster
 from zmqinfer.config import (
     DEFAULT_API_PORT,
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
-    for add in (_add_up, _add_node, _add_gateway, client.add_commands, _add_bench, _add_model):
-        add(sub)  # client: status, ping, discover (they ask the running cluster or the LAN)
+    for add in (_add_up, _add_node, _add_gateway, client.add_commands, top.add_command, _add_bench,
+                _add_model):
+        add(sub)  # client: status, ping, discover, top (they ask the running cluster or the LAN)
     return p
 
 

@@ -18,8 +18,10 @@ import asyncio
 import platform
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -83,10 +85,11 @@ def parse_nvidia_smi(text: str) -> GpuSample | None:
 
 
 Parser = Callable[[str], GpuSample | None]
+Probe = tuple[Sequence[str], Parser]
 
 
 def platform_probe(system: str | None = None,
-                   which: Callable[[str], str | None] = shutil.which) -> tuple[Sequence[str], Parser] | None:
+                   which: Callable[[str], str | None] = shutil.which) -> Probe | None:
     """The tool to ask on this machine, and how to read it; None where there is none."""
     system = system or platform.system()
     if system == "Darwin" and which("ioreg"):
@@ -99,24 +102,24 @@ def platform_probe(system: str | None = None,
 class GpuSampler:
     """The latest accelerator sample, refreshed in the background; None where unavailable."""
 
-    def __init__(self, probe: tuple[Sequence[str], Parser] | None = None, *,
-                 every: float = SAMPLE_EVERY_S) -> None:
-        self.probe = probe if probe is not None else platform_probe()
-        self.every = every
+    def __init__(self, probe: Probe | None | Literal["auto"] = "auto", *, every: float = SAMPLE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`probe`: the tool and its parser; "auto" picks this platform's; None: nothing to ask."""
+        self.probe = platform_probe() if isinstance(probe, str) else probe
+        self.every, self._clock = every, clock
         self._latest: GpuSample | None = None
         self._at = 0.0
-        self._failures = 0
+        self.failures = 0  # in a row
 
     @property
     def latest(self) -> GpuSample | None:
-        loop = asyncio.get_running_loop()
-        if self._latest is None or loop.time() - self._at > STALE_AFTER_S:
+        if self._latest is None or self._clock() - self._at > STALE_AFTER_S:
             return None
         return self._latest
 
     async def run(self) -> None:
         """Owned by the node's TaskGroup; returns at once where there is nothing to sample."""
-        while self.probe is not None and self._failures < MAX_FAILURES:
+        while self.probe is not None and self.failures < MAX_FAILURES:
             await self.sample()
             await asyncio.sleep(self.every)
         if self.probe is not None:
@@ -128,9 +131,9 @@ class GpuSampler:
         out = await _run(cmd, SAMPLE_TIMEOUT_S)
         got = parse(out) if out is not None else None
         if got is None:
-            self._failures += 1
+            self.failures += 1
         else:
-            self._failures, self._latest, self._at = 0, got, asyncio.get_running_loop().time()
+            self.failures, self._latest, self._at = 0, got, self._clock()
         return got
 
 

@@ -4,6 +4,9 @@
 
 const { el } = zq;
 const history = [];
+// ?max_tokens=N and ?temperature=T preset the request (temperature 0: the same answer each time).
+const temperature = zq.params.get("temperature") === null ? null : parseFloat(zq.params.get("temperature"));
+if (zq.params.get("max_tokens")) document.getElementById("max").value = zq.params.get("max_tokens");
 let running = null; // the AbortController of the answer being streamed
 
 function bubble(role, text) {
@@ -22,6 +25,7 @@ function handleEvent(data, answer, state) {
   for (const choice of msg.choices || []) {
     if (choice.delta && choice.delta.content) {
       state.text += choice.delta.content;
+      state.chunks += 1;
       answer.querySelector(".text").textContent = state.text;
     }
     if (choice.finish_reason) state.finish = choice.finish_reason;
@@ -30,20 +34,22 @@ function handleEvent(data, answer, state) {
 }
 
 async function send(question) {
-  const maxTokens = parseInt(zq.params.get("max_tokens") || document.getElementById("max").value, 10) || 256;
+  const maxTokens = parseInt(document.getElementById("max").value, 10) || 256;
   history.push({ role: "user", content: question });
   bubble("user", question);
   const answer = bubble("assistant", "");
   answer.dataset.state = "streaming";
-  const state = { text: "", finish: null, usage: null, done: false };
+  const state = { text: "", finish: null, usage: null, done: false, chunks: 0 };
   running = new AbortController();
   setBusy(true);
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", signal: running.signal,
       headers: zq.headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model: "default", messages: history, max_tokens: maxTokens, stream: true,
-                             stream_options: { include_usage: true } }),
+      body: JSON.stringify(Object.assign(
+        { model: "default", messages: history, max_tokens: maxTokens, stream: true,
+          stream_options: { include_usage: true } },
+        temperature === null ? {} : { temperature })),
     });
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
@@ -68,6 +74,7 @@ async function send(question) {
     history.push({ role: "assistant", content: state.text });
     answer.dataset.state = "done";
     answer.dataset.finish = state.finish || "";
+    answer.dataset.chunks = state.chunks; // how many pieces the answer arrived in
     const meta = state.usage ? `${state.usage.completion_tokens} tokens · finish: ${state.finish}`
                              : `finish: ${state.finish}`;
     answer.append(el("div", { class: "meta" }, meta));

@@ -8,7 +8,23 @@ function nodeCard(n, index) {
   const busy = Math.max(0, Math.min(1, n.busy_fraction || 0));
   const healthy = n.health === "ok";
   const layers = n.layers ? `[${n.layers[0]}, ${n.layers[1]})` : "none";
-  const gpu = n.gpu_utilization;
+  const absent = v => v === null || v === undefined;
+  const row = (label, cls, value) => [el("span", { class: "label" }, label), el("span", { class: cls }, value)];
+  const rows = [
+    ...row("layers", "layers", layers + (n.layers_held ? ` · ${n.layers_held} loaded` : "")),
+    el("span", { class: "label" }, "busy"),
+    el("span", { class: "busyrow" },
+       el("span", { class: "bar" }, el("span", { class: "fill", style: `width:${(busy * 100).toFixed(1)}%` })),
+       el("span", { class: "busy" }, pct(busy))),
+    ...row("GPU", absent(n.gpu_utilization) ? "gpu absent" : "gpu", pct(n.gpu_utilization)),
+    ...row("memory", "mem", bytes(n.rss_bytes) + " resident"),
+    ...row("weights", "shard", bytes(n.shard_bytes)),
+    ...row("KV cache", "kv", bytes(n.kv_bytes) + ` · ${n.sequences ?? 0} seq`),
+    ...row("accel mem", absent(n.accel_memory_bytes) ? "accel absent" : "accel", bytes(n.accel_memory_bytes)),
+    ...row("tok/s", "tps", (n.tokens_per_s ?? 0).toFixed(1)),
+    ...row("step", "step", ms(n.step_s)),
+    ...row("hop", "hop", ms(n.hop_latency_s)),
+  ];
   return el("article", { class: "node " + (healthy ? "ok" : "bad"), id: "node-" + n.name,
                          "data-node": n.name, "data-health": n.health },
     el("div", { class: "title" },
@@ -16,23 +32,7 @@ function nodeCard(n, index) {
       el("span", { class: "name" }, n.name)),
     el("div", { class: "addr" }, (n.address || "?") + ":" + (n.data_port ?? "?")),
     el("div", { class: "health" }, n.health),
-    el("div", { class: "row" }, el("span", { class: "label" }, "layers"),
-       el("span", { class: "layers" }, layers)),
-    el("div", { class: "row" }, el("span", { class: "label" }, "busy"),
-       el("span", { class: "bar" }, el("span", { class: "fill", style: `width:${(busy * 100).toFixed(1)}%` })),
-       el("span", { class: "busy" }, pct(busy))),
-    el("div", { class: "row" }, el("span", { class: "label" }, "GPU"),
-       gpu === null || gpu === undefined ? el("span", { class: "gpu absent" }, "n/a")
-         : el("span", { class: "gpu" }, pct(gpu))),
-    el("div", { class: "row" }, el("span", { class: "label" }, "memory"),
-       el("span", { class: "mem" }, "rss " + bytes(n.rss_bytes) + " · shard " + bytes(n.shard_bytes)
-          + " · KV " + bytes(n.kv_bytes)
-          + (n.accel_memory_bytes === null || n.accel_memory_bytes === undefined ? ""
-             : " · accel " + bytes(n.accel_memory_bytes)))),
-    el("div", { class: "row" }, el("span", { class: "label" }, "tok/s"),
-       el("span", { class: "tps" }, (n.tokens_per_s ?? 0).toFixed(1)),
-       el("span", { class: "label" }, "step"), el("span", { class: "step" }, ms(n.step_s)),
-       el("span", { class: "label" }, "hop"), el("span", { class: "hop" }, ms(n.hop_latency_s))),
+    el("div", { class: "grid" }, ...rows),
   );
 }
 
