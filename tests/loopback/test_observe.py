@@ -134,6 +134,30 @@ def test_metrics_count_what_the_responses_reported(cluster: LocalCluster) -> Non
         assert has_gpu == gpu_here == (n["gpu_utilization"] is not None)
 
 
+def test_status_json_and_cluster_status_are_the_documented_structure(cluster: LocalCluster) -> None:
+    """`zmqinfer status --json` prints /cluster/status as is, and the gateway fills every field
+    clusterstatus.py documents (the TypedDicts are the schema)."""
+    import json
+
+    from zmqinfer.clusterstatus import ClusterStatus, NodeStatus, RingCounters, Throughput
+
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "status", "--json", "--url", cluster.url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cli, http = json.loads(r.stdout), cluster.status()
+    for doc in (cli, http):
+        assert set(doc) == ClusterStatus.__required_keys__ | ClusterStatus.__optional_keys__
+        assert set(doc["ring"]) == RingCounters.__required_keys__
+        assert set(doc["throughput"]) == Throughput.__required_keys__
+        fields = NodeStatus.__required_keys__ | NodeStatus.__optional_keys__
+        for n in doc["nodes"]:
+            # `excluded` is NotRequired (Python 3.11 cannot tell so under postponed annotations).
+            assert fields - {"excluded"} <= set(n) <= fields
+    assert [n["name"] for n in cli["nodes"]] == [n["name"] for n in http["nodes"]]
+    assert {k: cli[k] for k in ("model", "n_layers", "epoch", "ready")} == \
+        {k: http[k] for k in ("model", "n_layers", "epoch", "ready")}
+
+
 # ---- zmqinfer top in a real terminal ---------------------------------------------------------
 
 TMUX = shutil.which("tmux")
