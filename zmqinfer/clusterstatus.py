@@ -1,12 +1,31 @@
 """The shape of `/cluster/status` and `/cluster/ping`: the gateway fills these, the API serialises
-them as JSON, and `zmqinfer status` / `ping` read them. One definition, so the three agree."""
+them as JSON, and `zmqinfer status` / `ping` / `top`, the status page and `/metrics` read them.
+One definition, so they all agree. Units are base units (bytes, seconds, ratios 0..1); a number
+a platform does not expose is None (JSON null), never 0."""
 
 from __future__ import annotations
 
 from typing import Literal, NotRequired, TypedDict
 
 
-class NodeStatus(TypedDict):
+class NodeUsage(TypedDict):
+    """What a node's heartbeats say about its work (node/usage.py); rates are between its last
+    two beats."""
+
+    layers_held: int  # layers it has loaded (0 until it loads what `layers` assigns)
+    kv_bytes: int  # bytes its KV caches hold
+    tokens_per_s: float  # token rows it computed per second (prefill and decode)
+    step_s: float | None  # mean compute time per Forward; None when it ran none
+    busy_seconds: float  # totals since the node process started: counters in /metrics
+    steps: int
+    tokens: int
+    gpu_utilization: float | None  # 0..1, device-wide; None where the platform has no reading
+    accel_memory_bytes: int | None  # accelerator memory in use, device-wide; None likewise
+    hop_latency_s: float | None  # control-plane round trip gateway -> node -> gateway
+    stale_drops: int  # data messages of another epoch it dropped unread
+
+
+class NodeStatus(NodeUsage):
     name: str
     address: str | None  # an IP literal, or None while unknown
     found_by: Literal["mdns", "static"]
@@ -39,13 +58,33 @@ class Replan(TypedDict):
     down_s: NotRequired[float]  # ring down -> this ring ready
 
 
+class RingCounters(TypedDict):
+    replans: int  # rings built after the first (failover, joins, leaves)
+    replayed_requests: int  # requests resumed on a re-planned ring, summed over re-plans
+    micro_batches_in_flight: int  # steps sent into the ring and not yet answered
+    stale_epoch_drops: int  # results of an older epoch the gateway dropped (nodes count theirs)
+
+
+class Throughput(TypedDict):
+    """The whole ring, over the last `window_s` seconds."""
+
+    window_s: float
+    generation_tokens_per_s: float
+    prompt_tokens_per_s: float
+    ttft_s: float | None  # mean time to first token of the requests that got it in the window
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
     model: str
     n_layers: int
     epoch: int
-    active_requests: int
+    active_requests: int  # running + the parked/queued ones the scheduler holds
+    running_requests: int  # with steps in the ring (vLLM's "running")
+    waiting_requests: int  # admitted, nothing in the ring yet: waiting for a ring, queued, parked
+    ring: RingCounters
+    throughput: Throughput
     devices: int  # distinct devices among the stages: stages on one machine are one device
     groups: int  # micro-batch groups the scheduler keeps in the ring
     decode_steps: int  # group decode steps the ring has completed since the gateway started

@@ -43,8 +43,9 @@ from zmqinfer.limits import (
     MAX_TENSOR_RANK,
 )
 
-# 2: Heartbeat gained `addresses`. A 1 peer would refuse the field (decode refuses unknown
-# fields) and a 2 gateway cannot confirm a 1 node's address: refuse each other by version.
+# 2: Heartbeat gained `addresses` and the usage fields (steps ... stale_drops). A 1 peer would
+# refuse them (decode refuses unknown fields) and a 2 gateway cannot confirm a 1 node's address:
+# refuse each other by version rather than drop every beat.
 PROTOCOL_VERSION = b"zmqinfer/2"
 
 SeqId = NewType("SeqId", int)
@@ -189,6 +190,15 @@ class Heartbeat:
     # The IPv4 addresses its data port listens on, as the node itself sees them: the gateway
     # wires the ring only to an address found here, never to what mDNS alone claims.
     addresses: tuple[str, ...] = ()
+    # Usage for /metrics (node/usage.py). Counters are totals since the process started; the
+    # gateway turns them into rates between beats. None: the platform does not expose it.
+    steps: int = 0  # Forwards computed
+    tokens: int = 0  # token rows computed (prefill and decode)
+    kv_bytes: int = 0  # bytes held by its KV caches (allocated, mlx-lm grows them in steps)
+    layers: int = 0  # transformer layers it holds loaded
+    accel_memory_bytes: int | None = None  # accelerator memory in use, device-wide
+    gpu_utilization: float | None = None  # 0..1, device-wide
+    stale_drops: int = 0  # data messages of another epoch dropped unread
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from zmqinfer.config import NodeSpec
 from zmqinfer.gateway.membership import MEMORY_QUANTUM, Membership
 from zmqinfer.gateway.placement import NodeCapacity, Placement
@@ -327,3 +329,20 @@ def test_what_a_node_reports_is_bounded_in_the_reason() -> None:
     assert "x" * 10 not in reason and "not-an-ip" not in reason and len(reason) < 300
     mem.on_beat(NodeId("s"), beat("s", addresses=()), None)
     assert (mem.members[NodeId("s")].refused or "").endswith("the node reports no address")
+
+
+def test_token_rate_and_step_time_from_consecutive_beats() -> None:
+    mem, clock = table(spec("a"))
+    first = dataclasses.replace(beat("a", busy=10.0), steps=100, tokens=1000, kv_bytes=3 * MIB, layers=10)
+    a = mem.on_beat(NodeId("a"), first, None)
+    assert a is not None and a.tokens_per_s == 0.0 and a.step_s is None
+    clock.now += 2.0
+    mem.on_beat(NodeId("a"), dataclasses.replace(first, busy_seconds=10.5, steps=110, tokens=1060), None)
+    assert a.tokens_per_s == 30.0 and a.step_s == pytest.approx(0.05)
+    row = mem.rows([], Epoch(0))[0]
+    assert (row["tokens_per_s"], row["step_s"], row["steps"], row["tokens"]) == (30.0, 0.05, 110, 1060)
+    assert (row["kv_bytes"], row["layers_held"], row["gpu_utilization"], row["accel_memory_bytes"]) == \
+        (3 * MIB, 10, None, None)  # no reading from its platform: absent, not 0
+    clock.now += 1.0
+    mem.on_beat(NodeId("a"), dataclasses.replace(first, busy_seconds=10.5, steps=110, tokens=1060), None)
+    assert a.tokens_per_s == 0.0 and a.step_s is None  # idle: no step to time

@@ -43,6 +43,7 @@ FORWARD = Forward(
 SAMPLED = Sampled(Epoch(3), 7, (Sample(SeqId(1), 42, -0.25, (TokenLogprob(42, -0.25), TokenLogprob(7, -1.5))),))
 
 # Golden bytes: a change here is a protocol change. Bump PROTOCOL_VERSION with it.
+# zmqinfer/2: the Heartbeat's usage fields (steps .. stale_drops, after `sequences`).
 GOLDEN_FORWARD = [
     "7a6d71696e6665722f32",  # "zmqinfer/2"
     "87a46b696e64a7666f7277617264a565706f636803a47374657007a66368756e6b739285a373657101a5737461727400"
@@ -62,15 +63,20 @@ GOLDEN_SAMPLED = [
     "000082a5746f6b656e07a76c6f6770726f62cbbff8000000000000",
 ]
 
-# Protocol 2 added `addresses` (the node's own IPv4 addresses) to Heartbeat, last field.
+# Protocol 2 added to Heartbeat, as its last fields: `addresses` (the node's own IPv4 addresses,
+# issue 14) and the usage fields steps ... stale_drops (/metrics). Regenerated on purpose when
+# both came together.
 HEARTBEAT = Heartbeat(NodeId("n1"), 8110, 16 << 30, 8 << 30, "cpu", 123, Epoch(2), True, 1 << 20, 1.5, 3,
-                      ("10.0.0.2", "127.0.0.1"))
+                      addresses=("10.0.0.2", "127.0.0.1"), steps=40, tokens=300, kv_bytes=1 << 21, layers=10,
+                      accel_memory_bytes=None, gpu_utilization=0.25, stale_drops=2)
 GOLDEN_HEARTBEAT = [
     "7a6d71696e6665722f32",
-    "8da46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f74616c"
-    "cf0000000400000000a86d656d5f66726565cf0000000200000000a6646576696365a3637075a37069647ba565706f"
-    "636802a66c6f61646564c3a97273735f6279746573ce00100000ac627573795f7365636f6e6473cb3ff80000000000"
-    "00a973657175656e63657303a961646472657373657392a831302e302e302e32a93132372e302e302e31",
+    "de0014a46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f7461"
+    "6ccf0000000400000000a86d656d5f66726565cf0000000200000000a6646576696365a3637075a37069647ba565706f"
+    "636802a66c6f61646564c3a97273735f6279746573ce00100000ac627573795f7365636f6e6473cb3ff8000000000000"
+    "a973657175656e63657303a961646472657373657392a831302e302e302e32a93132372e302e302e31a5737465707328"
+    "a6746f6b656e73cd012ca86b765f6279746573ce00200000a66c61796572730ab2616363656c5f6d656d6f72795f6279"
+    "746573c0af6770755f7574696c697a6174696f6ecb3fd0000000000000ab7374616c655f64726f707302",
 ]
 
 
@@ -87,6 +93,21 @@ def test_golden_bytes() -> None:
     assert back == FORWARD
     assert bytes(back.tokens.data) == bytes(FORWARD.tokens.data)
     assert bytes(back.hidden.data) == bytes(FORWARD.hidden.data)
+    assert hexframes(encode(HEARTBEAT)) == GOLDEN_HEARTBEAT
+    assert decode([bytes.fromhex(h) for h in GOLDEN_HEARTBEAT]) == HEARTBEAT
+
+
+def test_heartbeat_usage_fields_default_to_absent() -> None:
+    """A beat without the usage fields (the fields a node cannot fill) decodes to "absent"
+    for the accelerator numbers, not to a made-up 0% / 0 bytes."""
+    plain = {k: v for k, v in msgpack.unpackb(bytes.fromhex(GOLDEN_HEARTBEAT[1])).items()
+             if k not in ("steps", "tokens", "kv_bytes", "layers", "accel_memory_bytes",
+                          "gpu_utilization", "stale_drops")}
+    beat = decode([PROTOCOL_VERSION, msgpack.packb(plain)])
+    assert isinstance(beat, Heartbeat)
+    assert (beat.gpu_utilization, beat.accel_memory_bytes, beat.steps, beat.kv_bytes) == (None, None, 0, 0)
+    with pytest.raises(WireError, match="expected a number"):
+        decode([PROTOCOL_VERSION, msgpack.packb(plain | {"gpu_utilization": "high"})])
 
 
 ALL = [

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zmqinfer.cli import serve, service
+from zmqinfer.cli import serve, service, top
 from zmqinfer.cli import (
     status as client,  # status, ping, discover: clients of a running cluster
 )
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
-    for add in (_add_up, _add_node, _add_gateway, client.add_commands, service.add_commands, _add_bench,
-                _add_model):
-        add(sub)  # client: status, ping, discover; service: install|uninstall|start|stop|restart|status|logs
+    for add in (_add_up, _add_node, _add_gateway, client.add_commands, top.add_command, service.add_commands,
+                _add_bench, _add_model):
+        add(sub)  # client: status, ping, discover; top; service: install|uninstall|start|stop|restart|status|logs
     return p
 
 

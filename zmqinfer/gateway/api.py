@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both stream and non-stream),
 GET /v1/models, GET /v1/models/{id}, GET /health, GET /cluster/status, POST /cluster/ping,
-GET /openapi.json (openapi.py: the ranges below, documented).
+GET /openapi.json (openapi.py: the ranges below, documented), GET /metrics (Prometheus,
+metrics.py), and the status page and chat (pages.py).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
@@ -41,6 +42,7 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
+from zmqinfer.gateway import pages
 from zmqinfer.gateway.httpio import (
     BODY_READ_TIMEOUT_S,
     SSE_WRITE_TIMEOUT_S,
@@ -48,6 +50,7 @@ from zmqinfer.gateway.httpio import (
     read_body,
     send_event,
 )
+from zmqinfer.gateway.metrics import METRICS, Metrics, serve_metrics
 from zmqinfer.gateway.openapi import openapi
 from zmqinfer.gateway.prompt import Plan, plan
 from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable, StepNotSent
@@ -110,13 +113,15 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
              max_concurrent: int = DEFAULT_MAX_CONCURRENT, body_timeout: float = BODY_READ_TIMEOUT_S,
-             write_timeout: float = SSE_WRITE_TIMEOUT_S) -> web.Application:
-    """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`."""
+             write_timeout: float = SSE_WRITE_TIMEOUT_S, metrics: Metrics | None = None) -> web.Application:
+    """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`.
+    `metrics`: the series to record into (the gateway's own; by default a fresh set)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_frame])
     app[BACKEND] = backend
     app[API_KEYS] = api_keys
     app[ADMISSION] = _Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
+    app[METRICS] = metrics or Metrics(backend.model_id, backend.cluster_status, backend.context_length)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -126,6 +131,8 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/ping", cluster_ping)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", serve_metrics)
+    pages.add_routes(app.router)
     return app
 
 
@@ -241,6 +248,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
                     shape: ChatShape | CompletionShape) -> web.StreamResponse:
     backend, log = request.app[BACKEND], request[LOG]
+    timer = request.app[METRICS].timer()  # from arrival, as vLLM times TTFT and e2e
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
     opts = req.options
@@ -249,16 +257,20 @@ async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
                       keep_leading_space=isinstance(req, CompletionRequest))
     log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream)
     started = time.monotonic()
-    generation = backend.generate(list(p.prompt), opts.sampling, p.max_tokens, request[REQUEST_ID])
+    generation = timer.stream(backend.generate(list(p.prompt), opts.sampling, p.max_tokens,
+                                               request[REQUEST_ID]), len(p.prompt))
+    aborted = False
     try:
         async with contextlib.aclosing(generation) as samples:
             if opts.stream:
                 return await _stream(request, samples, text, shape, opts, p)
             return await _collect(samples, text, shape, p)
     except asyncio.CancelledError:
+        aborted = True
         log.info("client disconnected", completion_tokens=text.completion_tokens)
         raise
     finally:
+        timer.finish(text.finish_reason, aborted)
         log.info("done", finish_reason=text.finish_reason, completion_tokens=text.completion_tokens,
                  seconds=round(time.monotonic() - started, 3))
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from zmqinfer.clusterstatus import NodeStatus
+from zmqinfer.clusterstatus import NodeStatus, NodeUsage
 from zmqinfer.config import NodeSpec
 from zmqinfer.gateway.placement import NodeCapacity, Placement
 from zmqinfer.liveness import Liveness
@@ -103,6 +103,9 @@ class Member:
     loaded: Loaded | None = None  # its answer to the current epoch's Assign
     shard_bytes: int = 0  # the shard it holds now (its memory comes back when it is re-planned)
     busy_fraction: float = 0.0
+    tokens_per_s: float = 0.0  # token rows computed per second between its last two beats
+    step_s: float | None = None  # mean compute time per Forward between its last two beats
+    hop_s: float | None = None  # control-plane round trip (gateway/metrics.py measures it)
     left: str | None = None  # why it said Bye; None while it is a member in good standing
     draining: bool = False
 
@@ -191,7 +194,11 @@ class Membership:
         if m.beat is not None and alive and beat.pid == m.beat.pid:
             dt = self.live.silent_for(name)
             if dt > 0:
-                m.busy_fraction = min(1.0, max(0.0, (beat.busy_seconds - m.beat.busy_seconds) / dt))
+                busy = beat.busy_seconds - m.beat.busy_seconds
+                m.busy_fraction = min(1.0, max(0.0, busy / dt))
+                m.tokens_per_s = max(0.0, (beat.tokens - m.beat.tokens) / dt)
+                steps = beat.steps - m.beat.steps
+                m.step_s = busy / steps if steps > 0 else None
         if m.beat is not None and beat.pid != m.beat.pid:
             m.shard_bytes = 0  # a new process holds nothing yet
         if beat.epoch == 0:
@@ -283,6 +290,23 @@ class Membership:
                 "mem_total": b.mem_total if b else None, "mem_free": b.mem_free if b else None,
                 "busy_fraction": round(m.busy_fraction, 3), "busy_seconds": b.busy_seconds if b else 0.0,
                 "sequences": b.sequences if b else 0,
+                **_usage(m),
             })
         return out
 
+
+
+def _usage(m: Member) -> NodeUsage:
+    """The heartbeat's usage fields of a /cluster/status row (NodeStatus)."""
+    b = m.beat
+    return {
+        "layers_held": b.layers if b else 0, "kv_bytes": b.kv_bytes if b else 0,
+        "tokens_per_s": round(m.tokens_per_s, 2),
+        "step_s": None if m.step_s is None else round(m.step_s, 6),
+        "busy_seconds": round(b.busy_seconds, 6) if b else 0.0, "steps": b.steps if b else 0,
+        "tokens": b.tokens if b else 0,
+        "gpu_utilization": b.gpu_utilization if b else None,
+        "accel_memory_bytes": b.accel_memory_bytes if b else None,
+        "hop_latency_s": None if m.hop_s is None else round(m.hop_s, 6),
+        "stale_drops": b.stale_drops if b else 0,
+    }

@@ -114,8 +114,9 @@ def _generate(schema: str, summary: str) -> dict[str, Any]:
 
 
 def _get(summary: str, *errors: str, content: str = "application/json") -> dict[str, Any]:
+    body = {"type": "object"} if content == "application/json" else {"type": "string"}
     return {"get": {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": {content: {"schema": {"type": "object"}}}}} | _errors("401", *errors)}}
+        "200": {"description": "OK", "content": {content: {"schema": body}}}} | _errors("401", *errors)}}
 
 
 SPEC: dict[str, Any] = {
@@ -139,6 +140,13 @@ SPEC: dict[str, Any] = {
             "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
             | _errors("401")}},
         "/openapi.json": _get("This document"),
+        "/metrics": _get("Prometheus metrics (text exposition format)", content="text/plain"),
+        "/": _get("The live status page", content="text/html"),
+        "/chat": _get("A minimal chat that streams from the API", content="text/html"),
+        "/static/{name}": {"get": {
+            "summary": "The pages' static files", "parameters": [{"name": "name", "in": "path", "required": True,
+                                                                 "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The file"}, "404": {"description": "No such file"}}}},
     },
     "components": {"schemas": {"ChatRequest": _CHAT, "CompletionRequest": _COMPLETION, "Error": _ERROR}},
 }

@@ -88,6 +88,8 @@ class Planner:
         self.discovery, self.on_ready = discovery, on_ready
         self.changed = asyncio.Event()  # a Loaded arrived
         self.history: list[Replan] = []
+        self.replans = 0  # rings built after the first: totals for /metrics (history is cut)
+        self.replayed = 0  # requests resumed on those rings
         self._planned_over: set[NodeId] = set()  # live nodes the current plan considered
         self._down: dict[str, Any] | None = None  # the take-down being recovered from
         self._started = time.monotonic()
@@ -257,6 +259,9 @@ class Planner:
                 pass
 
     def _record(self, placement: list[Placement], resumed: int) -> None:
+        if self.history or self._down is not None:
+            self.replans += 1
+        self.replayed += resumed
         entry: Replan = {"epoch": self.ring.epoch, "at": time.time(),
                          "layers": {p.node: [p.start, p.end] for p in placement},
                          "resumed_requests": resumed}

@@ -38,6 +38,7 @@ from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing
 from zmqinfer.config import GatewaySpec, NodeSpec
 from zmqinfer.gateway.api import make_app
 from zmqinfer.gateway.membership import Member, Membership
+from zmqinfer.gateway.metrics import Metrics, measure_hops
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, groups
@@ -106,6 +107,9 @@ class Gateway:
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
         self.control_in, self.results_in = Inbox("control", log), Inbox("results", log)
+        self.stale_drops = 0  # results of an older epoch, dropped
+        self.metrics = Metrics(self.model_id, self.cluster_status, self.context_length)
+        self.scheduler.on_queued = self.metrics.on_queued
 
     # ---- Backend for the API ----------------------------------------------------------------
 
@@ -120,10 +124,15 @@ class Gateway:
         for row in nodes:
             if row["name"] in ring.excluded:
                 row["excluded"] = ring.excluded[NodeId(row["name"])]
+        s, planner = self.scheduler, self.planner
         return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
-                "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": self.scheduler.active,
+                "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": s.active,
+                "running_requests": s.running, "waiting_requests": s.waiting,
+                "ring": {"replans": planner.replans, "replayed_requests": planner.replayed,
+                         "micro_batches_in_flight": s.in_flight, "stale_epoch_drops": self.stale_drops},
+                "throughput": self.metrics.throughput(),
                 "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
-                "decode_steps": self.scheduler.decode_steps,
+                "decode_steps": s.decode_steps,
                 "replans": self.planner.history[-5:], "nodes": nodes}
 
     async def cluster_ping(self) -> ClusterPing:
@@ -176,7 +185,8 @@ class Gateway:
     # ---- loops ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        runner = web.AppRunner(make_app(self, api_keys=self.api_keys), handler_cancellation=True)
+        runner = web.AppRunner(make_app(self, api_keys=self.api_keys, metrics=self.metrics),
+                               handler_cancellation=True)
         await runner.setup()
         directory = None
         try:
@@ -188,7 +198,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._control_loop()), tg.create_task(self._results_loop()),
                          tg.create_task(self.planner.run(directory)), tg.create_task(self.scheduler.pump()),
-                         tg.create_task(self._beat())]
+                         tg.create_task(self._beat()), tg.create_task(measure_hops(self.members, self._ping))]
                 await stop.wait()
                 await self._finish_requests()
                 for t in tasks:
@@ -302,4 +312,6 @@ class Gateway:
                 if not fut.done():
                     fut.set_result(0.0)
                 continue
+            if msg.epoch != self.ring.epoch:
+                self.stale_drops += 1  # the scheduler ignores it too; counted for /metrics
             self.scheduler.on_sampled(msg)

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, Protocol
+from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
@@ -130,6 +131,9 @@ class _Seq:
     group: int | None = None
     generated: int = 0
     done: bool = False
+    arrived: float = field(default_factory=time.monotonic)  # generate() called: queue time starts
+    started: bool = False  # its first message on the current ring has been decided (running)
+    queued: bool = True  # never started on any ring yet (queue time not yet observed)
 
     def restart(self, epoch: Epoch) -> None:
         """Start over on a fresh ring: prefill all but the last token of the history (cut as
@@ -137,7 +141,7 @@ class _Seq:
         head = self.history[:-1]
         self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
         self.next_token, self.pos = self.history[-1], len(self.history) - 1
-        self.epoch, self.params_sent, self.group = epoch, False, None
+        self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False
 
 
 @dataclass
@@ -162,10 +166,24 @@ class Scheduler:
         self._paused = False  # a planned re-plan is waiting for the ring to drain
         self._wake = asyncio.Event()
         self.decode_steps = 0  # group steps answered: what `bench --simulate` counts
+        self._admitting = 0  # requests waiting for a ready ring before they get a sequence
+        # Called once per request with its queue time (generate() -> first step decided).
+        self.on_queued: Callable[[float], None] | None = None
 
     @property
     def active(self) -> int:
         return len(self._seqs)
+
+    @property
+    def running(self) -> int:
+        """Requests with steps in the current ring (vLLM's "running")."""
+        return sum(1 for s in self._seqs.values() if s.started and s.epoch and not s.done)
+
+    @property
+    def waiting(self) -> int:
+        """Admitted but nothing in the ring yet: waiting for a ring, queued for prefill, parked."""
+        return self._admitting + sum(1 for s in self._seqs.values()
+                                     if not (s.started and s.epoch) and not s.done)
 
     @property
     def in_flight(self) -> int:
@@ -183,8 +201,14 @@ class Scheduler:
         Closing the iterator early ends the sequence and frees its caches along the ring."""
         if not prompt:
             raise ValueError("empty prompt")
-        await self.ring.wait_ready(READY_WAIT_S)
-        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt))
+        arrived = time.monotonic()
+        self._admitting += 1
+        try:
+            await self.ring.wait_ready(READY_WAIT_S)
+        finally:
+            self._admitting -= 1
+        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
+                   arrived=arrived)
         seq.restart(self.ring.epoch)
         self._seqs[seq.id] = seq
         if self._paused:
@@ -337,6 +361,16 @@ class Scheduler:
                     if isinstance(msg, Forward):  # it never left: give its group/credit back
                         self.on_sampled(Sampled(epoch=msg.epoch, step=msg.step, samples=()))
 
+    def _start(self, seq: _Seq) -> None:
+        """Its next message is decided: it runs on this ring (its queue time ends the first time)."""
+        if seq.started:
+            return
+        seq.started = True
+        if seq.queued:
+            seq.queued = False
+            if self.on_queued is not None:
+                self.on_queued(time.monotonic() - seq.arrived)
+
     def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
         out: list[tuple[Forward | Release, list[_Seq]]] = []
         epoch = self.ring.epoch
@@ -352,6 +386,7 @@ class Scheduler:
                 continue
             chunks, toks = [], []
             for seq in g.members:
+                self._start(seq)
                 chunks.append(Chunk(seq=seq.id, start=seq.pos, length=1, sample=True,
                                     params=None if seq.params_sent else seq.params))
                 seq.params_sent = True
@@ -364,6 +399,7 @@ class Scheduler:
         credits = max(1, PREFILL_CREDITS_PER_DEVICE * self.ring.n_devices)
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
+            self._start(seq)
             start, toks = seq.prefill.popleft()
             chunk = Chunk(seq=seq.id, start=start, length=len(toks), sample=False,
                           params=None if seq.params_sent else seq.params)

@@ -39,6 +39,7 @@ from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node import inbound
 from zmqinfer.node.simulated import DEVICE_PREFIX, SimulatedCost
 from zmqinfer.node.sleep import SleepGuard
+from zmqinfer.node.usage import GpuSampler
 from zmqinfer.node.worker import Worker
 from zmqinfer.wire import (
     Assign,
@@ -134,6 +135,8 @@ class Node:
         self.error: str | None = None  # why the node stopped on its own (exit status 1)
         self.awake = SleepGuard(not opts.allow_sleep, self.log)  # a Mac that sleeps leaves the ring
         self.control_in, self.data_in = Inbox("control", self.log), Inbox("data", self.log)
+        self.gpu = GpuSampler()  # accelerator utilisation / memory for the heartbeat
+        self.stale_drops = 0  # data messages of another epoch dropped unread
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -149,7 +152,8 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
-                         tg.create_task(self._data_loop()), tg.create_task(self._sweep())]
+                         tg.create_task(self._data_loop()), tg.create_task(self._sweep()),
+                         tg.create_task(self.gpu.run())]
                 if self.opts.advertise:  # registering takes seconds: beats must not wait for it
                     tasks.append(tg.create_task(self._advertise()))
                 await self._stopping.wait()
@@ -232,11 +236,15 @@ class Node:
             vm = psutil.virtual_memory()
             rss = proc.memory_info().rss
             total, free = self._memory(vm, rss)
+            w, gpu = self.worker, self.gpu.latest
             beat = Heartbeat(
                 node=self.opts.name, data_port=self.opts.data_port, mem_total=total,
                 mem_free=free, device=self._device, pid=os.getpid(), epoch=self.epoch,
                 loaded=self.loaded, rss_bytes=rss,
-                busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences,
+                busy_seconds=w.busy_seconds, sequences=w.sequences,
+                steps=w.steps, tokens=w.tokens, kv_bytes=w.kv_bytes, layers=w.layers,
+                accel_memory_bytes=gpu.memory_bytes if gpu else None,
+                gpu_utilization=gpu.utilization if gpu else None, stale_drops=self.stale_drops,
                 addresses=listening_addresses(self.opts.bind))
             await self._send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
@@ -341,6 +349,7 @@ class Node:
                 self.data_in.drop(f"unexpected {msg.KIND}")
                 continue
             if msg.epoch != self.epoch or not self.loaded:
+                self.stale_drops += 1
                 self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
                 continue
             if isinstance(msg, Forward) and self.worker.stage is not None and (

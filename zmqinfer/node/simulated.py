@@ -76,6 +76,10 @@ class SimulatedStage:
     def sequences(self) -> int:
         return len(self._offsets)
 
+    @property
+    def kv_bytes(self) -> int:
+        return 0  # a simulated cache holds nothing
+
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None:
         for s in seqs:
             self._offsets.pop(s, None)

@@ -174,6 +174,12 @@ class Stage:
     def sequences(self) -> int:
         return len(self.seq_ids)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV caches hold (as allocated: mlx-lm grows a cache 256 positions at a time)."""
+        own = sum(c.nbytes for sc in self._caches.values() for c in sc.layers)
+        return own + sum(c.nbytes for g in self._groups.values() for c in g.layers or ())
+
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, seq: SeqId, start: int, tokens: mx.array, hidden: mx.array | None,

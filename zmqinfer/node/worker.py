@@ -35,6 +35,8 @@ Failure = tuple[tuple[SeqId, ...], str]
 class Slice(Protocol):
     """What the worker drives: a real Stage, or a SimulatedStage standing in for a device."""
 
+    start: int
+    end: int
     is_first: bool
     is_last: bool
     hidden_size: int
@@ -44,6 +46,8 @@ class Slice(Protocol):
 
     @property
     def sequences(self) -> int: ...
+    @property
+    def kv_bytes(self) -> int: ...
     @property
     def seq_ids(self) -> tuple[SeqId, ...]: ...
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None: ...
@@ -62,6 +66,9 @@ class Worker:
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
         self.token_limit: int | None = None  # the tokenizer's size: the last stage samples below it
+        self.steps = 0  # Forwards run since start
+        self.tokens = 0  # token rows computed since start
+        self.kv_bytes = 0  # refreshed on this thread after every change, read by the heartbeat
 
     @property
     def shard_bytes(self) -> int:
@@ -70,6 +77,13 @@ class Worker:
     @property
     def sequences(self) -> int:
         return self.stage.sequences if self.stage else 0
+
+    @property
+    def layers(self) -> int:
+        return self.stage.end - self.stage.start if self.stage else 0
+
+    def _count_kv(self) -> None:
+        self.kv_bytes = self.stage.kv_bytes if self.stage else 0
 
     def load(self, model: str, start: int, end: int) -> None:
         """Load layers [start, end) of `model` (embedded default, local directory or hub id).
@@ -92,18 +106,21 @@ class Worker:
                       else SimulatedStage(path, start, end, self.simulate))
         self.token_limit = tokenizer_size(path) if self.stage.is_last else None
         self.fingerprint = model_fingerprint(path)
+        self._count_kv()
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
         if self.stage is not None:
             self.stage.release(seqs)
         for s in seqs:
             self.samplers.pop(s, None)
+        self._count_kv()
 
     def expire_idle(self) -> list[SeqId]:
         """Free sequences whose Release never came (a gateway that died mid-request)."""
         dead = self.stage.expire_idle() if self.stage is not None else []
         for s in dead:
             self.samplers.pop(s, None)
+        self._count_kv()
         return dead
 
     def drop_sequences(self) -> None:
@@ -111,6 +128,7 @@ class Worker:
         if self.stage is not None:
             self.stage.release(list(self.stage.seq_ids))
         self.samplers.clear()
+        self._count_kv()
 
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
         """The message to send on, and the chunks that failed (dropped from it).
@@ -129,6 +147,9 @@ class Worker:
             self._sample(step, decoded, out)    # 4. last stage: tokens for the gateway
         msg = self._pack(fwd, out)              # 5. the next stage's Forward, or the Sampled
         self.busy_seconds += time.perf_counter() - t0
+        self.steps += 1
+        self.tokens += sum(c.length for c in fwd.chunks)
+        self._count_kv()
         return msg, out.failures
 
     def _prefill(self, step: _Step, out: _Out) -> None:
