@@ -60,8 +60,9 @@ log = structlog.get_logger()
 # prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
 # steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
 PREFILL_CHUNK = 256
-# Prefill messages in the ring at once: enough to keep every device busy with a long prompt.
-PREFILL_CREDITS_PER_DEVICE = 1
+# Prefill messages in the ring at once: one per stage keeps every stage busy with long prompts
+# (per stage, not per device: stages that share a machine of several cores still overlap).
+PREFILL_CREDITS_PER_STAGE = 1
 # Micro-batch groups beyond one per device: while one group's tokens travel back through the
 # gateway, the spare keeps the first device busy (README, "Keeping every device busy").
 SPARE_GROUPS = 0
@@ -396,7 +397,7 @@ class Scheduler:
             g.in_flight = True
             out.append((Forward(epoch=epoch, step=step, chunks=tuple(chunks), group=gid,
                                 tokens=tokens_to_wire(toks)), list(g.members)))
-        credits = max(1, PREFILL_CREDITS_PER_DEVICE * self.ring.n_devices)
+        credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
             self._start(seq)
