@@ -26,6 +26,7 @@ class NodeStatus(TypedDict):
     busy_fraction: float  # time computing / wall time between its last two beats
     sequences: int  # KV caches it holds
     excluded: NotRequired[str]  # left out of the current ring by placement, and why
+    refused_by_node: NotRequired[int]  # handshakes and data messages the node refused (keys.py)
 
 
 class Replan(TypedDict):
@@ -38,6 +39,22 @@ class Replan(TypedDict):
     down_s: NotRequired[float]  # ring down -> this ring ready
 
 
+class ApiAuthStatus(TypedDict):
+    mode: Literal["keys", "protected", "open"]  # keys; loopback only (no keys); --no-auth
+    keys: list[str]  # the keys' names (never the keys)
+    metrics_open: bool
+    refused: int  # requests answered 401/403
+
+
+class SecurityStatus(TypedDict):
+    curve: bool  # CurveZMQ on every ZeroMQ socket
+    trusted: list[str]  # names in the cluster directory's public_keys/
+    refused_handshakes: int  # CURVE handshakes with a key not in the directory
+    refused_messages: int  # messages whose key is not the one their role needs
+    refused_peers: dict[str, str]  # the first few refused peers, and why
+    api: NotRequired[ApiAuthStatus]
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
@@ -47,6 +64,7 @@ class ClusterStatus(TypedDict):
     active_requests: int
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
+    security: NotRequired[SecurityStatus]
 
 
 class NodePing(TypedDict):

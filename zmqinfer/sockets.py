@@ -4,6 +4,9 @@
     node:    control DEALER -> gateway (routing id = node id)
              data PULL (bind)  ->  data PUSH -> next node   |   results DEALER -> gateway (last)
 
+`curve`: this process's key pair (CurveZMQ, keys.py); binding sockets are CURVE servers, connecting
+ones need `keys.toward(peer)`. None: plaintext (no cluster directory configured).
+
 Endpoints handed to these are always tcp://<ip>:<port>: an mDNS `.local` name must never reach
 ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
 """
@@ -15,6 +18,7 @@ import asyncio
 import zmq
 import zmq.asyncio
 
+from zmqinfer.keys import CurveKeys, apply
 from zmqinfer.wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES
 
 # A peer cannot make us allocate more than one maximal tensor frame plus its header.
@@ -58,6 +62,17 @@ async def send(sock: zmq.asyncio.Socket, frames: list, timeout: float) -> bool:
         raise
 
 
+async def recv(sock: zmq.asyncio.Socket) -> list[zmq.Frame]:
+    """The next message. With CURVE, libzmq (4.3.5, measured) wakes a socket once per connection
+    about one ZMTP heartbeat after it connects with nothing to read: pyzmq then raises Again from
+    a recv it was told would succeed. That wake-up is not a message, so wait for the next one."""
+    while True:
+        try:
+            return await sock.recv_multipart(copy=False)
+        except zmq.Again:
+            continue
+
+
 def context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
@@ -72,8 +87,10 @@ def _common(s: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
     return s
 
 
-def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def control_router(ctx: zmq.asyncio.Context, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.ROUTER))
+    apply(s, curve, server=True)
     # A send to a node that is gone raises EHOSTUNREACH instead of vanishing silently.
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     # A restarted node reuses its routing id; without handover it would be ignored forever.
@@ -82,8 +99,10 @@ def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socke
     return s
 
 
-def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.DEALER))
+    apply(s, curve, server=False)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
     # Control messages are only meaningful fresh: don't queue Ready/heartbeats for a gateway that
     # is not connected yet; the loops resend on their own schedule.
@@ -93,31 +112,39 @@ def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq
     return s
 
 
-def results_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def results_router(ctx: zmq.asyncio.Context, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.ROUTER))
+    apply(s, curve, server=True)
     s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a re-assigned last stage reconnects with its id
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
     return s
 
 
-def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.DEALER))
+    apply(s, curve, server=False)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     s.connect(endpoint)
     return s
 
 
-def data_pull(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def data_pull(ctx: zmq.asyncio.Context, endpoint: str,
+              curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.PULL))
+    apply(s, curve, server=True)
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
     return s
 
 
-def data_push(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def data_push(ctx: zmq.asyncio.Context, endpoint: str,
+              curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.PUSH))
+    apply(s, curve, server=False)
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     # Queue only on a completed connection: a send to a hop that is down then waits (under the
     # caller's deadline) instead of piling hidden states into a pipe nobody will read.

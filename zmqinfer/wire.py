@@ -32,7 +32,11 @@ from typing import Any, ClassVar, Literal, NewType, Union
 
 import msgpack
 
-PROTOCOL_VERSION = b"zmqinfer/1"
+# What the version covers: frame layout, every message kind and its fields (a field added or
+# removed is a new version), tensor dtypes, and what the gateway expects of a node (which key
+# it must hold for its role). Not covered: the model (that is the fingerprint's job).
+# 2: Assign names the previous and next stage (CurveZMQ: whose key to accept and trust).
+PROTOCOL_VERSION = b"zmqinfer/2"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -182,6 +186,7 @@ class Heartbeat:
     rss_bytes: int
     busy_seconds: float  # time spent computing since start: busy fraction = d(busy)/d(wall)
     sequences: int  # live KV caches
+    refused: int = 0  # CURVE handshakes and data messages it refused (wrong or untrusted key)
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,10 @@ class Assign:
     n_layers: int
     next_hop: str | None
     result_port: int
+    # Whose key to connect to (the next hop's) and whose data to accept (the previous stage's;
+    # None: the gateway's, for the first stage). Identity is the key, never an address.
+    next_node: NodeId | None = None
+    prev_node: NodeId | None = None
 
 
 @dataclass(frozen=True)

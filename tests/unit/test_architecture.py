@@ -9,7 +9,7 @@ import grimp
 import pytest
 
 ROLES = ("gateway", "node", "model", "mdns", "cli", "bench")
-SHARED = ("wire", "sockets", "liveness", "config", "log", "tensors", "clusterstatus", "local")
+SHARED = ("wire", "sockets", "liveness", "config", "log", "tensors", "clusterstatus", "local", "keys")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_ad_round_trips_through_txt() -> None:
         txt = ad.to_txt()
         assert all(isinstance(v, str) for v in txt.values())
         assert NodeAd.from_txt(raw(txt)) == ad
-    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/1"
+    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/2"
 
 
 def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
@@ -177,7 +177,7 @@ def test_refusal_reasons() -> None:
     assert refusal(AD, PROTOCOL, "0123456789abcdef") is None
     assert refusal(AD, PROTOCOL, "") is None  # the gateway does not know yet
     assert refusal(replace(AD, fingerprint=""), PROTOCOL, "ffff") is None  # nothing loaded yet
-    assert "protocol 'zmqinfer/2'" in (refusal(replace(AD, protocol="zmqinfer/2")) or "")
+    assert "protocol 'zmqinfer/3'" in (refusal(replace(AD, protocol="zmqinfer/3")) or "")
     assert "serves model 0123456789abcdef" in (refusal(AD, PROTOCOL, "ffff") or "")
 
 

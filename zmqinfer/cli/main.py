@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zmqinfer.cli import keys as cluster_keys
 from zmqinfer.cli import serve
 from zmqinfer.cli import status as client  # status, ping, discover: clients of a running cluster
 from zmqinfer.config import (
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
-    for add in (_add_up, _add_node, _add_gateway, client.add_commands, _add_bench, _add_model):
+    for add in (_add_up, _add_node, _add_gateway, client.add_commands, _add_bench, _add_model,
+                cluster_keys.add_commands):
         add(sub)  # client: status, ping, discover (they ask the running cluster or the LAN)
     return p
 
@@ -58,6 +60,9 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="one core per node (node i on core i mod cores, one BLAS thread): stands in for "
                          "separate machines; Linux only, the gateway stays unpinned")
     up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
+    _add_api_auth(up)
+    up.add_argument("--no-curve", action="store_true", help="plaintext ZeroMQ between the local processes "
+                    "(default: CurveZMQ with a throwaway key per process; this is for measuring its cost)")
     up.set_defaults(func=serve.cmd_up)
 
 
@@ -73,6 +78,7 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node.add_argument("--no-advertise", action="store_true", help="no mDNS ad: nodes.toml must list its address")
     node.add_argument("--memory-limit", metavar="SIZE", help="offer at most this much memory for layers: bytes, "
                       "450M, 1.5G, 512MiB (K..T, KiB..TiB: powers of 1024; KB..TB: of 1000)")
+    _add_curve(node)
     node.set_defaults(func=cmd_node)
 
 
@@ -85,7 +91,26 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gw.add_argument("--interface", action="append", default=[], metavar="IP",
                     help="browse and advertise over mDNS on this interface IP only; repeatable")
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
+    _add_api_auth(gw)
+    _add_curve(gw)
     gw.set_defaults(func=serve.cmd_gateway)
+
+
+def _add_api_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="API keys, one per line (KEY or NAME KEY); also [api] keys / key_file in "
+                        "nodes.toml and $ZMQINFER_API_KEY (comma-separated). Without any key only "
+                        "loopback clients are answered (protected mode)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="no API keys and no protected mode: anyone who reaches the port may use the API")
+
+
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                   help="the cluster directory (zmqinfer keys): CurveZMQ with this process's key pair "
+                        "(default: $ZMQINFER_KEYS, else ~/.config/zmqinfer/cluster when it exists)")
+    p.add_argument("--no-curve", action="store_true",
+                   help="plaintext ZeroMQ even when a cluster directory exists")
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -186,7 +211,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         host, port = found
     opts = NodeOptions(NodeId(args.name), ip_literal(host, "--gateway"), port,
                        args.port or spec.port, args.bind, interfaces=interfaces,
-                       advertise=not args.no_advertise, memory_limit=memory_limit)
+                       advertise=not args.no_advertise, memory_limit=memory_limit,
+                       keys=serve.curve_keys(args.keys, args.name, args.no_curve))
     return asyncio.run(run_node(opts))
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,44 @@ def resolve_with_progress(model: str | None) -> Path:
         return resolve_model(model, progress=progress)
 
 
+def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
+              metrics_open: bool) -> Any:
+    """The API's guard from every key source (auth.gather); ConfigError names a bad source."""
+    from zmqinfer.gateway.auth import ApiGuard, KeyFileError, gather
+
+    try:
+        named = gather(sorted(config_keys), key_files)
+    except KeyFileError as e:
+        raise ConfigError(str(e)) from None
+    if named and no_auth:
+        raise ConfigError("--no-auth with API keys configured: drop one or the other")
+    return ApiGuard.from_keys(named, no_auth=no_auth, metrics_open=metrics_open)
+
+
+def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
+    """This process's CurveZMQ keys from the cluster directory (--keys, $ZMQINFER_KEYS or
+    ~/.config/zmqinfer/cluster); None without one (plaintext, and the process says so)."""
+    from zmqinfer.keys import KeyError_, default_dir, load_keys
+
+    directory = None if insecure else (directory or default_dir())
+    if directory is None:
+        return None
+    try:
+        return load_keys(directory, name)
+    except KeyError_ as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = load_cluster(args.config)
     gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
-    return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
-                  discovery=not args.no_discovery, interfaces=interfaces)
+    files = [f for f in (cfg.api_key_file, args.api_key_file) if f is not None]
+    guard = api_guard(cfg.api_keys, files, args.no_auth, cfg.metrics_open)
+    keys = curve_keys(args.keys, "gateway", args.no_curve)
+    return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, guard, [],
+                  discovery=not args.no_discovery, interfaces=interfaces, keys=keys)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -72,10 +104,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = ip_literal(args.host, "--host")
     gspec = local_gateway(args.port, bind=host)
     nodes = [local_node(args.port, i) for i in range(args.nodes)]
+    guard = api_guard(frozenset(), [args.api_key_file] if args.api_key_file else [], args.no_auth, False)
     model_path = resolve_or_exit(args.model)
     if model_path is None:
         return 1
     from zmqinfer.model.resolve import DEFAULT_MODEL
+    from zmqinfer.keys import load_keys
+
+    # A throwaway cluster directory for this ring: Curve is on by default here too. It lives as
+    # long as this process (the nodes read their keys once, at start).
+    scratch = None if args.no_curve else tempfile.TemporaryDirectory(prefix="zmqinfer-up-keys-")
+    if scratch is not None:
+        from zmqinfer.cli.keys import make_cluster
+
+        make_cluster(Path(scratch.name), [n.name for n in nodes])
+    keys = load_keys(Path(scratch.name), "gateway") if scratch is not None else None
+    key_args = ["--keys", scratch.name] if scratch is not None else ["--no-curve"]
 
     # N nodes share this machine's cores: each may use every core (one stage computes at a time
     # for a single stream), but idle ones must not spin.
@@ -86,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     procs = []
     for i, n in enumerate(nodes):
         cmd = node_command(n.name, f"127.0.0.1:{gspec.control_port}", n.port,
-                           ["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
+                           key_args + (["--memory-limit", str(memory_limit)] if memory_limit is not None else []))
         # Own process group: the terminal's Ctrl-C reaches only us, and we stop nodes in order.
         procs.append(subprocess.Popen(cmd, start_new_session=True, env=env,
                                       preexec_fn=None if cores is None else pinner(cores[i])))
@@ -94,8 +138,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("zmqinfer: pinned " + ", ".join(f"{n.name} to core {c}" for n, c in zip(nodes, cores))
               + " (one BLAS thread each; the gateway is not pinned)", flush=True)
     # Local nodes load the very directory the gateway resolved: no second conversion.
-    return serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
-                  model_id=args.model or DEFAULT_MODEL, discovery=False)
+    try:
+        return serve(str(model_path), gspec, nodes, counts, guard, procs, model_path,
+                     model_id=args.model or DEFAULT_MODEL, discovery=False, keys=keys)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def pin_cores(n: int) -> list[int] | None:
@@ -125,9 +173,10 @@ def resolve_or_exit(model: str | None) -> Path | None:
 
 
 def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
-           api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
+           guard: Any, procs: list[subprocess.Popen], model_path: Path | None = None,
            model_id: str | None = None, *, discovery: bool = True,
-           interfaces: tuple[str, ...] = ()) -> int:
+           interfaces: tuple[str, ...] = (), keys: Any = None) -> int:
+    """`guard`: auth.ApiGuard; `keys`: keys.CurveKeys of the gateway, None for plaintext."""
     from zmqinfer import log
     from zmqinfer.gateway.process import Gateway
     from zmqinfer.model.resolve import DEFAULT_MODEL
@@ -150,9 +199,10 @@ def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         nonlocal gw
-        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
+        guard.announce()
+        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, guard, on_ready,
                      model_id=model_id or model or DEFAULT_MODEL, discovery=discovery,
-                     interfaces=interfaces)
+                     interfaces=interfaces, keys=keys)
         async with asyncio.TaskGroup() as tg:
             if procs:
                 tg.create_task(watch(procs, stop))

@@ -9,7 +9,7 @@ Contract:
   handler, and the handler's `finally` (an `aclosing` around `backend.generate`) stops the
   generation. Nothing here starts a task of its own.
 * Validation and every 400 live in `validate.py`; token ids -> text in `textout.py`.
-* With api_keys, every route except /health needs `Authorization: Bearer <key>` (401).
+* Who may call it is auth.py's middleware (API keys, protected mode), around every route.
 * Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: RequestError -> its
   status (400), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies over
   MAX_BODY_BYTES -> 413. A ring error after an SSE stream started becomes a `data: {"error": ...}`
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import secrets
 import time
@@ -36,6 +35,8 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
+from zmqinfer.gateway import auth
+from zmqinfer.gateway.auth import ApiGuard
 from zmqinfer.gateway.prompt import Plan, plan
 from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
 from zmqinfer.gateway.textout import (
@@ -83,7 +84,6 @@ class _Admission:
 
 
 BACKEND = web.AppKey[Backend]("backend")
-API_KEYS = web.AppKey("api_keys", frozenset)
 ADMISSION = web.AppKey("admission", _Admission)
 STARTED = web.AppKey("started", int)  # "created" of /v1/models
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -95,11 +95,13 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
-             max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> web.Application:
-    """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_frame])
+             max_concurrent: int = DEFAULT_MAX_CONCURRENT, guard: ApiGuard | None = None) -> web.Application:
+    """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`.
+    `guard` (auth.py) decides who may call it; `api_keys` is shorthand for a guard of those keys."""
+    guard = guard or ApiGuard.from_keys({f"key:{i}": k for i, k in enumerate(sorted(api_keys), 1)})
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[_frame, auth.middleware(guard, lambda st, msg, code: _error(st, msg, code=code))])
     app[BACKEND] = backend
-    app[API_KEYS] = api_keys
     app[ADMISSION] = _Admission(max_concurrent)
     app[STARTED] = int(time.time())
     app.on_response_prepare.append(_add_request_id)
@@ -135,14 +137,10 @@ def _ring_error(e: RingUnavailable | RingTimeout) -> tuple[int, dict[str, Any]]:
 
 @web.middleware
 async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, and OpenAI-shaped errors for everything raised before a stream starts."""
+    """Request id and OpenAI-shaped errors for everything raised before a stream starts."""
     request_id = f"req-{secrets.token_hex(12)}"
     request[REQUEST_ID] = request_id
     request[LOG] = structlog.get_logger().bind(request_id=request_id)
-    keys = request.app[API_KEYS]
-    if keys and request.path != "/health" and not _authorised(request, keys):
-        return _error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                      code="invalid_api_key")
     try:
         return await handler(request)
     except RequestError as e:
@@ -160,14 +158,6 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
                    else f"{request.method} {request.path}: {e.reason}")
         return web.json_response(error_body(message, code=e.reason.lower().replace(" ", "_")),
                                  status=e.status, headers=allow)
-
-
-def _authorised(request: web.Request, keys: frozenset[str]) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    # compare_digest against every key: timing reveals neither the key nor which one matched.
-    return sum(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys) > 0
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:

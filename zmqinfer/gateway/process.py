@@ -34,9 +34,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from zmqinfer import sockets
-from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing, SecurityStatus
 from zmqinfer.config import GatewaySpec, NodeSpec
+from zmqinfer.keys import ClusterAuth, CurveKeys
 from zmqinfer.gateway.api import make_app
+from zmqinfer.gateway.auth import ApiGuard
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
@@ -75,16 +77,16 @@ SHUTDOWN_GRACE_S = 20.0
 
 class Gateway:
     def __init__(self, spec: GatewaySpec, model: str, model_path: Path, nodes: list[NodeSpec],
-                 counts: Sequence[int | None] | None = None, api_keys: frozenset[str] = frozenset(),
+                 counts: Sequence[int | None] | None = None, guard: ApiGuard | None = None,
                  on_ready: Callable[[list[Any]], None] | None = None,
                  model_id: str | None = None, discovery: bool = False,
-                 interfaces: tuple[str, ...] = ()) -> None:
+                 interfaces: tuple[str, ...] = (), keys: CurveKeys | None = None) -> None:
         if not nodes and not discovery:
             raise ValueError("no nodes configured: list them as [[node]] entries in nodes.toml "
                              "(or let the gateway find them over mDNS)")
         self.spec, self.model, self.model_path = spec, model, model_path
         self.model_id = model_id or model  # the name clients see in /v1/models
-        self.api_keys = api_keys
+        self.guard = guard or ApiGuard.from_keys({})
         cfg = read_config(model_path)
         self.n_layers = int(cfg["num_hidden_layers"])
         self.context_length = int(cfg.get("max_position_embeddings", 4096))
@@ -94,10 +96,18 @@ class Gateway:
         self.members = Membership(nodes, self.liveness, counts)
         self.discovery, self.interfaces = discovery, interfaces
         self.ctx = sockets.context()
-        self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "")
+        # Curve: the ZAP handler is bound before any socket, so no handshake goes unchecked.
+        self.keys, self.auth = keys, ClusterAuth(self.ctx, keys.directory) if keys else None
+        if self.auth is not None:
+            self.auth.bind()
+        else:
+            log.warning("ZeroMQ traffic is neither encrypted nor authenticated: anyone who reaches the "
+                        "control and result ports can steer the ring (make a cluster directory with "
+                        "`zmqinfer keys init` and pass --keys)")
+        self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "", keys)
         self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids))
-        self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}")
-        self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}")
+        self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}", keys)
+        self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}", keys)
         self.planner = Planner(self.ring, self.members, self.scheduler, self.send_control,
                                Served(model, self.n_layers, self.fingerprint, spec.result_port),
                                model_size(model_path), discovery=discovery, on_ready=on_ready)
@@ -119,9 +129,16 @@ class Gateway:
         for row in nodes:
             if row["name"] in ring.excluded:
                 row["excluded"] = ring.excluded[NodeId(row["name"])]
+            member = self.members.members.get(NodeId(row["name"]))
+            if member is not None and member.beat is not None:
+                row["refused_by_node"] = member.beat.refused
+        security: SecurityStatus = (self.auth.status() if self.auth is not None else  # type: ignore[assignment]
+                                    {"curve": False, "trusted": [], "refused_handshakes": 0,
+                                     "refused_messages": 0, "refused_peers": {}})
+        security["api"] = self.guard.describe()
         return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
                 "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": self.scheduler.active,
-                "replans": self.planner.history[-5:], "nodes": nodes}
+                "replans": self.planner.history[-5:], "nodes": nodes, "security": security}
 
     async def cluster_ping(self) -> ClusterPing:
         async def one(name: NodeId) -> NodePing:
@@ -173,7 +190,7 @@ class Gateway:
     # ---- loops ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        runner = web.AppRunner(make_app(self, api_keys=self.api_keys), handler_cancellation=True)
+        runner = web.AppRunner(make_app(self, guard=self.guard), handler_cancellation=True)
         await runner.setup()
         directory = None
         try:
@@ -186,6 +203,8 @@ class Gateway:
                 tasks = [tg.create_task(self._control_loop()), tg.create_task(self._results_loop()),
                          tg.create_task(self.planner.run(directory)), tg.create_task(self.scheduler.pump()),
                          tg.create_task(self._beat())]
+                if self.auth is not None:
+                    tasks.append(tg.create_task(self.auth.run()))
                 await stop.wait()
                 await self._finish_requests()
                 for t in tasks:
@@ -197,6 +216,8 @@ class Gateway:
             self.ring.close()
             for s in (self.control, self.results):
                 s.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop()  # its ZAP socket too: term() waits for every socket of the context
             self.ctx.term()
 
     async def _start_directory(self) -> Any:
@@ -252,8 +273,12 @@ class Gateway:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=False)
+            frames = await sockets.recv(self.control)
             ident = frames[0].bytes.decode(errors="replace")
+            if self.auth is not None and len(frames) > 1 and (key := self.auth.peer(frames[1])) != ident:
+                # Identity is the key: a routing id is whatever the peer claims (ROUTER_HANDOVER).
+                self.auth.refuse(ident, key, "control message whose key is not the node's own")
+                continue
             try:
                 msg = decode(frames[1:])
             except WireError as e:
@@ -289,7 +314,13 @@ class Gateway:
 
     async def _results_loop(self) -> None:
         while True:
-            frames = await self.results.recv_multipart(copy=False)
+            frames = await sockets.recv(self.results)
+            if self.auth is not None and len(frames) > 1:
+                last = self.ring.placement[-1].node if self.ring.placement else None
+                if (key := self.auth.peer(frames[1])) is None or key != last:
+                    self.auth.refuse(frames[0].bytes.decode(errors="replace"), key,
+                                     "result from a key that is not the current last stage's")
+                    continue
             try:
                 msg = decode(frames[1:])
             except WireError as e:
@@ -301,5 +332,8 @@ class Gateway:
             if (fut := self._probes.get(msg.step)) is not None:
                 if not fut.done():
                     fut.set_result(0.0)
+                continue
+            if not self.scheduler.awaiting(msg.step):
+                log.warning("result for a step not in flight dropped", step=msg.step, epoch=msg.epoch)
                 continue
             self.scheduler.on_sampled(msg)

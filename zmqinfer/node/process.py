@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import sockets
+from zmqinfer.keys import GATEWAY, ClusterAuth, CurveKeys
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node.worker import Worker
@@ -79,6 +80,7 @@ class NodeOptions:
     interfaces: tuple[str, ...] = ()  # IPs to advertise (and browse) on; () = every interface
     advertise: bool = True  # register _zmqinfer._tcp over mDNS
     memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
+    keys: CurveKeys | None = None  # CurveZMQ key pair and cluster directory; None: plaintext
 
 
 def device_name() -> str:
@@ -93,9 +95,18 @@ class Node:
         self.opts = opts
         self.log = log.bind(node=opts.name)
         self.ctx = sockets.context()
+        keys = opts.keys
+        # Curve: the ZAP handler is bound before the data port, so no handshake goes unchecked.
+        self.auth = ClusterAuth(self.ctx, keys.directory) if keys is not None else None
+        if self.auth is not None:
+            self.auth.bind()
+        else:
+            self.log.warning("ZeroMQ traffic is neither encrypted nor authenticated: anyone who reaches "
+                             "the data port can feed or free this node's work (see `zmqinfer keys`)")
         self.control = sockets.control_dealer(
-            self.ctx, opts.name, f"tcp://{opts.gateway_host}:{opts.control_port}")
-        self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}")
+            self.ctx, opts.name, f"tcp://{opts.gateway_host}:{opts.control_port}",
+            keys.toward(GATEWAY) if keys is not None else None)
+        self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}", keys)
         self.out: zmq.asyncio.Socket | None = None
         self.assignment: Assign | None = None
         self.epoch = Epoch(0)
@@ -126,6 +137,8 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
                          tg.create_task(self._data_loop()), tg.create_task(self._sweep())]
+                if self.auth is not None:
+                    tasks.append(tg.create_task(self.auth.run()))
                 if self.opts.advertise:  # registering takes seconds: beats must not wait for it
                     tasks.append(tg.create_task(self._advertise()))
                 await self._stopping.wait()
@@ -176,6 +189,8 @@ class Node:
         for s in (self.control, self.pull, self.out):
             if s is not None:
                 s.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()  # its ZAP socket too: term() waits for every socket of the context
         self.ctx.term()
 
     # ---- control plane ----------------------------------------------------------------------
@@ -211,7 +226,8 @@ class Node:
                 node=self.opts.name, data_port=self.opts.data_port, mem_total=total,
                 mem_free=free, device=self._device, pid=os.getpid(), epoch=self.epoch,
                 loaded=self.loaded, rss_bytes=rss,
-                busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences)
+                busy_seconds=self.worker.busy_seconds, sequences=self.worker.sequences,
+                refused=self._refused())
             await self._send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
                 await self._send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
@@ -219,6 +235,9 @@ class Node:
                 await self.presence.update(self._ad(vm))
             await self._watch_gateway()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    def _refused(self) -> int:
+        return 0 if self.auth is None else self.auth.refused_handshakes + self.auth.refused_messages
 
     async def _watch_gateway(self) -> None:
         """Node-side liveness of the gateway: drain's end, and freeing a dead gateway's caches."""
@@ -244,7 +263,7 @@ class Node:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart(copy=False)
+            frames = await sockets.recv(self.control)
             try:
                 msg = decode(frames)
             except WireError as e:
@@ -269,9 +288,9 @@ class Node:
 
     async def _assign(self, a: Assign) -> None:
         same = self.assignment is not None and self.loaded and (
-            (a.model, a.start, a.end, a.next_hop, a.result_port)
+            (a.model, a.start, a.end, a.next_hop, a.next_node, a.result_port)
             == (self.assignment.model, self.assignment.start, self.assignment.end,
-                self.assignment.next_hop, self.assignment.result_port))
+                self.assignment.next_hop, self.assignment.next_node, self.assignment.result_port))
         self.epoch, self.loaded = a.epoch, False  # from now on older epochs are stale
         self.log.info("assigned", epoch=a.epoch, layers=f"[{a.start},{a.end})", model=a.model,
                       next_hop=a.next_hop or "gateway")
@@ -281,6 +300,7 @@ class Node:
         else:
             try:
                 await self._mlx(self.worker.load, a.model, a.start, a.end)
+                self._connect_out(a)  # Curve: fails when the next node's key is not trusted here
             except Exception as e:  # any load failure is reported to the gateway, not fatal here
                 self.log.error("load failed", error=str(e))
                 await self._send_control(Loaded(
@@ -288,7 +308,6 @@ class Node:
                     fingerprint="", shard_bytes=0, rss_bytes=psutil.Process().memory_info().rss,
                     load_seconds=0.0))
                 return
-            self._connect_out(a)
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
@@ -300,17 +319,24 @@ class Node:
     def _connect_out(self, a: Assign) -> None:
         if self.out is not None:
             self.out.close(linger=0)
+        keys = self.opts.keys
         if a.next_hop is not None:
-            self.out = sockets.data_push(self.ctx, a.next_hop)
+            curve = keys.toward(a.next_node) if keys is not None and a.next_node is not None else None
+            if keys is not None and curve is None:
+                raise ValueError("Curve is on but the assignment names no next node to trust")
+            self.out = sockets.data_push(self.ctx, a.next_hop, curve)
         else:
             self.out = sockets.results_dealer(
-                self.ctx, self.opts.name, f"tcp://{self.opts.gateway_host}:{a.result_port}")
+                self.ctx, self.opts.name, f"tcp://{self.opts.gateway_host}:{a.result_port}",
+                keys.toward(GATEWAY) if keys is not None else None)
 
     # ---- data plane -------------------------------------------------------------------------
 
     async def _data_loop(self) -> None:
         while True:
-            frames = await self.pull.recv_multipart(copy=False)
+            frames = await sockets.recv(self.pull)
+            if self.auth is not None and not self._from_previous(frames[0]):
+                continue
             try:
                 msg = decode(frames)
             except WireError as e:
@@ -338,6 +364,18 @@ class Node:
                 self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
                 await self._step_failed(msg.epoch, msg.step, seqs, reason)
             await self._send_out(out, tuple(c.seq for c in msg.chunks), msg.step)
+
+    def _from_previous(self, frame: zmq.Frame) -> bool:
+        """Data is taken only from the previous stage's key (the gateway's for the first stage):
+        anything else could free live caches (Release) or inject hidden states."""
+        assert self.auth is not None
+        want = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
+        key = self.auth.peer(frame)
+        if key is None or key != want:
+            self.auth.refuse(f"data from {key or 'an untrusted key'}", key,
+                             f"data message not from the previous stage ({want or 'none assigned'})")
+            return False
+        return True
 
     async def _step_failed(self, epoch: Epoch, step: int, seqs: tuple[SeqId, ...], reason: str) -> None:
         await self._send_control(StepFailed(epoch=epoch, step=step, node=self.opts.name, seqs=seqs,
