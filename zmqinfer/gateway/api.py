@@ -202,7 +202,8 @@ async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
     text = TextStream(backend.tokenizer, stop=opts.stop, max_tokens=p.max_tokens,
                       logprobs=opts.logprobs is not None,
                       keep_leading_space=isinstance(req, CompletionRequest))
-    log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream)
+    log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream,
+             api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
     started = time.monotonic()
     generation = backend.generate(list(p.prompt), opts.sampling, p.max_tokens, request[REQUEST_ID])
     try:

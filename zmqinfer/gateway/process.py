@@ -113,6 +113,7 @@ class Gateway:
                                model_size(model_path), discovery=discovery, on_ready=on_ready)
         self.ring.reason = self.planner.waiting_for()
         self._nonces = itertools.count(1)
+        self._routes: dict[NodeId, bytes] = {}  # Curve: node -> routing id its key spoke from
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
 
@@ -256,7 +257,11 @@ class Gateway:
     async def send_control(self, name: NodeId, msg: Message) -> None:
         """Raises zmq.ZMQError (EHOSTUNREACH: not connected) or TimeoutError; never waits long."""
         async with asyncio.timeout(PING_TIMEOUT_S):
-            await self.control.send_multipart([name.encode(), *encode(msg)])
+            await self.control.send_multipart([self._route(name), *encode(msg)])
+
+    def _route(self, name: NodeId) -> bytes:
+        """The routing id to reach `name`: with Curve, the one its key last spoke from."""
+        return self._routes.get(name, name.encode())
 
     async def _beat(self) -> None:
         """GatewayBeat to every node heard from lately: they know we are alive, and which epoch
@@ -265,7 +270,7 @@ class Gateway:
             for m in self.members.members.values():
                 if self.liveness.alive(m.name):
                     try:  # a full pipe (frozen node) must not delay the others' beats
-                        await self.control.send_multipart([m.name.encode(), *encode(GatewayBeat(self.ring.epoch))],
+                        await self.control.send_multipart([self._route(m.name), *encode(GatewayBeat(self.ring.epoch))],
                                                           flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # gone or frozen: its own silence is what the planner acts on
@@ -275,16 +280,23 @@ class Gateway:
         while True:
             frames = await sockets.recv(self.control)
             ident = frames[0].bytes.decode(errors="replace")
-            if self.auth is not None and len(frames) > 1 and (key := self.auth.peer(frames[1])) != ident:
-                # Identity is the key: a routing id is whatever the peer claims (ROUTER_HANDOVER).
-                self.auth.refuse(ident, key, "control message whose key is not the node's own")
-                continue
             try:
                 msg = decode(frames[1:])
             except WireError as e:
                 log.warning("dropped control message", peer=ident, error=str(e))
                 continue
-            name = NodeId(ident)
+            if self.auth is not None:
+                # Identity is the key, never the routing id (anyone may claim one). The node's
+                # route is learnt from its authenticated messages: it is what we send to.
+                key = self.auth.peer(frames[1])
+                claimed = getattr(msg, "node", None)
+                if key is None or (claimed is not None and claimed != key):
+                    self.auth.refuse(str(claimed or ident), key, "control message whose key is not the node's own")
+                    continue
+                name = NodeId(key)
+                self._routes[name] = frames[0].bytes
+            else:
+                name = NodeId(ident)
             if isinstance(msg, Heartbeat):
                 peer = str(frames[1].get("Peer-Address"))  # libzmq's metadata: always a string
                 if self.members.on_beat(name, msg, peer) is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import secrets
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,8 +104,11 @@ class Node:
         else:
             self.log.warning("ZeroMQ traffic is neither encrypted nor authenticated: anyone who reaches "
                              "the data port can feed or free this node's work (see `zmqinfer keys`)")
+        # With Curve the gateway knows us by key, so our routing ids are unique per process: a
+        # peer claiming our name cannot take our connection over (ROUTER_HANDOVER).
+        self.route = opts.name if keys is None else f"{opts.name}#{secrets.token_hex(6)}"
         self.control = sockets.control_dealer(
-            self.ctx, opts.name, f"tcp://{opts.gateway_host}:{opts.control_port}",
+            self.ctx, self.route, f"tcp://{opts.gateway_host}:{opts.control_port}",
             keys.toward(GATEWAY) if keys is not None else None)
         self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}", keys)
         self.out: zmq.asyncio.Socket | None = None
@@ -327,7 +331,7 @@ class Node:
             self.out = sockets.data_push(self.ctx, a.next_hop, curve)
         else:
             self.out = sockets.results_dealer(
-                self.ctx, self.opts.name, f"tcp://{self.opts.gateway_host}:{a.result_port}",
+                self.ctx, self.route, f"tcp://{self.opts.gateway_host}:{a.result_port}",
                 keys.toward(GATEWAY) if keys is not None else None)
 
     # ---- data plane -------------------------------------------------------------------------
