@@ -14,7 +14,16 @@ from structlog.testing import capture_logs
 from tests.unit.test_api import CHAT, ScriptedBackend, script, serve
 from zmqinfer.cli.serve import api_guard
 from zmqinfer.config import ConfigError, parse_cluster
-from zmqinfer.gateway.auth import ApiGuard, KeyFileError, from_env, gather, is_loopback, read_key_file
+from zmqinfer.gateway.auth import (
+    ApiGuard,
+    KeyFileError,
+    from_env,
+    gather,
+    is_local,
+    is_loopback,
+    own_addresses,
+    read_key_file,
+)
 
 ALICE, BOB = "sk-alice-0123456789abcdef", "sk-bob-fedcba9876543210"
 
@@ -83,6 +92,9 @@ def test_loopback_addresses() -> None:
         assert is_loopback(ip), ip
     for ip in ("10.0.0.2", "192.168.1.5", "::ffff:10.0.0.1", "fe80::1%eth0", "", None, "nonsense"):
         assert not is_loopback(ip), ip
+    mine = own_addresses()
+    assert "127.0.0.1" in mine and all(is_local(ip) for ip in mine)
+    assert "192.0.2.77" not in mine and not is_local("192.0.2.77")  # TEST-NET-1: never ours here
 
 
 def test_key_sources(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@
 * Keys are kept only as SHA-256 digests and compared in constant time against every digest, so
   timing tells neither a key nor which one matched. Each has a name, which is what logs and
   /cluster/status show; a key itself never appears in a log line or a reply.
-* No keys configured: **protected mode** (as Redis does it): only loopback clients are answered,
-  anyone else gets 403 saying how to set a key. `--no-auth` (mode "open") is the explicit way out.
+* No keys configured: **protected mode** (as Redis does it): only clients on this machine
+  (loopback, or one of its own addresses) are answered, anyone else gets 403 saying how to set a key. `--no-auth` (mode "open") is the explicit way out.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,30 @@ class ApiGuard:
             self.refused[0] += 1
 
 
+def own_addresses() -> set[str]:
+    """Every IP address of this machine's interfaces, now (DHCP may change them)."""
+    import psutil
+
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
+def is_local(remote: str | None) -> bool:
+    """A client on this machine: loopback, or one of this machine's own addresses (a client here
+    that connects to the LAN address; a remote peer cannot complete a TCP handshake from it)."""
+    if is_loopback(remote):
+        return True
+    if not remote:
+        return False
+    try:
+        ip = ipaddress.ip_address(remote.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip) in own_addresses()
+
+
 def is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
@@ -109,7 +134,7 @@ def middleware(guard: ApiGuard,
         if path in OPEN_PATHS or (guard.metrics_open and path == "/metrics") or guard.mode == "open":
             return await handler(request)
         if guard.mode == "protected":
-            if is_loopback(request.remote):
+            if is_local(request.remote):
                 return await handler(request)
             guard._refuse()
             log.warning("protected mode refused a client", peer=request.remote, path=path)
