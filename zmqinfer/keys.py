@@ -174,6 +174,19 @@ class ClusterAuth(AsyncioAuthenticator):
             return None
         return self.keys.get(str(user).encode())
 
+    def key_of(self, name: str) -> bytes | None:
+        """The trusted z85 public key of `name`, or None."""
+        return next((k for k, n in self.keys.items() if n == name), None)
+
+    def ad_trusted(self, name: str, pubkey: str | None) -> bool:
+        """Whether an mDNS ad for `name` advertising `pubkey` may count (ads are hints: the
+        directory decides). A mismatch is noted once per (name, key), like a refused handshake."""
+        if pubkey is not None and self.key_of(name) == pubkey.encode():
+            return True
+        self._note(f"mdns ad for {name} with key {pubkey or 'none'}",
+                   "ad whose key is not the trusted key of that name (ignored)")
+        return False
+
     def refuse(self, claimed: str, peer: str | None, what: str) -> None:
         """Count (and log once per claim) a message refused because its key is not the one the
         message's role needs."""

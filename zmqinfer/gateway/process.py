@@ -105,6 +105,9 @@ class Gateway:
                         "control and result ports can steer the ring (make a cluster directory with "
                         "`zmqinfer keys init` and pass --keys)")
         self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "", keys)
+        if self.auth is not None:
+            auth = self.auth
+            self.members.ad_trusted = lambda d: auth.ad_trusted(d.ad.node_id, d.ad.pubkey)
         self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids))
         self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}", keys)
         self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}", keys)
@@ -231,7 +234,8 @@ class Gateway:
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54] or "host"
         ad = NodeAd(node_id=NodeId(f"gateway-{host}"), data_port=self.spec.result_port, mem_total=0,
                     mem_free=0, device="gateway", fingerprint=self.fingerprint,
-                    control_port=self.spec.control_port, role="gateway")
+                    control_port=self.spec.control_port, role="gateway",
+                    pubkey=self.keys.public.decode() if self.keys else None)
         directory = GatewayDirectory([n.host for n in self.members.static if n.host], self.interfaces, ad)
         try:
             await directory.start()

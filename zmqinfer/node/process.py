@@ -218,7 +218,8 @@ class Node:
     def _ad(self, vm: Any) -> NodeAd:
         total, free = self._memory(vm, psutil.Process().memory_info().rss)
         return NodeAd(node_id=self.opts.name, data_port=self.opts.data_port, mem_total=total,
-                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint)
+                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint,
+                      pubkey=self.opts.keys.public.decode() if self.opts.keys else None)
 
     async def _beat(self) -> None:
         proc = psutil.Process()
