@@ -6,6 +6,7 @@ without restarting anything; legitimate requests running meanwhile stay token-ex
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -225,6 +226,10 @@ async def test_a_trusted_key_speaks_only_as_its_own_name(ring: Ring, reference: 
     assert after["refused_messages"] > before["refused_messages"]
     assert any("intruder" in who for who in after["refused_peers"]), after["refused_peers"]
     assert ring.node_refusals()["node1"] > node_before["node1"]
+    shown = subprocess.run([sys.executable, "-m", "zmqinfer", "status", "--url", ring.gw.url], capture_output=True,
+                           text=True, timeout=30, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "security: curve" in shown and f"{after['refused_messages']} messages refused" in shown, shown
+    assert "refused intruder" in shown or "via key of intruder" in shown, shown
 
 
 async def test_a_revoked_key_is_refused_without_restarting_anything(model_dir: Path, tmp_path: Path) -> None:

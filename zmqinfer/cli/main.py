@@ -136,6 +136,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--level-timeout", type=float, default=None,
                        help="seconds a concurrency level may take before it counts as failed (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
+    bench.add_argument("--curve-cost", action="store_true",
+                       help="only what CurveZMQ costs: a Curve and a plaintext ring side by side, measured "
+                            "interleaved (--nodes: one size, default 2; --tokens, --batch-tokens; c=16)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -238,6 +241,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} {text!r}: every value must be at least 1")
         return vals
 
+    if args.curve_cost:
+        from zmqinfer.bench import curvecost
+
+        sizes = ints(args.nodes, "--nodes") or (2,)
+        cost = curvecost.run(nodes=sizes[0], tokens=args.tokens or 32, batch_tokens=args.batch_tokens or 16,
+                             log=lambda what: print(what, file=sys.stderr, flush=True))
+        print(curvecost.table(cost))
+        if args.json:
+            args.json.write_text(json.dumps(cost, indent=2))
+        return 0
     given: dict[str, Any] = dict(bench.QUICK) if args.quick else {}
     for key, value in (("nodes", ints(args.nodes, "--nodes")),
                        ("concurrency", ints(args.concurrency, "--concurrency")),

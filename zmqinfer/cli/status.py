@@ -141,7 +141,26 @@ def status_view(st: ClusterStatus) -> RenderableType:
                   layers, health, beat, (n.get("device") or "-").split(" (")[0],
                   _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
                   f"{100 * (n.get('busy_fraction') or 0):.0f}%")
-    return Group(head, t)
+    return Group(head, t, *_security_lines(st))
+
+
+def _security_lines(st: ClusterStatus) -> list[str]:
+    """One line on how the ring and the API are guarded, and what was refused (if anything)."""
+    from rich.markup import escape
+
+    sec = st.get("security")
+    if sec is None:
+        return []  # an older gateway
+    api = sec.get("api")
+    curve = ("[green]curve[/] (" + ", ".join(sec["trusted"]) + " trusted)" if sec["curve"]
+             else "[red]zeromq unencrypted[/] (no cluster directory: zmqinfer keys init)")
+    line = f"security: {curve}; api: {api['mode'] if api else '?'}"
+    by_nodes = sum(n.get("refused_by_node", 0) for n in st.get("nodes", []))
+    refused = [f"{sec['refused_handshakes']} handshakes and {sec['refused_messages']} messages refused by "
+               f"the gateway, {by_nodes} by nodes" + (f", {api['refused']} api requests" if api else "")]
+    for who, why in list(sec.get("refused_peers", {}).items())[:5]:
+        refused.append(f"  refused {escape(who)}: {escape(why)}")
+    return [line, *refused]
 
 
 def _found(n: NodeStatus) -> str:
