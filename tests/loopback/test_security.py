@@ -252,3 +252,27 @@ async def test_a_revoked_key_is_refused_without_restarting_anything(model_dir: P
         assert "revoked" in r.gw.output() and "node1" in r.gw.output()
     finally:
         stop_ring(r)
+
+
+def test_up_is_encrypted_by_default_and_a_restarted_node_rejoins_with_its_key(model_dir: Path, tmp_path: Path) -> None:
+    """`zmqinfer up` with no setup runs Curve; a node of it killed and started again by hand
+    (launch.restart_up_node: the same cluster directory) rejoins under its key."""
+    import signal
+
+    c = launch.start(tmp_path, nodes=2)
+    try:
+        st = c.status()
+        assert st["security"]["curve"] and st["security"]["trusted"] == ["gateway", "node0", "node1"]
+        assert st["security"]["api"]["mode"] == "protected"
+        old = c.node_pids()["node1"]
+        launch.signal_pid(old, signal.SIGKILL)
+        assert launch.wait_pid_gone(old, 10)
+        node = launch.restart_up_node(c, tmp_path, "node1")
+        try:
+            launch.wait_status(c, lambda s: s["ready"] and c.node_pids().get("node1") == node.pid
+                               and all(n["layers"] for n in s["nodes"]), READY_S, "node1 back in the ring",
+                               nodes=[node])
+        finally:
+            launch.stop_node(node)
+    finally:
+        launch.stop(c)

@@ -52,10 +52,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def make_cluster(directory: Path, names: list[str]) -> None:
-    """A cluster directory with the gateway's key pair and one per name (what `up` uses)."""
+    """A cluster directory with the gateway's key pair and one per name (what `up` uses); key
+    pairs already there are kept, so `up --keys DIR` can run again on the same directory."""
     _init(directory)
     for n in names:
-        _add(directory, n)
+        if not (directory / PRIVATE / f"{n}.key_secret").exists():
+            _add(directory, n)
 
 
 def _init(directory: Path) -> None:

@@ -63,6 +63,8 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_api_auth(up)
     up.add_argument("--no-curve", action="store_true", help="plaintext ZeroMQ between the local processes "
                     "(default: CurveZMQ with a throwaway key per process; this is for measuring its cost)")
+    up.add_argument("--keys", type=Path, default=None, metavar="DIR", help="keep the ring's cluster directory "
+                    "here (made or completed as needed) instead of a throwaway one")
     up.set_defaults(func=serve.cmd_up)
 
 

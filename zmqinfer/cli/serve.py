@@ -111,15 +111,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     from zmqinfer.model.resolve import DEFAULT_MODEL
     from zmqinfer.keys import load_keys
 
-    # A throwaway cluster directory for this ring: Curve is on by default here too. It lives as
-    # long as this process (the nodes read their keys once, at start).
-    scratch = None if args.no_curve else tempfile.TemporaryDirectory(prefix="zmqinfer-up-keys-")
-    if scratch is not None:
-        from zmqinfer.cli.keys import make_cluster
+    # A throwaway cluster directory for this ring, so Curve is on by default here too; it lives
+    # as long as this process. `--keys DIR` keeps it (a node restarted by hand can rejoin).
+    from zmqinfer.cli.keys import make_cluster
 
-        make_cluster(Path(scratch.name), [n.name for n in nodes])
-    keys = load_keys(Path(scratch.name), "gateway") if scratch is not None else None
-    key_args = ["--keys", scratch.name] if scratch is not None else ["--no-curve"]
+    scratch = None if args.no_curve or args.keys else tempfile.TemporaryDirectory(prefix="zmqinfer-up-keys-")
+    directory = None if args.no_curve else (args.keys or Path(scratch.name if scratch else ""))
+    if directory is not None:
+        make_cluster(directory, [n.name for n in nodes])
+    keys = load_keys(directory, "gateway") if directory is not None else None
+    key_args = ["--keys", str(directory)] if directory is not None else ["--no-curve"]
 
     # N nodes share this machine's cores: each may use every core (one stage computes at a time
     # for a single stream), but idle ones must not spin.
