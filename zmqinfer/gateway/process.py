@@ -331,17 +331,18 @@ class Gateway:
     async def _results_loop(self) -> None:
         while True:
             frames = await sockets.recv(self.results)
-            if self.auth is not None and len(frames) > 1:
-                last = self.ring.placement[-1].node if self.ring.placement else None
-                if (key := self.auth.peer(frames[1])) is None or key != last:
-                    self.auth.refuse(frames[0].bytes.decode(errors="replace"), key,
-                                     "result from a key that is not the current last stage's")
-                    continue
             try:
                 msg = decode(frames[1:])
             except WireError as e:
                 log.warning("dropped result message", error=str(e))
                 continue
+            if self.auth is not None:
+                last = self.ring.placement[-1].node if self.ring.placement else None
+                if (key := self.auth.peer(frames[1])) is None or key != last:
+                    if getattr(msg, "epoch", None) == self.ring.epoch:  # an old ring's straggler is no attack
+                        self.auth.refuse(frames[0].bytes.decode(errors="replace"), key,
+                                         "result from a key that is not the current last stage's")
+                    continue
             if not isinstance(msg, Sampled):
                 log.warning("unexpected result message", kind=msg.KIND)
                 continue

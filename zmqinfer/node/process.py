@@ -340,8 +340,6 @@ class Node:
     async def _data_loop(self) -> None:
         while True:
             frames = await sockets.recv(self.pull)
-            if self.auth is not None and not self._from_previous(frames[0]):
-                continue
             try:
                 msg = decode(frames)
             except WireError as e:
@@ -352,6 +350,9 @@ class Node:
                 continue
             if msg.epoch != self.epoch or not self.loaded:
                 self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
+                continue
+            # After the epoch check, so the old ring's stragglers of a re-plan are not counted.
+            if self.auth is not None and not self._from_previous(frames[0]):
                 continue
             if isinstance(msg, Release):
                 await self._mlx(self.worker.release, msg.seqs)
