@@ -174,6 +174,14 @@ class ClusterAuth(AsyncioAuthenticator):
             return None
         return self.keys.get(str(user).encode())
 
+    def admit(self, frame: zmq.Frame, want: str | None, what: str) -> bool:
+        """Whether `frame` came from `want`'s key; if not, the refusal is counted and noted."""
+        key = self.peer(frame)
+        if key is not None and key == want:
+            return True
+        self.refuse(f"{what} from {key or 'an untrusted key'}", key, f"{what} not from {want or 'nobody assigned'}")
+        return False
+
     def key_of(self, name: str) -> bytes | None:
         """The trusted z85 public key of `name`, or None."""
         return next((k for k, n in self.keys.items() if n == name), None)

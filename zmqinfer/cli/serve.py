@@ -108,13 +108,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     model_path = resolve_or_exit(args.model)
     if model_path is None:
         return 1
-    from zmqinfer.model.resolve import DEFAULT_MODEL
+    from zmqinfer.cli.keys import make_cluster
     from zmqinfer.keys import load_keys
+    from zmqinfer.model.resolve import DEFAULT_MODEL
 
     # A throwaway cluster directory for this ring, so Curve is on by default here too; it lives
     # as long as this process. `--keys DIR` keeps it (a node restarted by hand can rejoin).
-    from zmqinfer.cli.keys import make_cluster
-
     scratch = None if args.no_curve or args.keys else tempfile.TemporaryDirectory(prefix="zmqinfer-up-keys-")
     directory = None if args.no_curve else (args.keys or Path(scratch.name if scratch else ""))
     if directory is not None:

@@ -336,13 +336,11 @@ class Gateway:
             except WireError as e:
                 log.warning("dropped result message", error=str(e))
                 continue
-            if self.auth is not None:
-                last = self.ring.placement[-1].node if self.ring.placement else None
-                if (key := self.auth.peer(frames[1])) is None or key != last:
-                    if getattr(msg, "epoch", None) == self.ring.epoch:  # an old ring's straggler is no attack
-                        self.auth.refuse(frames[0].bytes.decode(errors="replace"), key,
-                                         "result from a key that is not the current last stage's")
-                    continue
+            if self.auth is not None and getattr(msg, "epoch", None) != self.ring.epoch:
+                continue  # an old ring's straggler (or a forgery of one): dropped, no refusal
+            last = self.ring.placement[-1].node if self.ring.placement else None
+            if self.auth is not None and not self.auth.admit(frames[1], last, "result"):
+                continue
             if not isinstance(msg, Sampled):
                 log.warning("unexpected result message", kind=msg.KIND)
                 continue

@@ -351,8 +351,10 @@ class Node:
             if msg.epoch != self.epoch or not self.loaded:
                 self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
                 continue
-            # After the epoch check, so the old ring's stragglers of a re-plan are not counted.
-            if self.auth is not None and not self._from_previous(frames[0]):
+            # Only the previous stage's key (the gateway's for the first) may feed or free work;
+            # checked after the epoch, so the old ring's stragglers of a re-plan are not counted.
+            prev = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
+            if self.auth is not None and not self.auth.admit(frames[0], prev, "data message"):
                 continue
             if isinstance(msg, Release):
                 await self._mlx(self.worker.release, msg.seqs)
@@ -370,18 +372,6 @@ class Node:
                 self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
                 await self._step_failed(msg.epoch, msg.step, seqs, reason)
             await self._send_out(out, tuple(c.seq for c in msg.chunks), msg.step)
-
-    def _from_previous(self, frame: zmq.Frame) -> bool:
-        """Data is taken only from the previous stage's key (the gateway's for the first stage):
-        anything else could free live caches (Release) or inject hidden states."""
-        assert self.auth is not None
-        want = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
-        key = self.auth.peer(frame)
-        if key is None or key != want:
-            self.auth.refuse(f"data from {key or 'an untrusted key'}", key,
-                             f"data message not from the previous stage ({want or 'none assigned'})")
-            return False
-        return True
 
     async def _step_failed(self, epoch: Epoch, step: int, seqs: tuple[SeqId, ...], reason: str) -> None:
         await self._send_control(StepFailed(epoch=epoch, step=step, node=self.opts.name, seqs=seqs,
