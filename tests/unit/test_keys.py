@@ -91,3 +91,21 @@ async def test_zap_names_trusted_keys_refuses_others_and_reloads(tmp_path: Path)
         auth.stop()
         server_ctx.term()
         client_ctx.term()
+
+
+def test_status_shows_how_the_ring_is_guarded_and_what_was_refused() -> None:
+    from tests.unit.test_cli_discovery import STATUS, text
+    from zmqinfer.cli.status import status_view
+
+    assert "security:" not in text(status_view(STATUS))  # an older gateway sends no security
+    st = dict(STATUS, security={"curve": True, "trusted": ["gateway", "n1"], "refused_handshakes": 7,
+                                "refused_messages": 3, "refused_peers": {"127.0.0.1": "handshake with a key "
+                                                                          "not in the cluster directory"},
+                                "api": {"mode": "protected", "keys": [], "metrics_open": False, "refused": 2}})
+    st["nodes"] = [dict(n, refused_by_node=4) for n in STATUS["nodes"]]
+    out = text(status_view(st))  # type: ignore[arg-type]
+    assert "security: curve (gateway, n1 trusted); api: protected" in out
+    assert f"7 handshakes and 3 messages refused by the gateway, {4 * len(st['nodes'])} by nodes, 2 api" in out
+    assert "refused 127.0.0.1: handshake with a key not in the cluster directory" in out
+    plain = dict(st, security={**st["security"], "curve": False})
+    assert "zeromq unencrypted" in text(status_view(plain))  # type: ignore[arg-type]
