@@ -140,7 +140,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
     bench.add_argument("--curve-cost", action="store_true",
                        help="only what CurveZMQ costs: a Curve and a plaintext ring side by side, measured "
-                            "interleaved (--nodes: one size, default 2; --tokens, --batch-tokens; c=16)")
+                            "interleaved (--nodes: one size, default 2; --reps: rounds, default 3; --tokens, --batch-tokens; c=16)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -247,7 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from zmqinfer.bench import curvecost
 
         sizes = ints(args.nodes, "--nodes") or (2,)
-        cost = curvecost.run(nodes=sizes[0], tokens=args.tokens or 32, batch_tokens=args.batch_tokens or 16,
+        cost = curvecost.run(nodes=sizes[0], rounds=args.reps or curvecost.ROUNDS, tokens=args.tokens or 32,
+                             batch_tokens=args.batch_tokens or 16,
                              log=lambda what: print(what, file=sys.stderr, flush=True))
         print(curvecost.table(cost))
         if args.json:
