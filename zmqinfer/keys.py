@@ -40,7 +40,7 @@ MAX_LOGGED_PEERS = 256
 ENV_DIR = "ZMQINFER_KEYS"  # where `node`/`gateway` look for the cluster directory by default
 
 
-class KeyError_(ValueError):
+class CurveKeyError(ValueError):
     """A missing or unreadable key file; the message says which and how to make it."""
 
 
@@ -74,14 +74,14 @@ def default_dir() -> Path | None:
 def load_keys(directory: Path, name: str) -> CurveKeys:
     secret_file = directory / PRIVATE / f"{name}.key_secret"
     if not secret_file.exists():
-        raise KeyError_(f"{secret_file}: no key pair for {name!r} (make one with "
+        raise CurveKeyError(f"{secret_file}: no key pair for {name!r} (make one with "
                         f"`zmqinfer keys add {name} --dir {directory}` and copy it here)")
     public, secret = load_certificate(secret_file)
     if secret is None:
-        raise KeyError_(f"{secret_file}: holds no secret key")
+        raise CurveKeyError(f"{secret_file}: holds no secret key")
     trusted = directory / PUBLIC / f"{name}.key"
     if not trusted.exists() or load_certificate(trusted)[0] != public:
-        raise KeyError_(f"{trusted}: {name!r}'s own public key is not in the trust list "
+        raise CurveKeyError(f"{trusted}: {name!r}'s own public key is not in the trust list "
                         f"(run `zmqinfer keys trust {directory / PRIVATE / name}.key_secret`)")
     return CurveKeys(name, public, secret, directory)
 
@@ -89,7 +89,7 @@ def load_keys(directory: Path, name: str) -> CurveKeys:
 def public_key(directory: Path, name: str) -> bytes:
     path = directory / PUBLIC / f"{name}.key"
     if not path.exists():
-        raise KeyError_(f"{path}: {name!r} is not trusted in this cluster directory "
+        raise CurveKeyError(f"{path}: {name!r} is not trusted in this cluster directory "
                         f"(`zmqinfer keys trust FILE` adds its public key)")
     return load_certificate(path)[0]
 

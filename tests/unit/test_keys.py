@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from zmqinfer import sockets
 from zmqinfer.cli.main import main
-from zmqinfer.keys import RELOAD_EVERY_S, ClusterAuth, KeyError_, load_keys, trusted
+from zmqinfer.keys import RELOAD_EVERY_S, ClusterAuth, CurveKeyError, load_keys, trusted
 
 
 def keys(*args: str) -> int:
@@ -43,7 +43,7 @@ def test_init_add_trust_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert load_keys(d, "mini1").secret.decode() not in listed
     assert keys("revoke", "mini1", "--dir", str(d)) == 0
     assert "mini1" not in trusted(d).values() and (d / "revoked_keys" / "mini1.key").exists()
-    with pytest.raises(KeyError_, match="not in the trust list"):
+    with pytest.raises(CurveKeyError, match="not in the trust list"):
         load_keys(d, "mini1")  # its own key pair is still here, but it is no longer trusted
     assert keys("add", "mini2", "--dir", str(other)) == 2  # exists: revoke first
     assert keys("add", "bad name!", "--dir", str(d)) == 2

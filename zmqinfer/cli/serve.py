@@ -73,14 +73,15 @@ def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
 def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
     """This process's CurveZMQ keys from the cluster directory (--keys, $ZMQINFER_KEYS or
     ~/.config/zmqinfer/cluster); None without one (plaintext, and the process says so)."""
-    from zmqinfer.keys import KeyError_, default_dir, load_keys
+    from zmqinfer.keys import GATEWAY, CurveKeyError, default_dir, load_keys, public_key
 
     directory = None if insecure else (directory or default_dir())
     if directory is None:
         return None
     try:
+        public_key(directory, GATEWAY)  # a node connects to it; the gateway is its own check
         return load_keys(directory, name)
-    except KeyError_ as e:
+    except CurveKeyError as e:
         raise ConfigError(str(e)) from None
 
 
