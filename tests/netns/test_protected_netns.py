@@ -111,6 +111,12 @@ def test_keys_from_the_environment_guard_every_route_and_stay_out_of_the_log(net
             assert r["status"] == 200 and r["body"]["data"][0]["object"] == "model"
             assert get(net, client, url + "/cluster/status", key)["body"]["security"]["api"]["keys"] == ["env:1", "env:2"]
         assert get(net, client, url + "/health")["status"] == 503
+        # The CLI reads the same variable (several keys: it sends the first).
+        shown = net.run(client, [*ZMQINFER, "status", "--url", url], 30, env={"ZMQINFER_API_KEY": ",".join(KEYS),
+                                                                              "COLUMNS": "200"})
+        assert "security:" in shown.stdout and "api: keys" in shown.stdout, shown.stderr
+        refused = net.run(client, [*ZMQINFER, "status", "--url", url], 30, env={"ZMQINFER_API_KEY": ""})
+        assert refused.returncode != 0 and "ZMQINFER_API_KEY" in refused.stderr
     finally:
         log = stop(net, p)
     assert "api keys required" in log and "env:1" in log

@@ -36,8 +36,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         c = sub.add_parser(name, help=text)
         c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
         c.add_argument("--json", action="store_true", help="print the raw JSON")
-        c.add_argument("--api-key", default=os.environ.get("ZMQINFER_API_KEY"),
-                       help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
+        # $ZMQINFER_API_KEY may list several keys (the gateway's format): a client sends the first.
+        env_key = (os.environ.get("ZMQINFER_API_KEY") or "").split(",")[0].strip() or None
+        c.add_argument("--api-key", default=env_key,
+                       help="when the gateway requires one (default: the first key in $ZMQINFER_API_KEY)")
         c.set_defaults(func=fn)
     d = sub.add_parser("discover", help="list what advertises _zmqinfer._tcp over mDNS right now")
     d.add_argument("--seconds", type=float, default=3.0, help="how long to listen (default 3)")
