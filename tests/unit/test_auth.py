@@ -114,6 +114,12 @@ def test_key_sources(tmp_path: Path) -> None:
     assert "missing.txt" in str(e.value)
     with pytest.raises(ConfigError):
         api_guard(frozenset({ALICE}), [], True, False)  # keys and --no-auth contradict each other
+    f.write_text(f"bob {BOB}\n")
+    g = api_guard(frozenset({ALICE}), [f], False, True)  # nodes.toml keys + a key file, as cmd_gateway
+    assert g.mode == "keys" and g.metrics_open and g.match(ALICE) == "config:1" and g.match(BOB) == "bob"
+    (tmp_path / "short.txt").write_text("x\n")
+    with pytest.raises(ConfigError, match="short.txt:1"):  # a bad file stops the gateway, naming the line
+        api_guard(frozenset(), [tmp_path / "short.txt"], False, False)
 
 
 def test_nodes_toml_api_section(tmp_path: Path) -> None:
