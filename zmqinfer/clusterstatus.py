@@ -46,6 +46,7 @@ class NodeStatus(NodeUsage):
     busy_seconds: float  # time computing since the node started (its own clock)
     sequences: int  # KV caches it holds
     excluded: NotRequired[str]  # left out of the current ring by placement, and why
+    refused_by_node: NotRequired[int]  # handshakes and data messages the node refused (keys.py)
 
 
 class Replan(TypedDict):
@@ -74,6 +75,22 @@ class Throughput(TypedDict):
     ttft_s: float | None  # mean time to first token of the requests that got it in the window
 
 
+class ApiAuthStatus(TypedDict):
+    mode: Literal["keys", "protected", "open"]  # keys; loopback only (no keys); --no-auth
+    keys: list[str]  # the keys' names (never the keys)
+    metrics_open: bool
+    refused: int  # requests answered 401/403
+
+
+class SecurityStatus(TypedDict):
+    curve: bool  # CurveZMQ on every ZeroMQ socket
+    trusted: list[str]  # names in the cluster directory's public_keys/
+    refused_handshakes: int  # CURVE handshakes with a key not in the directory
+    refused_messages: int  # messages whose key is not the one their role needs
+    refused_peers: dict[str, str]  # the first few refused peers, and why
+    api: NotRequired[ApiAuthStatus]
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
@@ -90,6 +107,7 @@ class ClusterStatus(TypedDict):
     decode_steps: int  # group decode steps the ring has completed since the gateway started
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
+    security: NotRequired[SecurityStatus]
 
 
 class NodePing(TypedDict):

@@ -63,6 +63,8 @@ class ClusterConfig:
     gateway: GatewaySpec = field(default_factory=GatewaySpec)
     nodes: tuple[NodeSpec, ...] = ()
     api_keys: frozenset[str] = frozenset()
+    api_key_file: Path | None = None  # [api] key_file, relative to nodes.toml's folder
+    metrics_open: bool = False  # [api] metrics_open: /metrics without a key (a Prometheus scraper)
     source: str = "<defaults>"
 
     def node(self, name: str) -> NodeSpec:
@@ -130,12 +132,16 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
     _check_ranges(nodes, source)
     api = data.get("api", {})
     _typed(api, dict, source, "api")
-    _only(api, {"keys"}, source, "api.")
+    _only(api, {"keys", "key_file", "metrics_open"}, source, "api.")
     keys = api.get("keys", [])
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
         raise ConfigError(f"{source}: api.keys must be a list of non-empty strings")
-    return ClusterConfig(model=model, gateway=gateway, nodes=tuple(nodes),
-                         api_keys=frozenset(keys), source=source)
+    key_file = api.get("key_file")
+    if key_file is not None:
+        key_file = Path(source).parent / Path(_typed(key_file, str, source, "api.key_file")).expanduser()
+    metrics_open = _typed(api.get("metrics_open", False), bool, source, "api.metrics_open")
+    return ClusterConfig(model=model, gateway=gateway, nodes=tuple(nodes), api_keys=frozenset(keys),
+                         api_key_file=key_file, metrics_open=metrics_open, source=source)
 
 
 def _layers(value: Any, source: str, key: str) -> tuple[int | None, tuple[int, int] | None]:

@@ -4,6 +4,9 @@
     node:    control DEALER -> gateway (routing id = node id)
              data PULL (bind)  ->  data PUSH -> next node   |   results DEALER -> gateway (last)
 
+`curve`: this process's key pair (CurveZMQ, keys.py); binding sockets are CURVE servers, connecting
+ones need `keys.toward(peer)`. None: plaintext (no cluster directory configured).
+
 Endpoints handed to these are always tcp://<ip>:<port>: an mDNS `.local` name must never reach
 ZeroMQ (it would go to the system resolver, which cannot resolve it, and block).
 """
@@ -39,6 +42,8 @@ ROUTER_RESULT_FRAMES = 1 + MAX_CONTROL_FRAMES  # Sampled is a header only
 # Draining a hostile message's extra frames costs ~4 us each: give the loop a turn every 10,000
 # (40 ms), so even a million-frame message never silences the heartbeats.
 DRAIN_YIELD_EVERY = 10_000
+from zmqinfer.keys import CurveKeys, apply
+
 # Reconnect quickly after a node restarts, but back off to 2 s so a dead peer costs nothing.
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000
@@ -82,7 +87,7 @@ async def recv(sock: zmq.asyncio.Socket, max_frames: int) -> list[zmq.Frame]:
     # One yield per message: a flood of messages that are all ready must not starve the beats
     # (an awaited recv that is already complete never gives the loop a turn).
     await asyncio.sleep(0)
-    frames = [await sock.recv(copy=False)]
+    frames = [await _first_frame(sock)]
     if sock.get(zmq.RCVMORE):
         # The rest of a message arrives with its first frame: plain non-blocking calls on the same
         # socket, not one awaited future per frame (2,000 frames would cost the loop 0.1 s).
@@ -96,6 +101,18 @@ async def recv(sock: zmq.asyncio.Socket, max_frames: int) -> list[zmq.Frame]:
             if extra % DRAIN_YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # the only reader of this socket: safe to give a turn
     return frames
+
+
+async def _first_frame(sock: zmq.asyncio.Socket) -> zmq.Frame:
+    """With CURVE, libzmq (4.3.5, measured) wakes a socket once per connection about one ZMTP
+    heartbeat after it connects with nothing to read: pyzmq then raises Again from a recv it was
+    told would succeed. That wake-up is not a message, so wait for the next one."""
+    while True:
+        try:
+            frame: zmq.Frame = await sock.recv(copy=False)
+            return frame
+        except zmq.Again:
+            continue
 
 
 def context() -> zmq.asyncio.Context:
@@ -113,8 +130,10 @@ def _common(s: zmq.asyncio.Socket, max_frame_bytes: int) -> zmq.asyncio.Socket:
     return s
 
 
-def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def control_router(ctx: zmq.asyncio.Context, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.ROUTER), MAX_CONTROL_FRAME_BYTES)
+    apply(s, curve, server=True)
     s.setsockopt(zmq.RCVHWM, CONTROL_HWM)
     # A send to a node that is gone raises EHOSTUNREACH instead of vanishing silently.
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -124,8 +143,10 @@ def control_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socke
     return s
 
 
-def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.DEALER), MAX_CONTROL_FRAME_BYTES)
+    apply(s, curve, server=False)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
     s.setsockopt(zmq.RCVHWM, CONTROL_HWM)
     # Control messages are only meaningful fresh: don't queue Ready/heartbeats for a gateway that
@@ -136,31 +157,39 @@ def control_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq
     return s
 
 
-def results_router(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def results_router(ctx: zmq.asyncio.Context, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.ROUTER), MAX_RESULT_FRAME_BYTES)
+    apply(s, curve, server=True)
     s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a re-assigned last stage reconnects with its id
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
     return s
 
 
-def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str) -> zmq.asyncio.Socket:
+def results_dealer(ctx: zmq.asyncio.Context, node_id: str, endpoint: str,
+                   curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.DEALER), MAX_RESULT_FRAME_BYTES)
+    apply(s, curve, server=False)
     s.setsockopt(zmq.ROUTING_ID, node_id.encode())
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     s.connect(endpoint)
     return s
 
 
-def data_pull(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def data_pull(ctx: zmq.asyncio.Context, endpoint: str,
+              curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.PULL), MAX_DATA_FRAME_BYTES)
+    apply(s, curve, server=True)
     s.setsockopt(zmq.RCVHWM, DATA_HWM)
     s.bind(endpoint)
     return s
 
 
-def data_push(ctx: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
+def data_push(ctx: zmq.asyncio.Context, endpoint: str,
+              curve: CurveKeys | None = None) -> zmq.asyncio.Socket:
     s = _common(ctx.socket(zmq.PUSH), MAX_DATA_FRAME_BYTES)
+    apply(s, curve, server=False)
     s.setsockopt(zmq.SNDHWM, DATA_HWM)
     # Queue only on a completed connection: a send to a hop that is down then waits (under the
     # caller's deadline) instead of piling hidden states into a pipe nobody will read.

@@ -43,9 +43,13 @@ from zmqinfer.limits import (
     MAX_TENSOR_RANK,
 )
 
-# 2: Heartbeat gained `addresses` and the usage fields (steps ... stale_drops). A 1 peer would
-# refuse them (decode refuses unknown fields) and a 2 gateway cannot confirm a 1 node's address:
-# refuse each other by version rather than drop every beat.
+# What the version covers: frame layout, every message kind and its fields (a field added or
+# removed is a new version), tensor dtypes, and what the gateway expects of a node (which key
+# it must hold for its role). Not covered: the model (that is the fingerprint's job).
+# 2: Assign names the previous and next stage (CurveZMQ: whose key to accept and trust);
+# Heartbeat gained `addresses` (issue 14), the usage fields (steps ... stale_drops) and
+# `refused`. A 1 peer would refuse the new fields (decode refuses unknown fields), and a 2
+# gateway cannot confirm a 1 node's address: they refuse each other by version.
 PROTOCOL_VERSION = b"zmqinfer/2"
 
 SeqId = NewType("SeqId", int)
@@ -199,6 +203,7 @@ class Heartbeat:
     accel_memory_bytes: int | None = None  # accelerator memory in use, device-wide
     gpu_utilization: float | None = None  # 0..1, device-wide
     stale_drops: int = 0  # data messages of another epoch dropped unread
+    refused: int = 0  # CURVE handshakes and data messages it refused (wrong or untrusted key)
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,10 @@ class Assign:
     n_layers: int
     next_hop: str | None
     result_port: int
+    # Whose key to connect to (the next hop's) and whose data to accept (the previous stage's;
+    # None: the gateway's, for the first stage). Identity is the key, never an address.
+    next_node: NodeId | None = None
+    prev_node: NodeId | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 ROLES = ("gateway", "node", "model", "mdns", "cli", "bench")
 SHARED = ("wire", "wirecheck", "limits", "inbox", "sockets", "liveness", "config", "log", "tensors",
-          "clusterstatus", "local")
+          "clusterstatus", "local", "keys")
 
 
 @pytest.fixture(scope="module")

@@ -64,19 +64,20 @@ GOLDEN_SAMPLED = [
 ]
 
 # Protocol 2 added to Heartbeat, as its last fields: `addresses` (the node's own IPv4 addresses,
-# issue 14) and the usage fields steps ... stale_drops (/metrics). Regenerated on purpose when
-# both came together.
+# issue 14), the usage fields steps ... stale_drops (/metrics) and `refused` (CurveZMQ).
+# Regenerated on purpose when the three came together.
 HEARTBEAT = Heartbeat(NodeId("n1"), 8110, 16 << 30, 8 << 30, "cpu", 123, Epoch(2), True, 1 << 20, 1.5, 3,
                       addresses=("10.0.0.2", "127.0.0.1"), steps=40, tokens=300, kv_bytes=1 << 21, layers=10,
                       accel_memory_bytes=None, gpu_utilization=0.25, stale_drops=2)
 GOLDEN_HEARTBEAT = [
     "7a6d71696e6665722f32",
-    "de0014a46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f7461"
+    "de0015a46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f7461"
     "6ccf0000000400000000a86d656d5f66726565cf0000000200000000a6646576696365a3637075a37069647ba565706f"
     "636802a66c6f61646564c3a97273735f6279746573ce00100000ac627573795f7365636f6e6473cb3ff8000000000000"
     "a973657175656e63657303a961646472657373657392a831302e302e302e32a93132372e302e302e31a5737465707328"
     "a6746f6b656e73cd012ca86b765f6279746573ce00200000a66c61796572730ab2616363656c5f6d656d6f72795f6279"
-    "746573c0af6770755f7574696c697a6174696f6ecb3fd0000000000000ab7374616c655f64726f707302",
+    "746573c0af6770755f7574696c697a6174696f6ecb3fd0000000000000ab7374616c655f64726f707302a77265667573"
+    "656400",
 ]
 
 

@@ -40,6 +40,7 @@ class LocalCluster:
     port: int
     proc: subprocess.Popen
     log: Path
+    keys: Path | None = None  # the cluster directory of an `up` ring (Curve), None: plaintext
 
     @property
     def url(self) -> str:
@@ -79,11 +80,14 @@ def start(log_dir: Path, nodes: int = 3, extra: list[str] | None = None,
     """`zmqinfer up` on free ports; returns once the ring serves (or raises with its log)."""
     port = free_port_block()
     log = log_dir / f"cluster-{port}.log"
+    # Curve as `up` does it by default, in a directory we know: restart_up_node needs its keys.
+    keys = None if "--no-curve" in (extra or []) else log_dir / f"cluster-{port}-keys"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqinfer", "up", "--nodes", str(nodes), "--port", str(port), *(extra or [])],
+        [sys.executable, "-m", "zmqinfer", "up", "--nodes", str(nodes), "--port", str(port),
+         *(["--keys", str(keys)] if keys else []), *(extra or [])],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **(env or {})})
-    c = LocalCluster(port, proc, log)
+    c = LocalCluster(port, proc, log, keys)
     try:
         wait_ready(c, STARTUP_TIMEOUT_S)
     except RuntimeError:
@@ -183,8 +187,9 @@ def restart_up_node(c: LocalCluster, log_dir: Path, name: str, extra: list[str] 
     """Start again a node of an `up` cluster (`node<i>`) with its old name and data port
     (API port + 10 + i), reporting to the same gateway, as a lone process."""
     index = int(name.removeprefix("node"))
+    keys = ["--keys", str(c.keys)] if c.keys is not None else ["--no-curve"]
     return start_node(log_dir, name, f"127.0.0.1:{c.port + CONTROL_OFFSET}", c.port + DATA_OFFSET + index,
-                      extra)
+                      [*keys, *(extra or [])])
 
 
 def write_config(path: Path, port: int, names: list[str], model: Path | str | None = None) -> Path:

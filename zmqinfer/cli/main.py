@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zmqinfer.cli import keys as cluster_keys
 from zmqinfer.cli import serve, service, top
 from zmqinfer.cli import (
     status as client,  # status, ping, discover: clients of a running cluster
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zmqinfer", description="Serve one LLM across several machines.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     for add in (_add_up, _add_node, _add_gateway, client.add_commands, top.add_command, service.add_commands,
-                _add_bench, _add_model):
-        add(sub)  # client: status, ping, discover; top; service: install|uninstall|start|stop|restart|status|logs
+                cluster_keys.add_commands, _add_bench, _add_model):
+        add(sub)  # client: status, ping, discover; top; service: install|...|logs; keys: init|add|trust|revoke|list
     return p
 
 
@@ -74,6 +75,11 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--memory-limit", metavar="SIZE", help="passed to each node (see node --help)")
     up.add_argument("--simulate", metavar="COST", help="passed to each node (see node --help): "
                     "N simulated devices instead of N stages computing")
+    _add_api_auth(up)
+    up.add_argument("--no-curve", action="store_true", help="plaintext ZeroMQ between the local processes "
+                    "(default: CurveZMQ with a throwaway key per process; this is for measuring its cost)")
+    up.add_argument("--keys", type=Path, default=None, metavar="DIR", help="keep the ring's cluster directory "
+                    "here (made or completed as needed) instead of a throwaway one")
     up.set_defaults(func=serve.cmd_up)
 
 
@@ -96,6 +102,7 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       "serving (by default the machine stays awake while this node has requests)")
     node.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
                       "by size (what the launchd service uses), instead of stderr")
+    _add_curve(node)
     node.set_defaults(func=cmd_node)
 
 
@@ -110,7 +117,26 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gw.add_argument("--no-discovery", action="store_true", help="no mDNS: nodes.toml's nodes only")
     gw.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
                     "by size (what the launchd service uses), instead of stderr")
+    _add_api_auth(gw)
+    _add_curve(gw)
     gw.set_defaults(func=serve.cmd_gateway)
+
+
+def _add_api_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="API keys, one per line (KEY or NAME KEY); also [api] keys / key_file in "
+                        "nodes.toml and $ZMQINFER_API_KEY (comma-separated). Without any key only "
+                        "loopback clients are answered (protected mode)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="no API keys and no protected mode: anyone who reaches the port may use the API")
+
+
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                   help="the cluster directory (zmqinfer keys): CurveZMQ with this process's key pair "
+                        "(default: $ZMQINFER_KEYS, else ~/.config/zmqinfer/cluster when it exists)")
+    p.add_argument("--no-curve", action="store_true",
+                   help="plaintext ZeroMQ even when a cluster directory exists")
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -140,6 +166,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "--stages nodes that sleep --step-ms per step instead of computing, at c=1 and c=16")
     bench.add_argument("--stages", type=int, default=3, help="simulated devices (default 3)")
     bench.add_argument("--step-ms", type=float, default=10.0, help="a simulated decode step (default 10)")
+    bench.add_argument("--curve-cost", action="store_true",
+                       help="only what CurveZMQ costs: a Curve and a plaintext ring side by side, measured "
+                            "interleaved (--nodes: one size, default 2; --reps: rounds, default 3; --tokens, --batch-tokens; c=16)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -216,7 +245,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     opts = NodeOptions(name=NodeId(args.name), gateway_host=ip_literal(host, "--gateway"), control_port=port,
                        data_port=args.port or spec.port, bind=args.bind, interfaces=interfaces,
                        advertise=not args.no_advertise, memory_limit=memory_limit,
-                       simulate=_simulate(args.simulate), allow_sleep=args.allow_sleep)
+                       simulate=_simulate(args.simulate), allow_sleep=args.allow_sleep,
+                       keys=serve.curve_keys(args.keys, args.name, args.no_curve))
     return asyncio.run(run_node(opts))
 
 
@@ -271,6 +301,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} {text!r}: every value must be at least 1")
         return vals
 
+    if args.curve_cost:
+        from zmqinfer.bench import curvecost
+
+        sizes = ints(args.nodes, "--nodes") or (2,)
+        cost = curvecost.run(nodes=sizes[0], rounds=args.reps or curvecost.ROUNDS, tokens=args.tokens or 32,
+                             batch_tokens=args.batch_tokens or 16,
+                             log=lambda what: print(what, file=sys.stderr, flush=True))
+        print(curvecost.table(cost))
+        if args.json:
+            args.json.write_text(json.dumps(cost, indent=2))
+        return 0
     given: dict[str, Any] = dict(bench.QUICK) if args.quick else {}
     for key, value in (("nodes", ints(args.nodes, "--nodes")),
                        ("concurrency", ints(args.concurrency, "--concurrency")),

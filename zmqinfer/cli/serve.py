@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,45 @@ def resolve_with_progress(model: str | None) -> Path:
         return resolve_model(model, progress=progress)
 
 
+def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
+              metrics_open: bool) -> Any:
+    """The API's guard from every key source (auth.gather); ConfigError names a bad source."""
+    from zmqinfer.gateway.auth import ApiGuard, KeyFileError, gather
+
+    try:
+        named = gather(sorted(config_keys), key_files)
+    except KeyFileError as e:
+        raise ConfigError(str(e)) from None
+    if named and no_auth:
+        raise ConfigError("--no-auth with API keys configured: drop one or the other")
+    return ApiGuard.from_keys(named, no_auth=no_auth, metrics_open=metrics_open)
+
+
+def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
+    """This process's CurveZMQ keys from the cluster directory (--keys, $ZMQINFER_KEYS or
+    ~/.config/zmqinfer/cluster); None without one (plaintext, and the process says so)."""
+    from zmqinfer.keys import GATEWAY, CurveKeyError, default_dir, load_keys, public_key
+
+    directory = None if insecure else (directory or default_dir())
+    if directory is None:
+        return None
+    try:
+        public_key(directory, GATEWAY)  # a node connects to it; the gateway is its own check
+        return load_keys(directory, name)
+    except CurveKeyError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = load_cluster(args.config)
     gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
-    return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, cfg.api_keys, [],
-                  discovery=not args.no_discovery, interfaces=interfaces, log_file=args.log_file)
+    files = [f for f in (cfg.api_key_file, args.api_key_file) if f is not None]
+    guard = api_guard(cfg.api_keys, files, args.no_auth, cfg.metrics_open)
+    keys = curve_keys(args.keys, "gateway", args.no_curve)
+    return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, guard, [],
+                  discovery=not args.no_discovery, interfaces=interfaces, log_file=args.log_file, keys=keys)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -72,10 +105,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = ip_literal(args.host, "--host")
     gspec = local_gateway(args.port, bind=host)
     nodes = [local_node(args.port, i) for i in range(args.nodes)]
+    guard = api_guard(frozenset(), [args.api_key_file] if args.api_key_file else [], args.no_auth, False)
     model_path = resolve_or_exit(args.model)
     if model_path is None:
         return 1
+    from zmqinfer.cli.keys import make_cluster
+    from zmqinfer.keys import load_keys
     from zmqinfer.model.resolve import DEFAULT_MODEL
+
+    # A throwaway cluster directory for this ring, so Curve is on by default here too; it lives
+    # as long as this process. `--keys DIR` keeps it (a node restarted by hand can rejoin).
+    scratch = None if args.no_curve or args.keys else tempfile.TemporaryDirectory(prefix="zmqinfer-up-keys-")
+    directory = None if args.no_curve else (args.keys or Path(scratch.name if scratch else ""))
+    if directory is not None:
+        make_cluster(directory, [n.name for n in nodes])
+    keys = load_keys(directory, "gateway") if directory is not None else None
+    key_args = ["--keys", str(directory)] if directory is not None else ["--no-curve"]
 
     # N nodes share this machine's cores: each may use every core (one stage computes at a time
     # for a single stream), but idle ones must not spin.
@@ -85,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.update(ONE_BLAS_THREAD)
     procs = []
     for i, n in enumerate(nodes):
-        extra = ["--memory-limit", str(memory_limit)] if memory_limit is not None else []
+        extra = key_args + (["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
         if args.simulate:
             extra += ["--simulate", args.simulate]
         cmd = node_command(n.name, f"127.0.0.1:{gspec.control_port}", n.port, extra)
@@ -96,8 +141,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("zmqinfer: pinned " + ", ".join(f"{n.name} to core {c}" for n, c in zip(nodes, cores))
               + " (one BLAS thread each; the gateway is not pinned)", flush=True)
     # Local nodes load the very directory the gateway resolved: no second conversion.
-    return serve(str(model_path), gspec, nodes, counts, frozenset(), procs, model_path,
-                  model_id=args.model or DEFAULT_MODEL, discovery=False)
+    try:
+        return serve(str(model_path), gspec, nodes, counts, guard, procs, model_path,
+                     model_id=args.model or DEFAULT_MODEL, discovery=False, keys=keys)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def pin_cores(n: int) -> list[int] | None:
@@ -127,9 +176,10 @@ def resolve_or_exit(model: str | None) -> Path | None:
 
 
 def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: list[int] | None,
-           api_keys: frozenset[str], procs: list[subprocess.Popen], model_path: Path | None = None,
+           guard: Any, procs: list[subprocess.Popen], model_path: Path | None = None,
            model_id: str | None = None, *, discovery: bool = True,
-           interfaces: tuple[str, ...] = (), log_file: Path | None = None) -> int:
+           interfaces: tuple[str, ...] = (), log_file: Path | None = None, keys: Any = None) -> int:
+    """`guard`: auth.ApiGuard; `keys`: keys.CurveKeys of the gateway, None for plaintext."""
     from zmqinfer import log
     from zmqinfer.gateway.process import Gateway
     from zmqinfer.model.resolve import DEFAULT_MODEL
@@ -152,9 +202,10 @@ def serve(model: str | None, gspec: GatewaySpec, nodes: list[NodeSpec], counts: 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         nonlocal gw
-        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, api_keys, on_ready,
+        guard.announce()
+        gw = Gateway(gspec, model or DEFAULT_MODEL, model_path, nodes, counts, guard, on_ready,
                      model_id=model_id or model or DEFAULT_MODEL, discovery=discovery,
-                     interfaces=interfaces)
+                     interfaces=interfaces, keys=keys)
         async with asyncio.TaskGroup() as tg:
             if procs:
                 tg.create_task(watch(procs, stop))

@@ -36,8 +36,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         c = sub.add_parser(name, help=text)
         c.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the gateway")
         c.add_argument("--json", action="store_true", help="print the raw JSON")
-        c.add_argument("--api-key", default=os.environ.get("ZMQINFER_API_KEY"),
-                       help="when the gateway requires one (default: $ZMQINFER_API_KEY)")
+        # $ZMQINFER_API_KEY may list several keys (the gateway's format): a client sends the first.
+        env_key = (os.environ.get("ZMQINFER_API_KEY") or "").split(",")[0].strip() or None
+        c.add_argument("--api-key", default=env_key,
+                       help="when the gateway requires one (default: the first key in $ZMQINFER_API_KEY)")
         c.set_defaults(func=fn)
     d = sub.add_parser("discover", help="list what advertises _zmqinfer._tcp over mDNS right now")
     d.add_argument("--seconds", type=float, default=3.0, help="how long to listen (default 3)")
@@ -141,7 +143,26 @@ def status_view(st: ClusterStatus) -> RenderableType:
                   layers, health, beat, (n.get("device") or "-").split(" (")[0],
                   _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
                   f"{100 * (n.get('busy_fraction') or 0):.0f}%")
-    return Group(head, t)
+    return Group(head, t, *_security_lines(st))
+
+
+def _security_lines(st: ClusterStatus) -> list[str]:
+    """One line on how the ring and the API are guarded, and what was refused (if anything)."""
+    from rich.markup import escape
+
+    sec = st.get("security")
+    if sec is None:
+        return []  # an older gateway
+    api = sec.get("api")
+    curve = ("[green]curve[/] (" + ", ".join(sec["trusted"]) + " trusted)" if sec["curve"]
+             else "[red]zeromq unencrypted[/] (no cluster directory: zmqinfer keys init)")
+    line = f"security: {curve}; api: {api['mode'] if api else '?'}"
+    by_nodes = sum(n.get("refused_by_node", 0) for n in st.get("nodes", []))
+    refused = [f"{sec['refused_handshakes']} handshakes and {sec['refused_messages']} messages refused by "
+               f"the gateway, {by_nodes} by nodes" + (f", {api['refused']} api requests" if api else "")]
+    for who, why in list(sec.get("refused_peers", {}).items())[:5]:
+        refused.append(f"  refused {escape(who)}: {escape(why)}")
+    return [line, *refused]
 
 
 def _found(n: NodeStatus) -> str:

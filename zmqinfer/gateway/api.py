@@ -14,7 +14,7 @@ Contract:
   objects in `shapes.py`; body reads and SSE writes under deadlines in `httpio.py` (a body is
   read before the request takes an admission slot; a stalled body is a 408, a stream nobody
   reads is cut).
-* With api_keys, every route except /health needs `Authorization: Bearer <key>` (401).
+* Who may call it is auth.py's middleware (API keys, protected mode), around every route.
 * Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: RequestError -> its
   status (400, 408), RingUnavailable -> 503, RingTimeout -> 504, too many requests -> 429, bodies
   over MAX_BODY_BYTES -> 413, anything else -> 500 with no details (the log has the traceback);
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import re
 import secrets
 import time
@@ -42,7 +41,8 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
-from zmqinfer.gateway import pages
+from zmqinfer.gateway import auth, pages
+from zmqinfer.gateway.auth import ApiGuard
 from zmqinfer.gateway.httpio import (
     BODY_READ_TIMEOUT_S,
     SSE_WRITE_TIMEOUT_S,
@@ -100,7 +100,6 @@ class _Admission:
 
 
 BACKEND = web.AppKey[Backend]("backend")
-API_KEYS = web.AppKey("api_keys", frozenset)
 ADMISSION = web.AppKey("admission", _Admission)
 STARTED = web.AppKey("started", int)  # "created" of /v1/models
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -113,12 +112,15 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
              max_concurrent: int = DEFAULT_MAX_CONCURRENT, body_timeout: float = BODY_READ_TIMEOUT_S,
-             write_timeout: float = SSE_WRITE_TIMEOUT_S, metrics: Metrics | None = None) -> web.Application:
+             write_timeout: float = SSE_WRITE_TIMEOUT_S, metrics: Metrics | None = None,
+             guard: ApiGuard | None = None) -> web.Application:
     """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`.
-    `metrics`: the series to record into (the gateway's own; by default a fresh set)."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_frame])
+    `metrics`: the series to record into (the gateway's own; by default a fresh set).
+    `guard` (auth.py) decides who may call it; `api_keys` is shorthand for a guard of those keys."""
+    guard = guard or ApiGuard.from_keys({f"key:{i}": k for i, k in enumerate(sorted(api_keys), 1)})
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[_frame, auth.middleware(guard, lambda st, msg, code: _error(st, msg, code=code))])
     app[BACKEND] = backend
-    app[API_KEYS] = api_keys
     app[ADMISSION] = _Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
     app[METRICS] = metrics or Metrics(backend.model_id, backend.cluster_status, backend.context_length)
@@ -166,14 +168,10 @@ def _ring_error(e: RingUnavailable | RingTimeout | StepNotSent) -> tuple[int, di
 
 @web.middleware
 async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, and OpenAI-shaped errors for everything raised before a stream starts."""
+    """Request id and OpenAI-shaped errors for everything raised before a stream starts."""
     request_id = f"req-{secrets.token_hex(12)}"
     request[REQUEST_ID] = request_id
     request[LOG] = structlog.get_logger().bind(request_id=request_id)
-    keys = request.app[API_KEYS]
-    if keys and request.path != "/health" and not _authorised(request, keys):
-        return _error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                      code="invalid_api_key")
     try:
         return await handler(request)
     except RequestError as e:
@@ -198,14 +196,6 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[LOG].exception("internal error")
         return _error(500, f"internal error (request {request_id}); the server log has the details",
                       type="server_error", code="internal_error")
-
-
-def _authorised(request: web.Request, keys: frozenset[str]) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    # compare_digest against every key: timing reveals neither the key nor which one matched.
-    return sum(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys) > 0
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -255,7 +245,8 @@ async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
     text = TextStream(backend.tokenizer, stop=opts.stop, max_tokens=p.max_tokens,
                       logprobs=opts.logprobs is not None,
                       keep_leading_space=isinstance(req, CompletionRequest))
-    log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream)
+    log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream,
+             api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
     started = time.monotonic()
     generation = timer.stream(backend.generate(list(p.prompt), opts.sampling, p.max_tokens,
                                                request[REQUEST_ID]), len(p.prompt))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -168,12 +168,18 @@ class Membership:
         self.pins: dict[NodeId, tuple[int, int] | int | None] = {
             n.name: (c if c is not None else n.pin)
             for n, c in zip(static, counts if counts is not None else [None] * len(static))}
+        # Curve: an mDNS ad is only a hint; one for a name whose advertised key is not the trusted
+        # key of that name is dropped before it can move the node's address (a rogue's ad would
+        # otherwise redirect hidden states). Set by the gateway; returns whether the ad may count.
+        self.ad_trusted: Callable[[Discovered], bool] | None = None
         self.merge({}, {})
 
     def merge(self, discovered: Mapping[NodeId, Discovered], resolved_hosts: Mapping[str, str],
               fingerprint: str = "") -> None:
         """Fold in what mDNS knows now. Nodes it no longer sees keep their row (a heartbeat is
         what makes them alive); their address stays the last one known."""
+        if self.ad_trusted is not None:
+            discovered = {n: d for n, d in discovered.items() if d.ad.role != "node" or self.ad_trusted(d)}
         for c in merge_members(self.static, discovered, resolved_hosts=resolved_hosts,
                                fingerprint=fingerprint):
             m = self.members.get(c.name)

@@ -212,7 +212,9 @@ class Planner:
             try:
                 await self.send_control(p.node, Assign(
                     epoch=epoch, model=self.served.model, start=p.start, end=p.end,
-                    n_layers=self.served.n_layers, next_hop=hop, result_port=self.served.result_port))
+                    n_layers=self.served.n_layers, next_hop=hop, result_port=self.served.result_port,
+                    next_node=nxt.name if nxt is not None else None,
+                    prev_node=ring[i - 1].name if i > 0 else None))
             except (zmq.ZMQError, TimeoutError) as e:
                 self.ring.reason = f"cannot reach {ring[i].where()}: {e or 'send timed out'}"
                 return

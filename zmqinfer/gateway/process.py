@@ -34,15 +34,17 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from zmqinfer import sockets
-from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing, SecurityStatus
 from zmqinfer.config import GatewaySpec, NodeSpec
 from zmqinfer.gateway.api import make_app
+from zmqinfer.gateway.auth import ApiGuard
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.metrics import Metrics, measure_hops
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, groups
 from zmqinfer.inbox import Inbox
+from zmqinfer.keys import ClusterAuth, CurveKeys
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.model.resolve import model_fingerprint, read_config
 from zmqinfer.model.shards import model_size
@@ -75,16 +77,16 @@ SHUTDOWN_GRACE_S = 20.0
 
 class Gateway:
     def __init__(self, spec: GatewaySpec, model: str, model_path: Path, nodes: list[NodeSpec],
-                 counts: Sequence[int | None] | None = None, api_keys: frozenset[str] = frozenset(),
+                 counts: Sequence[int | None] | None = None, guard: ApiGuard | None = None,
                  on_ready: Callable[[list[Any]], None] | None = None,
                  model_id: str | None = None, discovery: bool = False,
-                 interfaces: tuple[str, ...] = ()) -> None:
+                 interfaces: tuple[str, ...] = (), keys: CurveKeys | None = None) -> None:
         if not nodes and not discovery:
             raise ValueError("no nodes configured: list them as [[node]] entries in nodes.toml "
                              "(or let the gateway find them over mDNS)")
         self.spec, self.model, self.model_path = spec, model, model_path
         self.model_id = model_id or model  # the name clients see in /v1/models
-        self.api_keys = api_keys
+        self.guard = guard or ApiGuard.from_keys({})
         cfg = read_config(model_path)
         self.n_layers = int(cfg["num_hidden_layers"])
         self.context_length = int(cfg.get("max_position_embeddings", 4096))
@@ -95,15 +97,27 @@ class Gateway:
         self.members = Membership(nodes, self.liveness, counts)
         self.discovery, self.interfaces = discovery, interfaces
         self.ctx = sockets.context()
-        self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "")
+        # Curve: the ZAP handler is bound before any socket, so no handshake goes unchecked.
+        self.keys, self.auth = keys, ClusterAuth(self.ctx, keys.directory) if keys else None
+        if self.auth is not None:
+            self.auth.bind()
+        else:
+            log.warning("ZeroMQ traffic is neither encrypted nor authenticated: anyone who reaches the "
+                        "control and result ports can steer the ring (make a cluster directory with "
+                        "`zmqinfer keys init` and pass --keys)")
+        self.ring = Ring(self.ctx, lambda n: self.members.members[n].where(), "", keys)
+        if self.auth is not None:
+            auth = self.auth
+            self.members.ad_trusted = lambda d: auth.ad_trusted(d.ad.node_id, d.ad.pubkey)
         self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids))
-        self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}")
-        self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}")
+        self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}", keys)
+        self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}", keys)
         self.planner = Planner(self.ring, self.members, self.scheduler, self.send_control,
                                Served(model, self.n_layers, self.fingerprint, spec.result_port),
                                model_size(model_path), discovery=discovery, on_ready=on_ready)
         self.ring.reason = self.planner.waiting_for()
         self._nonces = itertools.count(1)
+        self._routes: dict[NodeId, bytes] = {}  # Curve: node -> routing id its key spoke from
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
         self.control_in, self.results_in = Inbox("control", log), Inbox("results", log)
@@ -124,6 +138,13 @@ class Gateway:
         for row in nodes:
             if row["name"] in ring.excluded:
                 row["excluded"] = ring.excluded[NodeId(row["name"])]
+            member = self.members.members.get(NodeId(row["name"]))
+            if member is not None and member.beat is not None:
+                row["refused_by_node"] = member.beat.refused
+        security: SecurityStatus = (self.auth.status() if self.auth is not None else  # type: ignore[assignment]
+                                    {"curve": False, "trusted": [], "refused_handshakes": 0,
+                                     "refused_messages": 0, "refused_peers": {}})
+        security["api"] = self.guard.describe()
         s, planner = self.scheduler, self.planner
         return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
                 "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": s.active,
@@ -133,7 +154,7 @@ class Gateway:
                 "throughput": self.metrics.throughput(),
                 "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
                 "decode_steps": s.decode_steps,
-                "replans": self.planner.history[-5:], "nodes": nodes}
+                "replans": self.planner.history[-5:], "nodes": nodes, "security": security}
 
     async def cluster_ping(self) -> ClusterPing:
         async def one(name: NodeId) -> NodePing:
@@ -185,7 +206,7 @@ class Gateway:
     # ---- loops ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        runner = web.AppRunner(make_app(self, api_keys=self.api_keys, metrics=self.metrics),
+        runner = web.AppRunner(make_app(self, guard=self.guard, metrics=self.metrics),
                                handler_cancellation=True)
         await runner.setup()
         directory = None
@@ -199,6 +220,8 @@ class Gateway:
                 tasks = [tg.create_task(self._control_loop()), tg.create_task(self._results_loop()),
                          tg.create_task(self.planner.run(directory)), tg.create_task(self.scheduler.pump()),
                          tg.create_task(self._beat()), tg.create_task(measure_hops(self.members, self._ping))]
+                if self.auth is not None:
+                    tasks.append(tg.create_task(self.auth.run()))
                 await stop.wait()
                 await self._finish_requests()
                 for t in tasks:
@@ -210,6 +233,8 @@ class Gateway:
             self.ring.close()
             for s in (self.control, self.results):
                 s.close(linger=0)
+            if self.auth is not None:
+                self.auth.stop()  # its ZAP socket too: term() waits for every socket of the context
             self.ctx.term()
 
     async def _start_directory(self) -> Any:
@@ -222,7 +247,8 @@ class Gateway:
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:54] or "host"
         ad = NodeAd(node_id=NodeId(f"gateway-{host}"), data_port=self.spec.result_port, mem_total=0,
                     mem_free=0, device="gateway", fingerprint=self.fingerprint,
-                    control_port=self.spec.control_port, role="gateway")
+                    control_port=self.spec.control_port, role="gateway",
+                    pubkey=self.keys.public.decode() if self.keys else None)
         directory = GatewayDirectory([n.host for n in self.members.static if n.host], self.interfaces, ad)
         try:
             await directory.start()
@@ -248,7 +274,11 @@ class Gateway:
     async def send_control(self, name: NodeId, msg: Message) -> None:
         """Raises zmq.ZMQError (EHOSTUNREACH: not connected) or TimeoutError; never waits long."""
         async with asyncio.timeout(PING_TIMEOUT_S):
-            await self.control.send_multipart([name.encode(), *encode(msg)])
+            await self.control.send_multipart([self._route(name), *encode(msg)])
+
+    def _route(self, name: NodeId) -> bytes:
+        """The routing id to reach `name`: with Curve, the one its key last spoke from."""
+        return self._routes.get(name, name.encode())
 
     async def _beat(self) -> None:
         """GatewayBeat to every node heard from lately: they know we are alive, and which epoch
@@ -257,7 +287,7 @@ class Gateway:
             for m in self.members.members.values():
                 if self.liveness.alive(m.name):
                     try:  # a full pipe (frozen node) must not delay the others' beats
-                        await self.control.send_multipart([m.name.encode(), *encode(GatewayBeat(self.ring.epoch))],
+                        await self.control.send_multipart([self._route(m.name), *encode(GatewayBeat(self.ring.epoch))],
                                                           flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass  # gone or frozen: its own silence is what the planner acts on
@@ -269,7 +299,18 @@ class Gateway:
             ident = frames[0].bytes.decode(errors="replace")
             if (msg := self.control_in.read(frames[1:], peer=ident[:64])) is None:
                 continue
-            name = NodeId(ident)
+            if self.auth is not None:
+                # Identity is the key, never the routing id (anyone may claim one). The node's
+                # route is learnt from its authenticated messages: it is what we send to.
+                key = self.auth.peer(frames[1])
+                claimed = getattr(msg, "node", None)
+                if key is None or (claimed is not None and claimed != key):
+                    self.auth.refuse(str(claimed or ident), key, "control message whose key is not the node's own")
+                    continue
+                name = NodeId(key)
+                self._routes[name] = frames[0].bytes
+            else:
+                name = NodeId(ident)
             if isinstance(msg, Heartbeat):
                 peer = str(frames[1].get("Peer-Address"))  # libzmq's metadata: always a string
                 if self.members.on_beat(name, msg, peer) is None:
@@ -302,6 +343,11 @@ class Gateway:
             frames = await sockets.recv(self.results, sockets.ROUTER_RESULT_FRAMES)
             if (msg := self.results_in.read(frames[1:])) is None:
                 continue
+            if self.auth is not None and getattr(msg, "epoch", None) != self.ring.epoch:
+                continue  # an old ring's straggler (or a forgery of one): dropped, no refusal
+            last = self.ring.placement[-1].node if self.ring.placement else None
+            if self.auth is not None and not self.auth.admit(frames[1], last, "result"):
+                continue
             if not isinstance(msg, Sampled):
                 self.results_in.drop(f"unexpected {msg.KIND}")
                 continue
@@ -313,5 +359,9 @@ class Gateway:
                     fut.set_result(0.0)
                 continue
             if msg.epoch != self.ring.epoch:
-                self.stale_drops += 1  # the scheduler ignores it too; counted for /metrics
+                self.stale_drops += 1  # an old ring's straggler; counted for /metrics
+                continue
+            if not self.scheduler.awaiting(msg.step):
+                self.results_in.drop("a result for a step not in flight", step=msg.step)
+                continue
             self.scheduler.on_sampled(msg)

@@ -19,6 +19,7 @@ import zmq.asyncio
 from zmqinfer import sockets
 from zmqinfer.gateway.placement import Placement
 from zmqinfer.gateway.scheduler import RingUnavailable
+from zmqinfer.keys import CurveKeys
 from zmqinfer.wire import Epoch, Forward, NodeId, Release, encode
 
 # A ring being rebuilt (detection + loading) makes new requests wait this long, not READY_WAIT_S.
@@ -26,8 +27,10 @@ REPLAN_READY_WAIT_S = 60.0
 
 
 class Ring:
-    def __init__(self, ctx: zmq.asyncio.Context, where: Callable[[NodeId], str], reason: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, where: Callable[[NodeId], str], reason: str,
+                 keys: CurveKeys | None = None) -> None:
         self._ctx, self._where = ctx, where  # where(node): "name (address)" for error messages
+        self._keys = keys  # Curve: the first node's trusted key is the server key of the PUSH
         self.epoch = Epoch(0)
         self.placement: list[Placement] = []
         self.n_devices = 0  # distinct devices among the stages (planner.py says which are one)
@@ -92,7 +95,8 @@ class Ring:
     def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
                  n_devices: int) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
-        old, self._push = self._push, sockets.data_push(self._ctx, first_data)
+        curve = self._keys.toward(placement[0].node) if self._keys is not None else None
+        old, self._push = self._push, sockets.data_push(self._ctx, first_data, curve)
         if old is not None:
             old.close(linger=0)
         self.placement, self.excluded, self.n_devices = placement, dict(excluded), n_devices

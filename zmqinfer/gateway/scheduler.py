@@ -270,6 +270,11 @@ class Scheduler:
 
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
+    def awaiting(self, step: int) -> bool:
+        """Whether `step` was sent and its result is still due (results for others are forged
+        or stale: the results port drops them)."""
+        return step in self._acks
+
     def on_sampled(self, msg: Sampled) -> None:
         gid = self._acks.pop(msg.step, None)
         if gid == NO_GROUP:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import secrets
 import signal
 import socket
 import time
@@ -34,6 +35,7 @@ import zmq.asyncio
 
 from zmqinfer import sockets
 from zmqinfer.inbox import Inbox
+from zmqinfer.keys import GATEWAY, ClusterAuth, CurveKeys
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node import inbound
@@ -85,6 +87,7 @@ class NodeOptions:
     memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
     simulate: SimulatedCost | None = None  # stand in for a device: sleep instead of computing
     allow_sleep: bool = False  # no no-idle-sleep assertion while serving (node/sleep.py)
+    keys: CurveKeys | None = None  # CurveZMQ key pair and cluster directory; None: plaintext
 
 
 def device_name() -> str:
@@ -114,9 +117,21 @@ class Node:
         self.opts = opts
         self.log = log.bind(node=opts.name)
         self.ctx = sockets.context()
+        keys = opts.keys
+        # Curve: the ZAP handler is bound before the data port, so no handshake goes unchecked.
+        self.auth = ClusterAuth(self.ctx, keys.directory) if keys is not None else None
+        if self.auth is not None:
+            self.auth.bind()
+        else:
+            self.log.warning("ZeroMQ traffic is neither encrypted nor authenticated: anyone who reaches "
+                             "the data port can feed or free this node's work (see `zmqinfer keys`)")
+        # With Curve the gateway knows us by key, so our routing ids are unique per process: a
+        # peer claiming our name cannot take our connection over (ROUTER_HANDOVER).
+        self.route = opts.name if keys is None else f"{opts.name}#{secrets.token_hex(6)}"
         self.control = sockets.control_dealer(
-            self.ctx, opts.name, f"tcp://{opts.gateway_host}:{opts.control_port}")
-        self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}")
+            self.ctx, self.route, f"tcp://{opts.gateway_host}:{opts.control_port}",
+            keys.toward(GATEWAY) if keys is not None else None)
+        self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}", keys)
         self.out: zmq.asyncio.Socket | None = None
         self.assignment: Assign | None = None
         self.epoch = Epoch(0)
@@ -154,6 +169,8 @@ class Node:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
                          tg.create_task(self._data_loop()), tg.create_task(self._sweep()),
                          tg.create_task(self.gpu.run())]
+                if self.auth is not None:
+                    tasks.append(tg.create_task(self.auth.run()))
                 if self.opts.advertise:  # registering takes seconds: beats must not wait for it
                     tasks.append(tg.create_task(self._advertise()))
                 await self._stopping.wait()
@@ -205,6 +222,8 @@ class Node:
         for s in (self.control, self.pull, self.out):
             if s is not None:
                 s.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()  # its ZAP socket too: term() waits for every socket of the context
         self.ctx.term()
 
     # ---- control plane ----------------------------------------------------------------------
@@ -228,7 +247,8 @@ class Node:
     def _ad(self, vm: Any) -> NodeAd:
         total, free = self._memory(vm, psutil.Process().memory_info().rss)
         return NodeAd(node_id=self.opts.name, data_port=self.opts.data_port, mem_total=total,
-                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint)
+                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint,
+                      pubkey=self.opts.keys.public.decode() if self.opts.keys else None)
 
     async def _beat(self) -> None:
         proc = psutil.Process()
@@ -245,7 +265,7 @@ class Node:
                 steps=w.steps, tokens=w.tokens, kv_bytes=w.kv_bytes, layers=w.layers,
                 accel_memory_bytes=gpu.memory_bytes if gpu else None,
                 gpu_utilization=gpu.utilization if gpu else None, stale_drops=self.stale_drops,
-                addresses=listening_addresses(self.opts.bind))
+                addresses=listening_addresses(self.opts.bind), refused=self._refused())
             await self._send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
                 await self._send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
@@ -254,6 +274,9 @@ class Node:
             await self._watch_gateway()
             self.awake.update(self.worker.sequences > 0)  # never waits for the backend
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    def _refused(self) -> int:
+        return 0 if self.auth is None else self.auth.refused_handshakes + self.auth.refused_messages
 
     async def _watch_gateway(self) -> None:
         """Node-side liveness of the gateway: drain's end, and freeing a dead gateway's caches."""
@@ -301,9 +324,9 @@ class Node:
 
     async def _assign(self, a: Assign) -> None:
         same = self.assignment is not None and self.loaded and (
-            (a.model, a.start, a.end, a.next_hop, a.result_port)
+            (a.model, a.start, a.end, a.next_hop, a.next_node, a.result_port)
             == (self.assignment.model, self.assignment.start, self.assignment.end,
-                self.assignment.next_hop, self.assignment.result_port))
+                self.assignment.next_hop, self.assignment.next_node, self.assignment.result_port))
         self.epoch, self.loaded = a.epoch, False  # from now on older epochs are stale
         self.log.info("assigned", epoch=a.epoch, layers=f"[{a.start},{a.end})", model=a.model,
                       next_hop=a.next_hop or "gateway")
@@ -313,6 +336,7 @@ class Node:
         else:
             try:
                 await self._mlx(self.worker.load, a.model, a.start, a.end)
+                self._connect_out(a)  # Curve: fails when the next node's key is not trusted here
             except Exception as e:  # any load failure is reported to the gateway, not fatal here
                 self.log.error("load failed", error=str(e))
                 await self._send_control(Loaded(
@@ -320,7 +344,6 @@ class Node:
                     fingerprint="", shard_bytes=0, rss_bytes=psutil.Process().memory_info().rss,
                     load_seconds=0.0))
                 return
-            self._connect_out(a)
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
@@ -332,11 +355,16 @@ class Node:
     def _connect_out(self, a: Assign) -> None:
         if self.out is not None:
             self.out.close(linger=0)
+        keys = self.opts.keys
         if a.next_hop is not None:
-            self.out = sockets.data_push(self.ctx, a.next_hop)
+            curve = keys.toward(a.next_node) if keys is not None and a.next_node is not None else None
+            if keys is not None and curve is None:
+                raise ValueError("Curve is on but the assignment names no next node to trust")
+            self.out = sockets.data_push(self.ctx, a.next_hop, curve)
         else:
             self.out = sockets.results_dealer(
-                self.ctx, self.opts.name, f"tcp://{self.opts.gateway_host}:{a.result_port}")
+                self.ctx, self.route, f"tcp://{self.opts.gateway_host}:{a.result_port}",
+                keys.toward(GATEWAY) if keys is not None else None)
 
     # ---- data plane -------------------------------------------------------------------------
 
@@ -351,6 +379,11 @@ class Node:
             if msg.epoch != self.epoch or not self.loaded:
                 self.stale_drops += 1
                 self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
+                continue
+            # Only the previous stage's key (the gateway's for the first) may feed or free work;
+            # checked after the epoch, so the old ring's stragglers of a re-plan are not counted.
+            prev = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
+            if self.auth is not None and not self.auth.admit(frames[0], prev, "data message"):
                 continue
             if isinstance(msg, Forward) and self.worker.stage is not None and (
                     why := inbound.problem(msg, self.worker.stage)) is not None:
