@@ -37,7 +37,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
 from zmqinfer.gateway.prompt import Plan, plan
-from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.scheduler import RETRY_AFTER_S, Overloaded, RingTimeout, RingUnavailable
 from zmqinfer.gateway.textout import (
     Delta,
     LogprobEntry,
@@ -145,9 +145,15 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
                       code="invalid_api_key")
     try:
         return await handler(request)
+    except Overloaded as e:  # the admission queue is full: the client may retry, and when
+        request[LOG].info("request refused", status=429, error=str(e))
+        return web.json_response(error_body(str(e), type="rate_limit_error", code="rate_limit_exceeded"),
+                                 status=429, headers={"Retry-After": str(e.retry_after)})
     except RequestError as e:
         request[LOG].info("request refused", status=e.status, error=e.message)
-        return _error(e.status, e.message, param=e.param, code=e.code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+        return web.json_response(error_body(e.message, param=e.param, code=e.code), status=e.status,
+                                 headers=headers)
     except (RingUnavailable, RingTimeout) as e:
         status, body = _ring_error(e)
         request[LOG].warning("ring error", status=status, error=str(e))

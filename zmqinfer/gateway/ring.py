@@ -36,6 +36,7 @@ class Ring:
         self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.closing = False  # the gateway is shutting down: no new requests
+        self.kv_tokens: int | None = None  # KV cache the ring can hold (kvbudget.py); None: unknown
         self._push: zmq.asyncio.Socket | None = None
 
     @property
@@ -88,12 +89,13 @@ class Ring:
     def unplaceable(self, reason: str) -> None:
         self.reason, self.no_capacity = reason, True
 
-    def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str) -> None:
+    def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
+                 kv_tokens: int | None = None) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
         old, self._push = self._push, sockets.data_push(self._ctx, first_data)
         if old is not None:
             old.close(linger=0)
-        self.placement, self.excluded = placement, dict(excluded)
+        self.placement, self.excluded, self.kv_tokens = placement, dict(excluded), kv_tokens
         self.ready.set()
         self.reason, self.rebuilding = "", False
 

@@ -27,18 +27,33 @@ sequence forgets the old ring's caches and, on `resume()` into the new epoch, is
 from its own history (prompt + every token already sampled), then decodes on from its last
 token. Its client only sees a pause: no token is repeated or skipped, and greedy output is the
 same as without the fault (up to the float-rounding near-ties batching already allows).
+
+Every step is answered or reclaimed. A step carries a deadline (STEP_TIMEOUT_S plus the prompt
+tokens in the ring ahead of it); one not answered by then, one that never left, or one a node
+reports failed (StepFailed) gives its group or prefill credit back, and each of its sequences
+replays on the same ring under a fresh id (its old caches are released): the same replay as
+after a re-plan. A sequence that fails MAX_REPLAYS times in a row fails with the last reason.
+
+A request's deadline counts from the ring's work on it, not from its arrival: while one of its
+steps is in flight it is that step's deadline; while it waits for its turn (credits, its group,
+the KV budget) it is renewed every time the ring answers any step, so a queue behind other
+prompts is never a timeout, and only a ring that stops answering is. Admission is bounded: a
+sequence the KV budget (kvbudget.py) cannot hold yet waits, up to MAX_QUEUED of them; one more
+is refused at once (Overloaded: 429 with Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, Protocol
+from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
+from zmqinfer.gateway.kvbudget import group_cost, join_cost
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     NO_GROUP,
@@ -70,6 +85,14 @@ READY_WAIT_S = 10.0
 # How long a parked request waits for the re-planned ring (detection, survivors loading their
 # extra layers, its own re-prefill) before it gets a 504; a "no capacity" verdict ends it sooner.
 REPLAY_WAIT_S = 120.0
+# Failed or unanswered steps in a row after which a sequence fails instead of replaying again:
+# one is a blip, three on the same ring is a node that cannot run it.
+MAX_REPLAYS = 3
+# Sequences admitted to wait for KV room (the ring holds the rest): each waits its turn, and
+# one more gets a 429 at once rather than a queue nobody is served from.
+MAX_QUEUED = 32
+# What a 429 tells the client to wait (Retry-After, seconds): about one short request's time.
+RETRY_AFTER_S = 2
 
 
 class _Paused:
@@ -87,6 +110,14 @@ class RingTimeout(Exception):
     """The ring stopped answering for a request within its deadline: 504."""
 
 
+class Overloaded(Exception):
+    """The admission queue is full: 429, with `retry_after` seconds for Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RingPort(Protocol):
     """What the scheduler needs from the ring (gateway/ring.py)."""
 
@@ -94,6 +125,8 @@ class RingPort(Protocol):
     def epoch(self) -> Epoch: ...
     @property
     def n_stages(self) -> int: ...
+    @property
+    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (kvbudget.py); None: no limit
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
@@ -114,6 +147,10 @@ class _Seq:
     group: int | None = None
     generated: int = 0
     done: bool = False
+    bound: int = 0  # most tokens it can ever hold: prompt + max_tokens (its KV cost)
+    deadline: float = 0.0  # when its request gives up, unless the ring's progress renews it
+    inflight: int = 0  # its steps in the ring
+    replays: int = 0  # failed steps in a row
 
     def restart(self, epoch: Epoch) -> None:
         """Start over on a fresh ring: prefill all but the last token of the history (cut as
@@ -129,21 +166,41 @@ class _Group:
     members: list[_Seq] = field(default_factory=list)
     in_flight: bool = False
 
+    def cost(self) -> int:
+        return group_cost([s.bound for s in self.members])
+
+
+@dataclass
+class _Step:
+    """A step in the ring: what answering or reclaiming it gives back."""
+
+    group: int  # NO_GROUP: a prefill credit
+    seqs: list[_Seq]
+    ids: tuple[SeqId, ...]  # the ids it was sent with (a replayed sequence gets a new one)
+    deadline: float
+    tokens: int  # token rows it carries
+
 
 class Scheduler:
-    def __init__(self, ring: RingPort, eos_ids: set[int]) -> None:
+    def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float | None = None,
+                 max_queued: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.ring = ring
         self.eos_ids = eos_ids
+        self.step_timeout_s = STEP_TIMEOUT_S if step_timeout_s is None else step_timeout_s
+        self.max_queued = MAX_QUEUED if max_queued is None else max_queued
+        self._clock = clock
         self._seqs: dict[SeqId, _Seq] = {}
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
         self._groups: dict[int, _Group] = {}
         self._prefilling: deque[_Seq] = deque()  # waiting for (more) prefill chunks to be sent
+        self._waiting: deque[_Seq] = deque()  # admitted, waiting for KV room
         self._prefill_in_flight = 0
-        self._acks: dict[int, int] = {}  # step in flight -> its group, NO_GROUP for a prefill chunk
+        self._acks: dict[int, _Step] = {}  # steps in flight
         self._releases: list[tuple[Epoch, SeqId]] = []
         self._parked: list[_Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
+        self._progress_at = clock()  # when the ring last answered a step
         self._wake = asyncio.Event()
 
     @property
@@ -155,6 +212,11 @@ class Scheduler:
         """Steps sent and not yet answered."""
         return len(self._acks)
 
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for KV room."""
+        return len(self._waiting)
+
     def next_step(self) -> int:
         return next(self._steps)
 
@@ -163,39 +225,78 @@ class Scheduler:
     async def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
                        request_id: str = "") -> AsyncGenerator[Sample, None]:
         """Yield one Sample per generated token; stop after max_tokens or an EOS token (yielded).
-        Closing the iterator early ends the sequence and frees its caches along the ring."""
+        Closing the iterator early ends the sequence and frees its caches along the ring.
+        Raises Overloaded when the admission queue is full."""
         if not prompt:
             raise ValueError("empty prompt")
         await self.ring.wait_ready(READY_WAIT_S)
-        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt))
+        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
+                   bound=len(prompt) + max_tokens)
+        budget = self.ring.kv_tokens
+        if budget is not None and seq.bound > budget:
+            raise RingUnavailable(f"this request may need {seq.bound} tokens of KV cache (prompt "
+                                  f"{len(prompt)} + max_tokens {max_tokens}); the ring holds {budget}")
+        if (self._waiting or not self._fits(seq)) and len(self._waiting) >= self.max_queued:
+            raise Overloaded(f"the ring is full and {len(self._waiting)} requests already wait "
+                             f"(limit {self.max_queued}); retry in {RETRY_AFTER_S}s")
         seq.restart(self.ring.epoch)
+        seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:
             self._parked.append(seq)  # a planned re-plan is draining the ring: start on the new one
         else:
-            self._enqueue(seq)
+            self._admit(seq)
         slog = log.bind(request_id=request_id, seq=seq.id)
         try:
-            deadline = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(prompt)
             while True:
                 try:
-                    async with asyncio.timeout(deadline):
+                    async with asyncio.timeout(max(0.0, self._deadline(seq) - self._clock())):
                         item = await seq.queue.get()
                 except TimeoutError:
-                    raise RingTimeout(f"the ring did not answer within {deadline:.0f}s "
+                    if self._deadline(seq) > self._clock():
+                        continue  # renewed while we waited: the ring is working
+                    raise RingTimeout(f"the ring did not answer within {self.step_timeout_s:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None
                 if isinstance(item, _Paused):
-                    deadline = REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
+                    seq.deadline = self._clock() + REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
                     continue
                 if isinstance(item, Exception):
                     raise item
                 yield item
                 if seq.done:
                     return
-                deadline = STEP_TIMEOUT_S
         finally:
             self._end(seq)
             slog.debug("sequence ended", generated=seq.generated)
+
+    def _deadline(self, seq: _Seq) -> float:
+        """In flight: its steps' deadline. Waiting its turn: renewed by every answer the ring
+        gives (the ring is busy with others, not stuck)."""
+        if seq.inflight:  # the pump reclaims a late step at its deadline; this is the safety net
+            return seq.deadline + self.step_timeout_s
+        return max(seq.deadline, self._progress_at + self.step_timeout_s)
+
+    def _held(self, but: _Seq) -> int:
+        """KV tokens the admitted sequences (but `but`) can grow to: padded groups plus the
+        ones prefilling or parked."""
+        grouped = sum(g.cost() for g in self._groups.values())
+        return grouped + sum(s.bound for s in self._seqs.values() if s is not but and s.group is None
+                             and not s.done and s not in self._waiting)
+
+    def _fits(self, seq: _Seq) -> bool:
+        budget = self.ring.kv_tokens
+        return budget is None or self._held(seq) + seq.bound <= budget
+
+    def _admit(self, seq: _Seq) -> None:
+        """Start it on the ring if the KV budget holds it (and nobody waits before it)."""
+        if self._waiting or not self._fits(seq):
+            self._waiting.append(seq)
+        else:
+            self._enqueue(seq)
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self._fits(self._waiting[0]):
+            self._enqueue(self._waiting.popleft())
 
     def _enqueue(self, seq: _Seq) -> None:
         if seq.prefill:
@@ -205,58 +306,121 @@ class Scheduler:
         self._wake.set()
 
     def _join(self, seq: _Seq) -> None:
-        """Put a prefilled sequence in the smallest group; it decodes from that group's next step."""
+        """Put a prefilled sequence in the group it pads least (lengths closest), the smallest
+        of those; it decodes from that group's next step."""
         # One group per stage is enough to keep every stage busy; each extra group only splits
         # the batch further (c=16 aggregate measured: 1 node 24.7 -> 30.7 tok/s, 3 nodes
         # 18.1 -> 22.0, going from stages+1 groups to stages).
         k = max(1, self.ring.n_stages)
         for gid in range(k):
             self._groups.setdefault(gid, _Group())
-        gid = min(range(k), key=lambda g: len(self._groups[g].members))
+        gid = min(range(k), key=lambda g: (join_cost([s.bound for s in self._groups[g].members], seq.bound),
+                                           len(self._groups[g].members)))
         seq.group = gid
         self._groups[gid].members.append(seq)
+
+    def _leave(self, seq: _Seq) -> None:
+        """Out of its group, the prefill queue and the admission queue."""
+        g = self._groups.get(seq.group) if seq.group is not None else None
+        if g is not None and seq in g.members:
+            g.members.remove(seq)
+        seq.group = None
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
 
     def _end(self, seq: _Seq) -> None:
         seq.done = True
         self._seqs.pop(seq.id, None)
-        g = self._groups.get(seq.group) if seq.group is not None else None
-        if g is not None and seq in g.members:
-            g.members.remove(seq)
-        if seq in self._prefilling:
-            self._prefilling.remove(seq)
+        self._leave(seq)
         if seq in self._parked:
             self._parked.remove(seq)
         self._releases.append((seq.epoch, seq.id))
+        self._admit_waiting()
         self._wake.set()
 
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
-    def on_sampled(self, msg: Sampled) -> None:
-        gid = self._acks.pop(msg.step, None)
-        if gid == NO_GROUP:
+    def _settle(self, step: int) -> _Step | None:
+        """The step is answered or reclaimed: give its group or credit back."""
+        rec = self._acks.pop(step, None)
+        if rec is None:
+            return None
+        if rec.group == NO_GROUP:
             self._prefill_in_flight -= 1
-        elif gid is not None:
-            self._groups[gid].in_flight = False
+        elif (g := self._groups.get(rec.group)) is not None:
+            g.in_flight = False
+        for seq in rec.seqs:
+            seq.inflight -= 1
+        self._wake.set()
+        return rec
+
+    def on_sampled(self, msg: Sampled) -> None:
+        rec = self._settle(msg.step)
+        if rec is None:
+            return  # an old ring's step, or one reclaimed (its sequences replay)
+        self._progress_at = self._clock()
         for s in msg.samples:
             seq = self._seqs.get(s.seq)
             if seq is None or seq.done or seq.epoch != msg.epoch:
                 continue  # finished or cancelled while this step was in flight
             seq.generated += 1
+            seq.replays = 0
             seq.history.append(s.token)
             seq.next_token, seq.pos = s.token, seq.pos + 1
             if seq.generated >= seq.max_tokens or s.token in self.eos_ids:
                 seq.done = True
-                g = self._groups.get(seq.group) if seq.group is not None else None
-                if g is not None and seq in g.members:
-                    g.members.remove(seq)
+                self._leave(seq)
             seq.queue.put_nowait(s)
-        self._wake.set()
+        self._admit_waiting()
 
     def on_step_failed(self, msg: StepFailed) -> None:
+        """A node could not run (part of) a step: its sequences replay. When every sequence of
+        the step failed, nothing of it will come back worth waiting for: reclaim it now."""
+        if msg.epoch != self.ring.epoch:
+            return
+        reason = f"node {msg.node} failed the step: {msg.reason}"
+        rec = self._acks.get(msg.step)
+        if rec is not None and set(rec.ids) <= set(msg.seqs):
+            self._settle(msg.step)
         for sid in msg.seqs:
-            seq = self._seqs.get(sid)
-            if seq is not None and seq.epoch == msg.epoch and not seq.done:
-                seq.queue.put_nowait(RingUnavailable(f"node {msg.node} failed the step: {msg.reason}"))
+            if (seq := self._seqs.get(sid)) is not None:
+                self._replay(seq, reason)
+
+    def _reap(self) -> None:
+        """Reclaim every step past its deadline; its sequences replay."""
+        now = self._clock()
+        for step, rec in list(self._acks.items()):
+            if rec.deadline <= now:
+                self._settle(step)
+                log.warning("step not answered in time: replaying its sequences", step=step,
+                            seqs=list(rec.ids))
+                for seq, sid in zip(rec.seqs, rec.ids):
+                    if seq.id == sid:
+                        self._replay(seq, f"step {step} was not answered within its deadline")
+
+    def _replay(self, seq: _Seq, reason: str) -> None:
+        """Start the sequence over on the same ring from its history, under a fresh id (its old
+        caches are released behind whatever of it is still in the ring); or, after MAX_REPLAYS
+        failures in a row, fail it with `reason`."""
+        if seq.done or seq.epoch != self.ring.epoch or seq in self._parked:
+            return
+        seq.replays += 1
+        self._leave(seq)
+        self._releases.append((seq.epoch, seq.id))
+        if seq.replays > MAX_REPLAYS:
+            seq.done = True
+            seq.queue.put_nowait(RingUnavailable(f"{reason} (failed {seq.replays} times in a row)"))
+            self._wake.set()
+            return
+        log.info("replaying a sequence", seq=seq.id, attempt=seq.replays, reason=reason)
+        self._seqs.pop(seq.id, None)
+        seq.id = SeqId(next(self._ids))
+        self._seqs[seq.id] = seq
+        seq.restart(self.ring.epoch)
+        seq.deadline = self._clock() + self.step_timeout_s
+        self._enqueue(seq)
 
     # ---- ring changes (called by the gateway's planner) ------------------------------------
 
@@ -280,9 +444,11 @@ class Scheduler:
     def resume(self) -> int:
         """The new ring is ready (ring.epoch): every parked sequence replays its history on it."""
         parked, self._parked, self._paused = self._parked, [], False
+        self._progress_at = self._clock()
         for seq in parked:
             seq.restart(self.ring.epoch)
-            self._enqueue(seq)
+            seq.replays = 0
+            self._admit(seq)
         self._wake.set()
         return len(parked)
 
@@ -299,24 +465,54 @@ class Scheduler:
         self._groups.clear()
         self._acks.clear()
         self._prefilling.clear()
+        self._waiting.clear()
         self._prefill_in_flight = 0
+        for seq in self._seqs.values():
+            seq.inflight, seq.group = 0, None
 
     # ---- the pump: the one writer to the ring ----------------------------------------------
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the first step in flight is due (the pump wakes then to reclaim it)."""
+        if not self._acks:
+            return None
+        return max(0.0, min(r.deadline for r in self._acks.values()) - self._clock())
 
     async def pump(self) -> None:
         """Owned by the gateway's TaskGroup: decides and sends every message, in order."""
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(self._next_deadline()):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass  # a step is due: reclaimed below
             self._wake.clear()
+            self._reap()
             for msg, seqs in self._decide():
                 try:
                     await self.ring.send(msg)
                 except RingUnavailable as e:
-                    for seq in seqs:  # parked sequences (epoch changed) will replay instead
-                        if not seq.done and seq.epoch == msg.epoch:
-                            seq.queue.put_nowait(e)
-                    if isinstance(msg, Forward):  # it never left: give its group/credit back
-                        self.on_sampled(Sampled(epoch=msg.epoch, step=msg.step, samples=()))
+                    if isinstance(msg, Release):  # caches must not leak: try again with the next
+                        self._releases += [(msg.epoch, s) for s in msg.seqs]
+                        continue
+                    # It never left: give its group or credit back; its sequences replay (parked
+                    # ones, whose epoch changed, will replay on the new ring instead).
+                    self._settle(msg.step)
+                    for seq in seqs:
+                        self._replay(seq, str(e))
+
+    def _send_step(self, epoch: Epoch, group: int, seqs: list[_Seq], chunks: tuple[Chunk, ...],
+                   toks: list[int]) -> Forward:
+        """Book a step: its deadline counts every token already in the ring ahead of it (the
+        stages work through them first)."""
+        step = self.next_step()
+        ahead = sum(r.tokens for r in self._acks.values())
+        deadline = self._clock() + self.step_timeout_s + PREFILL_S_PER_TOKEN * (ahead + len(toks))
+        self._acks[step] = _Step(group, list(seqs), tuple(s.id for s in seqs), deadline, len(toks))
+        for seq in seqs:
+            seq.inflight += 1
+            seq.deadline = max(seq.deadline, deadline)
+        return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks))
 
     def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
         out: list[tuple[Forward | Release, list[_Seq]]] = []
@@ -337,11 +533,8 @@ class Scheduler:
                                     params=None if seq.params_sent else seq.params))
                 seq.params_sent = True
                 toks.append(seq.next_token)
-            step = self.next_step()
-            self._acks[step] = gid
             g.in_flight = True
-            out.append((Forward(epoch=epoch, step=step, chunks=tuple(chunks), group=gid,
-                                tokens=tokens_to_wire(toks)), list(g.members)))
+            out.append((self._send_step(epoch, gid, g.members, tuple(chunks), toks), list(g.members)))
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
         while self._prefilling and self._prefill_in_flight < credits:
             seq = self._prefilling.popleft()
@@ -349,11 +542,8 @@ class Scheduler:
             chunk = Chunk(seq.id, start, len(toks), sample=False,
                           params=None if seq.params_sent else seq.params)
             seq.params_sent = True
-            step = self.next_step()
-            self._acks[step] = NO_GROUP
             self._prefill_in_flight += 1
-            out.append((Forward(epoch=epoch, step=step, chunks=(chunk,), group=NO_GROUP,
-                                tokens=tokens_to_wire(toks)), [seq]))
+            out.append((self._send_step(epoch, NO_GROUP, [seq], (chunk,), toks), [seq]))
             if seq.prefill:
                 self._prefilling.append(seq)  # round robin: one long prompt doesn't starve others
             else:
