@@ -31,24 +31,35 @@ Failure = tuple[tuple[SeqId, ...], str]
 
 
 class Worker:
+    """Owned by the mlx thread. The event loop reads only the plain counters below, which the
+    mlx thread writes after each operation: never the stage's dicts while they change."""
+
     def __init__(self) -> None:
         self.stage: Stage | None = None
         self.fingerprint = ""
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
+        self.shard_bytes = 0  # the loaded shard's weights
+        self.sequences = 0  # live KV caches
+        self.kv_tokens = 0  # token positions they hold (groups padded)
 
-    @property
-    def shard_bytes(self) -> int:
-        return self.stage.shard_bytes if self.stage else 0
+    def _publish(self) -> None:
+        st = self.stage
+        self.shard_bytes = st.shard_bytes if st else 0
+        self.sequences = st.sequences if st else 0
+        self.kv_tokens = st.kv_tokens() if st else 0
 
-    @property
-    def sequences(self) -> int:
-        return self.stage.sequences if self.stage else 0
+    def cap_kv(self, budget_bytes: int) -> int:
+        """Refuse new sequences beyond `budget_bytes` of KV cache; returns the cap in tokens."""
+        assert self.stage is not None
+        self.stage.max_kv_tokens = max(0, budget_bytes) // self.stage.kv_bytes_per_token
+        return self.stage.max_kv_tokens
 
     def load(self, model: str, start: int, end: int) -> None:
         """Load layers [start, end) of `model` (embedded default, local directory or hub id).
         A hub model needs only the weight files holding these layers in the local cache."""
         self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
+        self._publish()
         mx.clear_cache()
         if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not _HUB_ID.fullmatch(model):
             path = resolve_model(model)
@@ -64,18 +75,21 @@ class Worker:
                     f"--layers {start}:{end}`")
         self.stage = Stage(path, start, end)
         self.fingerprint = model_fingerprint(path)
+        self._publish()
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
         if self.stage is not None:
             self.stage.release(seqs)
         for s in seqs:
             self.samplers.pop(s, None)
+        self._publish()
 
     def expire_idle(self) -> list[SeqId]:
         """Free sequences whose Release never came (a gateway that died mid-request)."""
         dead = self.stage.expire_idle() if self.stage is not None else []
         for s in dead:
             self.samplers.pop(s, None)
+        self._publish()
         return dead
 
     def drop_sequences(self) -> None:
@@ -83,6 +97,7 @@ class Worker:
         if self.stage is not None:
             self.stage.release(list(self.stage.seq_ids))
         self.samplers.clear()
+        self._publish()
 
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
         """The message to send on, and the chunks that failed (dropped from it).
@@ -100,6 +115,7 @@ class Worker:
         if decoded is not None and self.stage.is_last:
             self._sample(step, decoded, out)    # 4. last stage: tokens for the gateway
         msg = self._pack(fwd, out)              # 5. the next stage's Forward, or the Sampled
+        self._publish()
         self.busy_seconds += time.perf_counter() - t0
         return msg, out.failures
 
