@@ -76,7 +76,7 @@ async def test_an_unanswered_step_is_reclaimed_at_its_deadline(monkeypatch: pyte
         lost = ring.unanswered.pop()  # the decode step vanished in the ring: nobody answers it
         u = asyncio.create_task(collect(sched.generate([8, 9], SamplingParams(), 3), later))
         await asyncio.sleep(0.4)  # past the step's deadline: reclaimed, the group is free again
-        assert lost.step not in sched._acks
+        assert lost.step not in sched._steps_out.acks
         await drive(ring, sched, [t, u])
         t.result(), u.result()
         sched.on_sampled(Sampled(lost.epoch, lost.step, ()))  # a late answer changes nothing

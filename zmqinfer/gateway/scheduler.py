@@ -48,12 +48,24 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
-from zmqinfer.gateway.kvbudget import group_cost, join_cost
+from zmqinfer.gateway.kvbudget import join_cost
+from zmqinfer.gateway.sequences import (
+    PAUSED,
+    PREFILL_CHUNK,
+    RETRY_AFTER_S,
+    Group,
+    Overloaded,
+    Paused,
+    RingTimeout,
+    RingUnavailable,
+    Seq,
+    Step,
+    StepBook,
+)
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     NO_GROUP,
@@ -70,10 +82,6 @@ from zmqinfer.wire import (
 
 log = structlog.get_logger()
 
-# Prompt tokens per prefill message. Smaller chunks overlap better across stages (a 1024-token
-# prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
-# steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
-PREFILL_CHUNK = 256
 # Prefill messages in the ring at once: enough to keep every stage busy with a long prompt.
 PREFILL_CREDITS_PER_STAGE = 1
 # A decode step through a healthy ring takes milliseconds; 30 s means something is wrong, and
@@ -91,31 +99,6 @@ MAX_REPLAYS = 3
 # Sequences admitted to wait for KV room (the ring holds the rest): each waits its turn, and
 # one more gets a 429 at once rather than a queue nobody is served from.
 MAX_QUEUED = 32
-# What a 429 tells the client to wait (Retry-After, seconds): about one short request's time.
-RETRY_AFTER_S = 2
-
-
-class _Paused:
-    """Queued to a parked request: the ring is being re-planned; wait up to REPLAY_WAIT_S."""
-
-
-PAUSED = _Paused()
-
-
-class RingUnavailable(Exception):
-    """The ring cannot serve right now (not assigned, a node missing, no placement fits): 503."""
-
-
-class RingTimeout(Exception):
-    """The ring stopped answering for a request within its deadline: 504."""
-
-
-class Overloaded(Exception):
-    """The admission queue is full: 429, with `retry_after` seconds for Retry-After."""
-
-    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class RingPort(Protocol):
@@ -132,55 +115,6 @@ class RingPort(Protocol):
     async def send(self, msg: Forward | Release) -> None: ...
 
 
-@dataclass
-class _Seq:
-    id: SeqId
-    epoch: Epoch  # the ring it runs on; 0 while parked
-    max_tokens: int
-    params: SamplingParams
-    history: list[int]  # prompt + every token sampled so far: what a replay prefills
-    prefill: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (start, tokens) to send
-    next_token: int = 0  # what its next decode step feeds in
-    pos: int = 0  # position of next_token
-    queue: asyncio.Queue[Sample | Exception | _Paused] = field(default_factory=asyncio.Queue)
-    params_sent: bool = False
-    group: int | None = None
-    generated: int = 0
-    done: bool = False
-    bound: int = 0  # most tokens it can ever hold: prompt + max_tokens (its KV cost)
-    deadline: float = 0.0  # when its request gives up, unless the ring's progress renews it
-    inflight: int = 0  # its steps in the ring
-    replays: int = 0  # failed steps in a row
-
-    def restart(self, epoch: Epoch) -> None:
-        """Start over on a fresh ring: prefill all but the last token of the history (cut as
-        mlx-lm cuts a prompt), which is then the first decode step."""
-        head = self.history[:-1]
-        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
-        self.next_token, self.pos = self.history[-1], len(self.history) - 1
-        self.epoch, self.params_sent, self.group = epoch, False, None
-
-
-@dataclass
-class _Group:
-    members: list[_Seq] = field(default_factory=list)
-    in_flight: bool = False
-
-    def cost(self) -> int:
-        return group_cost([s.bound for s in self.members])
-
-
-@dataclass
-class _Step:
-    """A step in the ring: what answering or reclaiming it gives back."""
-
-    group: int  # NO_GROUP: a prefill credit
-    seqs: list[_Seq]
-    ids: tuple[SeqId, ...]  # the ids it was sent with (a replayed sequence gets a new one)
-    deadline: float
-    tokens: int  # token rows it carries
-
-
 class Scheduler:
     def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float | None = None,
                  max_queued: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -189,16 +123,15 @@ class Scheduler:
         self.step_timeout_s = STEP_TIMEOUT_S if step_timeout_s is None else step_timeout_s
         self.max_queued = MAX_QUEUED if max_queued is None else max_queued
         self._clock = clock
-        self._seqs: dict[SeqId, _Seq] = {}
+        self._seqs: dict[SeqId, Seq] = {}
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
-        self._groups: dict[int, _Group] = {}
-        self._prefilling: deque[_Seq] = deque()  # waiting for (more) prefill chunks to be sent
-        self._waiting: deque[_Seq] = deque()  # admitted, waiting for KV room
-        self._prefill_in_flight = 0
-        self._acks: dict[int, _Step] = {}  # steps in flight
+        self._groups: dict[int, Group] = {}
+        self._prefilling: deque[Seq] = deque()  # waiting for (more) prefill chunks to be sent
+        self._waiting: deque[Seq] = deque()  # admitted, waiting for KV room
+        self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
-        self._parked: list[_Seq] = []
+        self._parked: list[Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
         self._progress_at = clock()  # when the ring last answered a step
         self._wake = asyncio.Event()
@@ -210,7 +143,7 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         """Steps sent and not yet answered."""
-        return len(self._acks)
+        return len(self._steps_out.acks)
 
     @property
     def queued(self) -> int:
@@ -230,7 +163,7 @@ class Scheduler:
         if not prompt:
             raise ValueError("empty prompt")
         await self.ring.wait_ready(READY_WAIT_S)
-        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
+        seq = Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
                    bound=len(prompt) + max_tokens)
         budget = self.ring.kv_tokens
         if budget is not None and seq.bound > budget:
@@ -257,7 +190,7 @@ class Scheduler:
                         continue  # renewed while we waited: the ring is working
                     raise RingTimeout(f"the ring did not answer within {self.step_timeout_s:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None
-                if isinstance(item, _Paused):
+                if isinstance(item, Paused):
                     seq.deadline = self._clock() + REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
                     continue
                 if isinstance(item, Exception):
@@ -269,25 +202,25 @@ class Scheduler:
             self._end(seq)
             slog.debug("sequence ended", generated=seq.generated)
 
-    def _deadline(self, seq: _Seq) -> float:
+    def _deadline(self, seq: Seq) -> float:
         """In flight: its steps' deadline. Waiting its turn: renewed by every answer the ring
         gives (the ring is busy with others, not stuck)."""
         if seq.inflight:  # the pump reclaims a late step at its deadline; this is the safety net
             return seq.deadline + self.step_timeout_s
         return max(seq.deadline, self._progress_at + self.step_timeout_s)
 
-    def _held(self, but: _Seq) -> int:
+    def _held(self, but: Seq) -> int:
         """KV tokens the admitted sequences (but `but`) can grow to: padded groups plus the
         ones prefilling or parked."""
         grouped = sum(g.cost() for g in self._groups.values())
         return grouped + sum(s.bound for s in self._seqs.values() if s is not but and s.group is None
                              and not s.done and s not in self._waiting)
 
-    def _fits(self, seq: _Seq) -> bool:
+    def _fits(self, seq: Seq) -> bool:
         budget = self.ring.kv_tokens
         return budget is None or self._held(seq) + seq.bound <= budget
 
-    def _admit(self, seq: _Seq) -> None:
+    def _admit(self, seq: Seq) -> None:
         """Start it on the ring if the KV budget holds it (and nobody waits before it)."""
         if self._waiting or not self._fits(seq):
             self._waiting.append(seq)
@@ -298,14 +231,14 @@ class Scheduler:
         while self._waiting and self._fits(self._waiting[0]):
             self._enqueue(self._waiting.popleft())
 
-    def _enqueue(self, seq: _Seq) -> None:
+    def _enqueue(self, seq: Seq) -> None:
         if seq.prefill:
             self._prefilling.append(seq)
         else:
             self._join(seq)
         self._wake.set()
 
-    def _join(self, seq: _Seq) -> None:
+    def _join(self, seq: Seq) -> None:
         """Put a prefilled sequence in the group it pads least (lengths closest), the smallest
         of those; it decodes from that group's next step."""
         # One group per stage is enough to keep every stage busy; each extra group only splits
@@ -313,13 +246,13 @@ class Scheduler:
         # 18.1 -> 22.0, going from stages+1 groups to stages).
         k = max(1, self.ring.n_stages)
         for gid in range(k):
-            self._groups.setdefault(gid, _Group())
+            self._groups.setdefault(gid, Group())
         gid = min(range(k), key=lambda g: (join_cost([s.bound for s in self._groups[g].members], seq.bound),
                                            len(self._groups[g].members)))
         seq.group = gid
         self._groups[gid].members.append(seq)
 
-    def _leave(self, seq: _Seq) -> None:
+    def _leave(self, seq: Seq) -> None:
         """Out of its group, the prefill queue and the admission queue."""
         g = self._groups.get(seq.group) if seq.group is not None else None
         if g is not None and seq in g.members:
@@ -330,7 +263,7 @@ class Scheduler:
         if seq in self._waiting:
             self._waiting.remove(seq)
 
-    def _end(self, seq: _Seq) -> None:
+    def _end(self, seq: Seq) -> None:
         seq.done = True
         self._seqs.pop(seq.id, None)
         self._leave(seq)
@@ -342,18 +275,11 @@ class Scheduler:
 
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
-    def _settle(self, step: int) -> _Step | None:
+    def _settle(self, step: int) -> Step | None:
         """The step is answered or reclaimed: give its group or credit back."""
-        rec = self._acks.pop(step, None)
-        if rec is None:
-            return None
-        if rec.group == NO_GROUP:
-            self._prefill_in_flight -= 1
-        elif (g := self._groups.get(rec.group)) is not None:
-            g.in_flight = False
-        for seq in rec.seqs:
-            seq.inflight -= 1
-        self._wake.set()
+        rec = self._steps_out.settle(step, self._groups)
+        if rec is not None:
+            self._wake.set()
         return rec
 
     def on_sampled(self, msg: Sampled) -> None:
@@ -381,7 +307,7 @@ class Scheduler:
         if msg.epoch != self.ring.epoch:
             return
         reason = f"node {msg.node} failed the step: {msg.reason}"
-        rec = self._acks.get(msg.step)
+        rec = self._steps_out.acks.get(msg.step)
         if rec is not None and set(rec.ids) <= set(msg.seqs):
             self._settle(msg.step)
         for sid in msg.seqs:
@@ -390,17 +316,14 @@ class Scheduler:
 
     def _reap(self) -> None:
         """Reclaim every step past its deadline; its sequences replay."""
-        now = self._clock()
-        for step, rec in list(self._acks.items()):
-            if rec.deadline <= now:
-                self._settle(step)
-                log.warning("step not answered in time: replaying its sequences", step=step,
-                            seqs=list(rec.ids))
-                for seq, sid in zip(rec.seqs, rec.ids):
-                    if seq.id == sid:
-                        self._replay(seq, f"step {step} was not answered within its deadline")
+        for step, rec in self._steps_out.due(self._clock()):
+            self._settle(step)
+            log.warning("step not answered in time: replaying its sequences", step=step, seqs=list(rec.ids))
+            for seq, sid in zip(rec.seqs, rec.ids):
+                if seq.id == sid:
+                    self._replay(seq, f"step {step} was not answered within its deadline")
 
-    def _replay(self, seq: _Seq, reason: str) -> None:
+    def _replay(self, seq: Seq, reason: str) -> None:
         """Start the sequence over on the same ring from its history, under a fresh id (its old
         caches are released behind whatever of it is still in the ring); or, after MAX_REPLAYS
         failures in a row, fail it with `reason`."""
@@ -463,26 +386,19 @@ class Scheduler:
 
     def _forget_ring(self) -> None:
         self._groups.clear()
-        self._acks.clear()
+        self._steps_out = StepBook()
         self._prefilling.clear()
         self._waiting.clear()
-        self._prefill_in_flight = 0
         for seq in self._seqs.values():
             seq.inflight, seq.group = 0, None
 
     # ---- the pump: the one writer to the ring ----------------------------------------------
 
-    def _next_deadline(self) -> float | None:
-        """Seconds until the first step in flight is due (the pump wakes then to reclaim it)."""
-        if not self._acks:
-            return None
-        return max(0.0, min(r.deadline for r in self._acks.values()) - self._clock())
-
     async def pump(self) -> None:
         """Owned by the gateway's TaskGroup: decides and sends every message, in order."""
         while True:
             try:
-                async with asyncio.timeout(self._next_deadline()):
+                async with asyncio.timeout(self._steps_out.next_due(self._clock())):
                     await self._wake.wait()
             except TimeoutError:
                 pass  # a step is due: reclaimed below
@@ -501,21 +417,18 @@ class Scheduler:
                     for seq in seqs:
                         self._replay(seq, str(e))
 
-    def _send_step(self, epoch: Epoch, group: int, seqs: list[_Seq], chunks: tuple[Chunk, ...],
+    def _send_step(self, epoch: Epoch, group: int, seqs: list[Seq], chunks: tuple[Chunk, ...],
                    toks: list[int]) -> Forward:
         """Book a step: its deadline counts every token already in the ring ahead of it (the
         stages work through them first)."""
         step = self.next_step()
-        ahead = sum(r.tokens for r in self._acks.values())
+        ahead = self._steps_out.tokens()
         deadline = self._clock() + self.step_timeout_s + PREFILL_S_PER_TOKEN * (ahead + len(toks))
-        self._acks[step] = _Step(group, list(seqs), tuple(s.id for s in seqs), deadline, len(toks))
-        for seq in seqs:
-            seq.inflight += 1
-            seq.deadline = max(seq.deadline, deadline)
+        self._steps_out.book(step, group, seqs, deadline, len(toks))
         return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks))
 
-    def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
-        out: list[tuple[Forward | Release, list[_Seq]]] = []
+    def _decide(self) -> list[tuple[Forward | Release, list[Seq]]]:
+        out: list[tuple[Forward | Release, list[Seq]]] = []
         epoch = self.ring.epoch
         if self._releases:
             batch, self._releases = self._releases, []
@@ -536,13 +449,12 @@ class Scheduler:
             g.in_flight = True
             out.append((self._send_step(epoch, gid, g.members, tuple(chunks), toks), list(g.members)))
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
-        while self._prefilling and self._prefill_in_flight < credits:
+        while self._prefilling and self._steps_out.prefills < credits:
             seq = self._prefilling.popleft()
             start, toks = seq.prefill.popleft()
             chunk = Chunk(seq.id, start, len(toks), sample=False,
                           params=None if seq.params_sent else seq.params)
             seq.params_sent = True
-            self._prefill_in_flight += 1
             out.append((self._send_step(epoch, NO_GROUP, [seq], (chunk,), toks), [seq]))
             if seq.prefill:
                 self._prefilling.append(seq)  # round robin: one long prompt doesn't starve others
