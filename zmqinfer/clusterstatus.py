@@ -45,6 +45,8 @@ class ClusterStatus(TypedDict):
     n_layers: int
     epoch: int
     active_requests: int
+    queued_requests: int  # admitted, waiting for KV room in the ring
+    kv_tokens: int | None  # KV cache the ring holds (prompt + max_tokens per request, padded)
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
 

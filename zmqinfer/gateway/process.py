@@ -121,6 +121,7 @@ class Gateway:
                 row["excluded"] = ring.excluded[NodeId(row["name"])]
         return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
                 "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": self.scheduler.active,
+                "queued_requests": self.scheduler.queued, "kv_tokens": ring.kv_tokens,
                 "replans": self.planner.history[-5:], "nodes": nodes}
 
     async def cluster_ping(self) -> ClusterPing:
