@@ -20,6 +20,7 @@ from zmqinfer.gateway.placement import ModelSize
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import Scheduler
+from zmqinfer.model.size import KV_COPY_FACTOR
 from zmqinfer.liveness import Liveness
 from zmqinfer.wire import Assign, Loaded, Message, NodeId
 
@@ -158,5 +159,5 @@ async def test_plans_keep_room_for_kv_and_runtime_and_the_ring_knows_its_kv_budg
     roomy = cluster(["a"], free=weights + reserve + 64 * MIB)
     await roomy.until(lambda: roomy.serving() == ["a"])
     cap = roomy.members.capacity(roomy.members.usable())[0].free_bytes
-    expect = (cap - weights - RUNTIME_HEADROOM_BYTES) // (SIZE.kv_bytes_per_token * SIZE.n_layers)
+    expect = (cap - weights - RUNTIME_HEADROOM_BYTES) // (KV_COPY_FACTOR * SIZE.kv_bytes_per_token * SIZE.n_layers)
     assert roomy.ring.kv_tokens == expect and expect >= KV_RESERVE_TOKENS

@@ -131,7 +131,7 @@ async def test_admission_respects_the_kv_budget_and_429s_when_the_queue_is_full(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scheduler_mod, "MAX_QUEUED", 2)
     ring = MemoryRing(n_stages=1)
-    ring.kv_tokens = 250  # room for two sequences of 10 + 100 tokens, not three
+    ring.kv_tokens = 600  # room for two sequences of 10 + 100 tokens (a 256-position step each), not three
     sched = Scheduler(ring, {EOS})
     outs: list[list[int]] = [[] for _ in range(4)]
     async with asyncio.timeout(TEST_DEADLINE_S), running(sched):
@@ -142,8 +142,8 @@ async def test_admission_respects_the_kv_budget_and_429s_when_the_queue_is_full(
         with pytest.raises(Overloaded, match="limit 2") as e:  # a fifth: the queue is full
             await anext(sched.generate([1, 2], SamplingParams(), 10))
         assert e.value.retry_after > 0
-        with pytest.raises(RingUnavailable, match="holds 250"):  # one that could never fit
-            await anext(sched.generate(list(range(1, 200)), SamplingParams(), 100))
+        with pytest.raises(RingUnavailable, match="holds 600"):  # one that could never fit
+            await anext(sched.generate(list(range(1, 600)), SamplingParams(), 100))
         most = 0
         for _ in range(2000):
             await settle()

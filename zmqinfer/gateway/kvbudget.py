@@ -2,7 +2,8 @@
 
     plan time:  each stage's free memory - its weights - RUNTIME_HEADROOM_BYTES = its KV room
                 -> tokens of KV the stage can hold; the ring holds the least of them
-    admission:  a sequence costs prompt + max_tokens tokens at most (the gateway knows both);
+    admission:  a sequence costs prompt + max_tokens tokens at most (the gateway knows both),
+                in whole cache steps; the budget is halved for caches that are copied as they grow;
                 a decode group is left-padded to its longest member (mlx-lm BatchKVCache), so a
                 group of n costs n x its longest bound
     join:       a prefilled sequence goes to the group it makes least padded (closest lengths)
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from zmqinfer.gateway.placement import NodeCapacity, Placement
+from zmqinfer.model.size import KV_COPY_FACTOR, kv_positions
 from zmqinfer.model.size import ModelSize
 
 # KV every stage must have room for on top of its weights when the ring is planned: one long
@@ -41,8 +43,13 @@ def ring_kv_tokens(placements: Sequence[Placement], capacity: Sequence[NodeCapac
     for p in placements:
         weights = size.stage_bytes(p.n_layers, p.start == 0, p.end == n)
         room = free.get(p.node, 0) - weights - RUNTIME_HEADROOM_BYTES
-        tokens.append(max(0, room) // (size.kv_bytes_per_token * p.n_layers))
+        tokens.append(max(0, room) // (KV_COPY_FACTOR * size.kv_bytes_per_token * p.n_layers))
     return min(tokens)
+
+
+def seq_bound(prompt_tokens: int, max_tokens: int) -> int:
+    """KV positions a sequence can come to hold: prompt + max_tokens, in whole cache steps."""
+    return kv_positions(prompt_tokens + max_tokens)
 
 
 def group_cost(bounds: Sequence[int]) -> int:

@@ -52,7 +52,7 @@ from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
-from zmqinfer.gateway.kvbudget import join_cost
+from zmqinfer.gateway.kvbudget import join_cost, seq_bound
 from zmqinfer.gateway.sequences import (
     PAUSED,
     PREFILL_CHUNK,
@@ -164,7 +164,7 @@ class Scheduler:
             raise ValueError("empty prompt")
         await self.ring.wait_ready(READY_WAIT_S)
         seq = Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
-                   bound=len(prompt) + max_tokens)
+                   bound=seq_bound(len(prompt), max_tokens))
         budget = self.ring.kv_tokens
         if budget is not None and seq.bound > budget:
             raise RingUnavailable(f"this request may need {seq.bound} tokens of KV cache (prompt "

@@ -308,7 +308,8 @@ class Node:
             self._connect_out(a)
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
-        cap = await self._mlx(self.worker.cap_kv, self._kv_budget(rss))
+        limited = self.opts.memory_limit is not None  # a limit to keep: freed buffers go back
+        cap = await self._mlx(self.worker.cap_kv, self._kv_budget(rss), KV_HEADROOM_BYTES if limited else None)
         self.log.info("kv cache capped", tokens=cap)
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
                       seconds=round(time.monotonic() - t0, 2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from zmqinfer.model.size import KV_COPY_FACTOR
 from zmqinfer.model.resolve import (
     _HUB_ID,
     DEFAULT_MODEL,
@@ -49,10 +50,14 @@ class Worker:
         self.sequences = st.sequences if st else 0
         self.kv_tokens = st.kv_tokens() if st else 0
 
-    def cap_kv(self, budget_bytes: int) -> int:
-        """Refuse new sequences beyond `budget_bytes` of KV cache; returns the cap in tokens."""
+    def cap_kv(self, budget_bytes: int, cache_bytes: int | None = None) -> int:
+        """Refuse new sequences beyond `budget_bytes` of KV cache; returns the cap in tokens.
+        `cache_bytes`: what mlx's allocator may keep of freed buffers (by default it keeps them
+        all, and a node under a memory limit grew ~40% past its KV: caches of every size)."""
         assert self.stage is not None
-        self.stage.max_kv_tokens = max(0, budget_bytes) // self.stage.kv_bytes_per_token
+        if cache_bytes is not None:
+            mx.set_cache_limit(cache_bytes)
+        self.stage.max_kv_tokens = max(0, budget_bytes) // (KV_COPY_FACTOR * self.stage.kv_bytes_per_token)
         return self.stage.max_kv_tokens
 
     def load(self, model: str, start: int, end: int) -> None:
