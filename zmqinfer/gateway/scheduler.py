@@ -84,8 +84,11 @@ log = structlog.get_logger()
 
 # Prefill messages in the ring at once: enough to keep every stage busy with a long prompt.
 PREFILL_CREDITS_PER_STAGE = 1
-# A decode step through a healthy ring takes milliseconds; 30 s means something is wrong, and
-# the client hears so instead of waiting forever. Prefill gets more per prompt token.
+# A decode step through a healthy ring takes milliseconds; 30 s means something is wrong. A step
+# is reclaimed (its sequences replay) STEP_TIMEOUT_S after it was sent plus PREFILL_S_PER_TOKEN
+# for every token row in it and ahead of it in the ring (a 256-token chunk behind 3 others:
+# 30 + 20 s). A request waiting its turn times out only when the ring answers nothing at all
+# for STEP_TIMEOUT_S.
 STEP_TIMEOUT_S = 30.0
 PREFILL_S_PER_TOKEN = 0.02
 # How long a request waits for the ring to become ready before it gets a 503.
