@@ -17,15 +17,18 @@ FAMILIES = ("llama", "qwen3")
 
 
 def make_tiny_model(dest: Path, family: str, *, n_layers: int = 4, hidden: int = 64,
-                    vocab: int = 256, tied: bool = False, seed: int = 0) -> Path:
+                    vocab: int = 256, tied: bool = False, seed: int = 0, kv_heads: int = 2,
+                    head_dim: int | None = None) -> Path:
+    """`kv_heads` and `head_dim` set the KV cache per token independently of the (tiny)
+    weights: a model whose KV dwarfs its weights, for memory tests."""
     config = {
         "model_type": family,
         "hidden_size": hidden,
         "num_hidden_layers": n_layers,
         "intermediate_size": hidden * 2,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": hidden // 4,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim or hidden // 4,
         "rms_norm_eps": 1e-5,
         "vocab_size": vocab,
         "rope_theta": 10000.0,

@@ -105,6 +105,8 @@ class ClusterStatus(TypedDict):
     devices: int  # distinct devices among the stages: stages on one machine are one device
     groups: int  # micro-batch groups the scheduler keeps in the ring
     decode_steps: int  # group decode steps the ring has completed since the gateway started
+    queued_requests: int  # admitted, waiting for KV room in the ring
+    kv_tokens: int | None  # KV cache the ring holds (prompt + max_tokens per request, padded)
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]

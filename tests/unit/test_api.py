@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.test_textout import load_tokenizer
 from zmqinfer.gateway.api import make_app
-from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable
+from zmqinfer.gateway.scheduler import Overloaded, RingTimeout, RingUnavailable
 from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 TEXT = "Hello world, this is a test."
@@ -339,11 +339,22 @@ async def test_too_many_requests():
             await backend.hanging.wait()
             r = await client.post("/v1/completions", json=COMPLETION)
             assert r.status == 429 and (await r.json())["error"]["code"] == "rate_limit_exceeded"
+            assert int(r.headers["Retry-After"]) > 0
         finally:
             first.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await first
         await wait_for(lambda: backend.endings)
+
+
+async def test_a_full_admission_queue_is_a_429_with_retry_after():
+    backend = ScriptedBackend(script(), error=Overloaded("12 requests already wait (limit 12)", 3))
+    async with serve(backend) as client:
+        for stream in (False, True):
+            r = await client.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+            body = await r.json()
+            assert r.status == 429 and r.headers["Retry-After"] == "3", body
+            assert body["error"]["code"] == "rate_limit_exceeded" and "limit 12" in body["error"]["message"]
 
 
 # ---- health and cluster -----------------------------------------------------------------------

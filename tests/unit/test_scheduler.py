@@ -23,6 +23,7 @@ class MemoryRing:
     def __init__(self, n_stages: int = 3) -> None:
         self.epoch = Epoch(1)
         self.n_stages = self.n_devices = n_stages  # a device per stage
+        self.kv_tokens: int | None = None
         self.sent: list[Forward | Release] = []
         self.unanswered: list[Forward] = []
         self.max_in_flight = 0

@@ -53,7 +53,13 @@ from zmqinfer.gateway.httpio import (
 from zmqinfer.gateway.metrics import METRICS, Metrics, serve_metrics
 from zmqinfer.gateway.openapi import openapi
 from zmqinfer.gateway.prompt import Plan, plan
-from zmqinfer.gateway.scheduler import RingTimeout, RingUnavailable, StepNotSent
+from zmqinfer.gateway.scheduler import (
+    RETRY_AFTER_S,
+    Overloaded,
+    RingTimeout,
+    RingUnavailable,
+    StepNotSent,
+)
 from zmqinfer.gateway.shapes import ChatShape, CompletionShape
 from zmqinfer.gateway.textout import (
     Delta,
@@ -174,9 +180,15 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[LOG] = structlog.get_logger().bind(request_id=request_id)
     try:
         return await handler(request)
+    except Overloaded as e:  # the admission queue is full: the client may retry, and when
+        request[LOG].info("request refused", status=429, error=str(e))
+        return web.json_response(error_body(str(e), type="rate_limit_error", code="rate_limit_exceeded"),
+                                 status=429, headers={"Retry-After": str(e.retry_after)})
     except RequestError as e:
         request[LOG].info("request refused", status=e.status, error=e.message)
         response = _error(e.status, e.message, param=e.param, code=e.code)
+        if e.status == 429:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
         if e.status == 408:
             response.force_close()  # the rest of that body may still come: not a request
         return response

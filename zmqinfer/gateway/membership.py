@@ -108,6 +108,9 @@ class Member:
     hop_s: float | None = None  # control-plane round trip (gateway/metrics.py measures it)
     left: str | None = None  # why it said Bye; None while it is a member in good standing
     draining: bool = False
+    # Why its last load failed, and the beat it failed under: it gets layers again only once
+    # a beat shows something new (another process, port, memory or device).
+    load_failed: tuple[str, tuple[object, ...]] | None = None
 
     @property
     def claimed(self) -> tuple[str, ...]:
@@ -155,6 +158,12 @@ class Member:
 
     def where(self) -> str:
         return f"{self.name} ({self.address or 'address unknown'})"
+
+
+def _news(beat: Heartbeat) -> tuple[object, ...]:
+    """What in a beat would make a failed load worth retrying: the process, its port, its
+    memory, its device. Free memory and counters move every beat and say nothing new."""
+    return (beat.pid, beat.data_port, beat.mem_total, beat.device)
 
 
 class Membership:
@@ -211,6 +220,8 @@ class Membership:
             m.shard_bytes = 0
         if m.left is not None and not m.draining:
             m.left = None  # it came back after saying goodbye
+        if m.load_failed is not None and _news(beat) != m.load_failed[1]:
+            m.load_failed = None  # restarted or changed: worth another try
         m.beat, m.peer_address = beat, peer_address or m.peer_address
         self.live.heard(name)
         return m
@@ -221,6 +232,16 @@ class Membership:
             m.beat = dataclasses.replace(m.beat, epoch=msg.epoch, loaded=msg.ok)
         m.shard_bytes = msg.shard_bytes if msg.ok else 0
         self.live.heard(m.name)  # loading can starve beats on a busy machine; Loaded is a beat too
+
+    def refuse_load(self, m: Member, reason: str) -> None:
+        """Its load failed: leave it out of plans until its beat shows something new."""
+        if m.beat is not None:
+            m.load_failed = (reason, _news(m.beat))
+
+    def load_refusals(self) -> dict[NodeId, str]:
+        """Alive nodes left out because their load failed, with the reason (for status)."""
+        return {m.name: f"{m.load_failed[0]} (tried again when it restarts)"
+                for m in self.members.values() if m.load_failed is not None and self.alive(m)}
 
     def on_bye(self, m: Member, reason: str, draining: bool) -> None:
         m.left, m.draining = reason, draining
@@ -233,8 +254,9 @@ class Membership:
         return m.left is None and self.live.alive(m.name) and m.beat is not None
 
     def usable(self) -> list[Member]:
-        """Alive, not refused, not leaving: in ring order."""
-        return [m for n in self.order if self.alive(m := self.members[n]) and m.refused is None]
+        """Alive, not refused, not leaving, not failing to load: in ring order."""
+        return [m for n in self.order if self.alive(m := self.members[n]) and m.refused is None
+                and m.load_failed is None]
 
     def expected(self) -> list[Member]:
         """What a first plan waits for: every listed node and every unrefused advertised one."""
@@ -269,6 +291,8 @@ class Membership:
             return f"left ({m.left})"
         if not self.live.alive(m.name):
             return f"stopped sending heartbeats {self.live.silent_for(m.name):.1f}s ago"
+        if m.load_failed is not None:
+            return f"left out: {m.load_failed[0]}"
         if m.beat.epoch != epoch:
             return "restarted (serves no epoch)" if m.beat.epoch == 0 else f"serves epoch {m.beat.epoch}"
         return "ok" if m.beat.loaded else "loading"

@@ -9,6 +9,13 @@
 A re-plan bumps the epoch, so whatever the old ring still carries (a frozen node waking up, a
 step in a dead node's socket) is dropped unread by everyone. Survivors load the layers the new
 plan gives them. Requests parked by the scheduler replay on the new ring (scheduler.py).
+
+A node that cannot load its layers (missing shard files, another model) is left out at once,
+with its reason in /cluster/status, and the ring is re-planned over the others without waiting;
+it is given layers again only once its heartbeat shows something new (membership.py). A Loaded
+lost on the way is not waited for: a heartbeat saying "loaded, this epoch" counts too. Every
+plan reserves KV cache and runtime headroom beside the weights (kvbudget.py), and the ring's KV
+budget goes to the scheduler's admission.
 """
 
 from __future__ import annotations
@@ -22,16 +29,23 @@ import structlog
 import zmq
 
 from zmqinfer.clusterstatus import Replan
+from zmqinfer.gateway.kvbudget import (
+    KV_RESERVE_TOKENS,
+    RUNTIME_HEADROOM_BYTES,
+    ring_kv_tokens,
+)
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.placement import (
+    MemoryPlan,
     ModelSize,
+    NodeCapacity,
     Placement,
     PlacementError,
     plan_by_memory,
 )
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.liveness import DEAD_AFTER_S
-from zmqinfer.wire import Assign, Message, NodeId
+from zmqinfer.wire import Assign, Epoch, Message, NodeId
 
 if TYPE_CHECKING:
     from zmqinfer.mdns.presence import GatewayDirectory
@@ -40,7 +54,6 @@ log = structlog.get_logger()
 
 PLAN_TICK_S = 0.2  # how often the planner looks at membership
 LOAD_TIMEOUT_S = 600.0  # a node converting or reading a large model from disk can take minutes
-LOAD_RETRY_S = 10.0  # after a failed load, try again this much later (not every tick)
 # The first ring waits for every node it expects, but not forever: after this long it starts
 # with the live ones (a node that comes later joins through a planned re-plan).
 STARTUP_GRACE_S = 10.0
@@ -95,7 +108,6 @@ class Planner:
         self._started = time.monotonic()
         self._usable: tuple[NodeId, ...] = ()
         self._usable_since = time.monotonic()
-        self._retry_at = 0.0
         self._warned_drain = False
 
     def waiting_for(self) -> str:
@@ -126,7 +138,7 @@ class Planner:
         if not usable:
             self.ring.reason = self.waiting_for()
             return
-        if time.monotonic() < self._retry_at or not self._may_plan_first(usable):
+        if not self._may_plan_first(usable):
             return
         await self._assign(usable)
 
@@ -146,7 +158,7 @@ class Planner:
         if not leaving and not joiners:
             return False
         try:  # never give up a working ring for one that cannot be built
-            plan_by_memory(members.capacity(members.usable()), self.size)
+            self._plan(members.capacity(members.usable()))
         except PlacementError as e:
             if not self._warned_drain:
                 log.error("cannot re-plan without the leaving node(s); the ring stays as it is",
@@ -188,10 +200,16 @@ class Planner:
         log.warning("ring down: re-planning", epoch=self.ring.epoch, reason=reason, parked=parked,
                     silent_s=silent or None)
 
+    def _plan(self, capacity: list[NodeCapacity]) -> MemoryPlan:
+        """Layers by memory, each stage keeping room for KV and runtime beside its weights."""
+        return plan_by_memory(capacity, self.size, kv_tokens=KV_RESERVE_TOKENS,
+                              overhead_bytes=RUNTIME_HEADROOM_BYTES)
+
     async def _assign(self, usable: list[Member]) -> None:
         members = self.members
+        capacity = members.capacity(usable)
         try:
-            plan = plan_by_memory(members.capacity(usable), self.size)
+            plan = self._plan(capacity)
         except PlacementError as e:
             reason = f"the live nodes cannot hold the model: {e}"
             if reason != self.ring.reason:
@@ -219,12 +237,14 @@ class Planner:
                 self.ring.reason = f"cannot reach {ring[i].where()}: {e or 'send timed out'}"
                 return
         self.ring.reason = f"nodes are loading their layers (epoch {epoch})"
-        if not await self._await_loaded(ring):
+        if not await self._await_loaded(ring, epoch):
             return
         first = ring[0]
         assert first.beat is not None  # usable members have beaten
-        self.ring.bring_up(placement, plan.excluded, f"tcp://{first.address}:{first.beat.data_port}",
-                           n_devices=len({_device(m) for m in ring}))
+        excluded = plan.excluded | members.load_refusals()
+        self.ring.bring_up(placement, excluded, f"tcp://{first.address}:{first.beat.data_port}",
+                           n_devices=len({_device(m) for m in ring}),
+                           kv_tokens=ring_kv_tokens(placement, capacity, self.size))
         self._planned_over = {m.name for m in usable}
         resumed = self.requests.resume()
         self._record(placement, resumed)
@@ -232,21 +252,29 @@ class Planner:
         if self.on_ready is not None:
             self.on_ready(placement)
 
-    async def _await_loaded(self, ring: list[Member]) -> bool:
+    async def _await_loaded(self, ring: list[Member], epoch: Epoch) -> bool:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while True:
-            failed = [m for m in ring if m.loaded is not None and not m.loaded.ok]
-            wrong = [m for m in ring if m.loaded is not None and m.loaded.ok
-                     and m.loaded.fingerprint != self.served.fingerprint]
-            if failed or wrong:
-                self.ring.reason = "; ".join(
-                    [f"{m.where()} could not load its layers: {m.loaded.detail}" for m in failed if m.loaded]
-                    + [f"{m.where()} loaded a different model (fingerprint {m.loaded.fingerprint}, "
-                       f"gateway has {self.served.fingerprint})" for m in wrong if m.loaded])
-                self._retry_at = time.monotonic() + LOAD_RETRY_S
-                log.error("ring not built", reason=self.ring.reason)
+            failed = {m.name: f"could not load its layers: {m.loaded.detail}"
+                      for m in ring if m.loaded is not None and not m.loaded.ok}
+            failed |= {m.name: f"loaded a different model (fingerprint {m.loaded.fingerprint}, "
+                               f"gateway has {self.served.fingerprint})"
+                       for m in ring if m.loaded is not None and m.loaded.ok
+                       and m.loaded.fingerprint != self.served.fingerprint}
+            if failed:
+                # Planning the same ring again would fail the same way: leave these nodes out
+                # until they show something new, and re-plan over the others at once.
+                for m in ring:
+                    if m.name in failed:
+                        self.members.refuse_load(m, failed[m.name])
+                self.ring.reason = "; ".join(f"{self.members.members[n].where()} {why}" for n, why in failed.items())
+                log.error("ring not built: re-planning without the node(s) that failed",
+                          reason=self.ring.reason)
                 return False
-            if all(m.loaded is not None for m in ring):
+            # A Loaded lost to a control-plane blip must not stall the plan: a beat that says
+            # "loaded, this epoch" is the same news (only the fingerprint check needs Loaded).
+            if all(m.loaded is not None or (m.beat is not None and m.beat.epoch == epoch and m.beat.loaded)
+                   for m in ring):
                 return True
             dead = [m for m in ring if not self.members.alive(m)]
             if dead or time.monotonic() > deadline:

@@ -153,7 +153,7 @@ class Gateway:
                          "micro_batches_in_flight": s.in_flight, "stale_epoch_drops": self.stale_drops},
                 "throughput": self.metrics.throughput(),
                 "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
-                "decode_steps": s.decode_steps,
+                "decode_steps": s.decode_steps, "queued_requests": s.queued, "kv_tokens": ring.kv_tokens,
                 "replans": self.planner.history[-5:], "nodes": nodes, "security": security}
 
     async def cluster_ping(self) -> ClusterPing:

@@ -40,6 +40,7 @@ class Ring:
         self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.closing = False  # the gateway is shutting down: no new requests
+        self.kv_tokens: int | None = None  # KV cache the ring can hold (kvbudget.py); None: unknown
         self._push: zmq.asyncio.Socket | None = None
 
     @property
@@ -93,13 +94,14 @@ class Ring:
         self.reason, self.no_capacity = reason, True
 
     def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
-                 n_devices: int) -> None:
+                 n_devices: int, kv_tokens: int | None = None) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
         curve = self._keys.toward(placement[0].node) if self._keys is not None else None
         old, self._push = self._push, sockets.data_push(self._ctx, first_data, curve)
         if old is not None:
             old.close(linger=0)
-        self.placement, self.excluded, self.n_devices = placement, dict(excluded), n_devices
+        self.placement, self.excluded = placement, dict(excluded)
+        self.n_devices, self.kv_tokens = n_devices, kv_tokens
         self.ready.set()
         self.reason, self.rebuilding = "", False
 

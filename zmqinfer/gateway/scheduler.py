@@ -27,6 +27,19 @@ sequence forgets the old ring's caches and, on `resume()` into the new epoch, is
 from its own history (prompt + every token already sampled), then decodes on from its last
 token. Its client only sees a pause: no token is repeated or skipped, and greedy output is the
 same as without the fault (up to the float-rounding near-ties batching already allows).
+
+Every step is answered or reclaimed. A step carries a deadline (STEP_TIMEOUT_S plus the prompt
+tokens in the ring ahead of it); one not answered by then, one that never left, or one a node
+reports failed (StepFailed) gives its group or prefill credit back, and each of its sequences
+replays on the same ring under a fresh id (its old caches are released): the same replay as
+after a re-plan. A sequence that fails MAX_REPLAYS times in a row fails with the last reason.
+
+A request's deadline counts from the ring's work on it, not from its arrival: while one of its
+steps is in flight it is that step's deadline; while it waits for its turn (credits, its group,
+the KV budget) it is renewed every time the ring answers any step, so a queue behind other
+prompts is never a timeout, and only a ring that stops answering is. Admission is bounded: a
+sequence the KV budget (kvbudget.py) cannot hold yet waits, up to MAX_QUEUED of them; one more
+is refused at once (Overloaded: 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -35,11 +48,24 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
+from zmqinfer.gateway.kvbudget import join_cost, seq_bound
+from zmqinfer.gateway.sequences import PREFILL_CHUNK as PREFILL_CHUNK  # part of its contract
+from zmqinfer.gateway.sequences import (
+    PAUSED,
+    RETRY_AFTER_S,
+    Group,
+    Overloaded,
+    Paused,
+    RingTimeout,
+    RingUnavailable,
+    Seq,
+    Step,
+    StepBook,
+)
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     NO_GROUP,
@@ -56,18 +82,17 @@ from zmqinfer.wire import (
 
 log = structlog.get_logger()
 
-# Prompt tokens per prefill message. Smaller chunks overlap better across stages (a 1024-token
-# prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
-# steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
-PREFILL_CHUNK = 256
 # Prefill messages in the ring at once: one per stage keeps every stage busy with long prompts
 # (per stage, not per device: stages that share a machine of several cores still overlap).
 PREFILL_CREDITS_PER_STAGE = 1
 # Micro-batch groups beyond one per device: while one group's tokens travel back through the
 # gateway, the spare keeps the first device busy (README, "Keeping every device busy").
-SPARE_GROUPS = 0
-# A decode step through a healthy ring takes milliseconds; 30 s means something is wrong, and
-# the client hears so instead of waiting forever. Prefill gets more per prompt token.
+SPARE_GROUPS = 1
+# A decode step through a healthy ring takes milliseconds; 30 s means something is wrong. A step
+# is reclaimed (its sequences replay) STEP_TIMEOUT_S after it was sent plus PREFILL_S_PER_TOKEN
+# for every token row in it and ahead of it in the ring (a 256-token chunk behind 3 others:
+# 30 + 20 s). A request waiting its turn times out only when the ring answers nothing at all
+# for STEP_TIMEOUT_S.
 STEP_TIMEOUT_S = 30.0
 PREFILL_S_PER_TOKEN = 0.02
 # How long a request waits for the ring to become ready before it gets a 503.
@@ -75,6 +100,12 @@ READY_WAIT_S = 10.0
 # How long a parked request waits for the re-planned ring (detection, survivors loading their
 # extra layers, its own re-prefill) before it gets a 504; a "no capacity" verdict ends it sooner.
 REPLAY_WAIT_S = 120.0
+# Failed or unanswered steps in a row after which a sequence fails instead of replaying again:
+# one is a blip, three on the same ring is a node that cannot run it.
+MAX_REPLAYS = 3
+# Sequences admitted to wait for KV room (the ring holds the rest): each waits its turn, and
+# one more gets a 429 at once rather than a queue nobody is served from.
+MAX_QUEUED = 32
 
 
 def groups(n_devices: int) -> int:
@@ -83,24 +114,9 @@ def groups(n_devices: int) -> int:
     return 1 if n_devices <= 1 else n_devices + SPARE_GROUPS
 
 
-class _Paused:
-    """Queued to a parked request: the ring is being re-planned; wait up to REPLAY_WAIT_S."""
-
-
-PAUSED = _Paused()
-
-
-class RingUnavailable(Exception):
-    """The ring cannot serve right now (not assigned, a node missing, no placement fits): 503."""
-
-
 class StepNotSent(Exception):
     """A step that could not be encoded or sent for a reason other than the ring (a bug, or a
     value the wire cannot carry): its requests fail with a 500; the pump and the rest go on."""
-
-
-class RingTimeout(Exception):
-    """The ring stopped answering for a request within its deadline: 504."""
 
 
 class RingPort(Protocol):
@@ -112,59 +128,32 @@ class RingPort(Protocol):
     def n_stages(self) -> int: ...
     @property
     def n_devices(self) -> int: ...  # distinct machines (or simulated devices) among the stages
+    @property
+    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (kvbudget.py); None: no limit
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
 
 
-@dataclass
-class _Seq:
-    id: SeqId
-    epoch: Epoch  # the ring it runs on; 0 while parked
-    max_tokens: int
-    params: SamplingParams
-    history: list[int]  # prompt + every token sampled so far: what a replay prefills
-    prefill: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (start, tokens) to send
-    next_token: int = 0  # what its next decode step feeds in
-    pos: int = 0  # position of next_token
-    queue: asyncio.Queue[Sample | Exception | _Paused] = field(default_factory=asyncio.Queue)
-    params_sent: bool = False
-    group: int | None = None
-    generated: int = 0
-    done: bool = False
-    arrived: float = field(default_factory=time.monotonic)  # generate() called: queue time starts
-    started: bool = False  # its first message on the current ring has been decided (running)
-    queued: bool = True  # never started on any ring yet (queue time not yet observed)
-
-    def restart(self, epoch: Epoch) -> None:
-        """Start over on a fresh ring: prefill all but the last token of the history (cut as
-        mlx-lm cuts a prompt), which is then the first decode step."""
-        head = self.history[:-1]
-        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
-        self.next_token, self.pos = self.history[-1], len(self.history) - 1
-        self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False
-
-
-@dataclass
-class _Group:
-    members: list[_Seq] = field(default_factory=list)
-    in_flight: bool = False
-
-
 class Scheduler:
-    def __init__(self, ring: RingPort, eos_ids: set[int]) -> None:
+    def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float | None = None,
+                 max_queued: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.ring = ring
         self.eos_ids = eos_ids
-        self._seqs: dict[SeqId, _Seq] = {}
+        self.step_timeout_s = STEP_TIMEOUT_S if step_timeout_s is None else step_timeout_s
+        self.max_queued = MAX_QUEUED if max_queued is None else max_queued
+        self._clock = clock
+        self._seqs: dict[SeqId, Seq] = {}
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
-        self._groups: dict[int, _Group] = {}
-        self._prefilling: deque[_Seq] = deque()  # waiting for (more) prefill chunks to be sent
-        self._prefill_in_flight = 0
-        self._acks: dict[int, int] = {}  # step in flight -> its group, NO_GROUP for a prefill chunk
+        self._groups: dict[int, Group] = {}
+        self._prefilling: deque[Seq] = deque()  # waiting for (more) prefill chunks to be sent
+        self._waiting: deque[Seq] = deque()  # admitted, waiting for KV room
+        self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
-        self._parked: list[_Seq] = []
+        self._parked: list[Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
+        self._progress_at = clock()  # when the ring last answered a step
         self._wake = asyncio.Event()
         self.decode_steps = 0  # group steps answered: what `bench --simulate` counts
         self._admitting = 0  # requests waiting for a ready ring before they get a sequence
@@ -182,14 +171,19 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Admitted but nothing in the ring yet: waiting for a ring, queued for prefill, parked."""
+        """Admitted but nothing in the ring yet: waiting for a ring, queued, parked."""
         return self._admitting + sum(1 for s in self._seqs.values()
                                      if not (s.started and s.epoch) and not s.done)
 
     @property
     def in_flight(self) -> int:
         """Steps sent and not yet answered."""
-        return len(self._acks)
+        return len(self._steps_out.acks)
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for KV room."""
+        return len(self._waiting)
 
     def next_step(self) -> int:
         return next(self._steps)
@@ -199,7 +193,8 @@ class Scheduler:
     async def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
                        request_id: str = "") -> AsyncGenerator[Sample, None]:
         """Yield one Sample per generated token; stop after max_tokens or an EOS token (yielded).
-        Closing the iterator early ends the sequence and frees its caches along the ring."""
+        Closing the iterator early ends the sequence and frees its caches along the ring.
+        Raises Overloaded when the admission queue is full."""
         if not prompt:
             raise ValueError("empty prompt")
         arrived = time.monotonic()
@@ -208,100 +203,191 @@ class Scheduler:
             await self.ring.wait_ready(READY_WAIT_S)
         finally:
             self._admitting -= 1
-        seq = _Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
-                   arrived=arrived)
+        seq = Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
+                  bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
+        budget = self.ring.kv_tokens
+        if budget is not None and seq.bound > budget:
+            raise RingUnavailable(f"this request may need {seq.bound} tokens of KV cache (prompt "
+                                  f"{len(prompt)} + max_tokens {max_tokens}); the ring holds {budget}")
+        if (self._waiting or not self._fits(seq)) and len(self._waiting) >= self.max_queued:
+            raise Overloaded(f"the ring is full and {len(self._waiting)} requests already wait "
+                             f"(limit {self.max_queued}); retry in {RETRY_AFTER_S}s")
         seq.restart(self.ring.epoch)
+        seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:
             self._parked.append(seq)  # a planned re-plan is draining the ring: start on the new one
         else:
-            self._enqueue(seq)
+            self._admit(seq)
         slog = log.bind(request_id=request_id, seq=seq.id)
         try:
-            deadline = STEP_TIMEOUT_S + PREFILL_S_PER_TOKEN * len(prompt)
             while True:
                 try:
-                    async with asyncio.timeout(deadline):
+                    async with asyncio.timeout(max(0.0, self._deadline(seq) - self._clock())):
                         item = await seq.queue.get()
                 except TimeoutError:
-                    raise RingTimeout(f"the ring did not answer within {deadline:.0f}s "
+                    if self._deadline(seq) > self._clock():
+                        continue  # renewed while we waited: the ring is working
+                    raise RingTimeout(f"the ring did not answer within {self.step_timeout_s:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None
-                if isinstance(item, _Paused):
-                    deadline = REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
+                if isinstance(item, Paused):
+                    seq.deadline = self._clock() + REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
                     continue
                 if isinstance(item, Exception):
                     raise item
                 yield item
                 if seq.done:
                     return
-                deadline = STEP_TIMEOUT_S
         finally:
             self._end(seq)
             slog.debug("sequence ended", generated=seq.generated)
 
-    def _enqueue(self, seq: _Seq) -> None:
+    def _deadline(self, seq: Seq) -> float:
+        """In flight: its steps' deadline. Waiting its turn: renewed by every answer the ring
+        gives (the ring is busy with others, not stuck)."""
+        if seq.inflight:  # the pump reclaims a late step at its deadline; this is the safety net
+            return seq.deadline + self.step_timeout_s
+        return max(seq.deadline, self._progress_at + self.step_timeout_s)
+
+    def _held(self, but: Seq) -> int:
+        """KV tokens the admitted sequences (but `but`) can grow to: padded groups plus the
+        ones prefilling or parked."""
+        grouped = sum(g.cost() for g in self._groups.values())
+        return grouped + sum(s.bound for s in self._seqs.values() if s is not but and s.group is None
+                             and not s.done and s not in self._waiting)
+
+    def _fits(self, seq: Seq) -> bool:
+        budget = self.ring.kv_tokens
+        return budget is None or self._held(seq) + seq.bound <= budget
+
+    def _admit(self, seq: Seq) -> None:
+        """Start it on the ring if the KV budget holds it (and nobody waits before it)."""
+        if self._waiting or not self._fits(seq):
+            self._waiting.append(seq)
+        else:
+            self._enqueue(seq)
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self._fits(self._waiting[0]):
+            self._enqueue(self._waiting.popleft())
+
+    def _enqueue(self, seq: Seq) -> None:
         if seq.prefill:
             self._prefilling.append(seq)
         else:
             self._join(seq)
         self._wake.set()
 
-    def _join(self, seq: _Seq) -> None:
-        """Put a prefilled sequence in the smallest group; it decodes from that group's next step."""
+    def _join(self, seq: Seq) -> None:
+        """Put a prefilled sequence in the group it pads least (lengths closest), the smallest
+        of those; it decodes from that group's next step."""
         k = groups(self.ring.n_devices)
         for gid in range(k):
-            self._groups.setdefault(gid, _Group())
-        gid = min(range(k), key=lambda g: len(self._groups[g].members))
+            self._groups.setdefault(gid, Group())
+        gid = min(range(k), key=lambda g: (join_cost([s.bound for s in self._groups[g].members], seq.bound),
+                                           len(self._groups[g].members)))
         seq.group = gid
         self._groups[gid].members.append(seq)
 
-    def _end(self, seq: _Seq) -> None:
-        seq.done = True
-        self._seqs.pop(seq.id, None)
+    def _leave(self, seq: Seq) -> None:
+        """Out of its group, the prefill queue and the admission queue."""
         g = self._groups.get(seq.group) if seq.group is not None else None
         if g is not None and seq in g.members:
             g.members.remove(seq)
+        seq.group = None
         if seq in self._prefilling:
             self._prefilling.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+
+    def _end(self, seq: Seq) -> None:
+        seq.done = True
+        self._seqs.pop(seq.id, None)
+        self._leave(seq)
         if seq in self._parked:
             self._parked.remove(seq)
         self._releases.append((seq.epoch, seq.id))
+        self._admit_waiting()
         self._wake.set()
 
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
+    def _settle(self, step: int) -> Step | None:
+        """The step is answered or reclaimed: give its group or credit back."""
+        rec = self._steps_out.settle(step, self._groups)
+        if rec is not None:
+            self._wake.set()
+        return rec
+
     def awaiting(self, step: int) -> bool:
         """Whether `step` was sent and its result is still due (results for others are forged
         or stale: the results port drops them)."""
-        return step in self._acks
+        return step in self._steps_out.acks
 
     def on_sampled(self, msg: Sampled) -> None:
-        gid = self._acks.pop(msg.step, None)
-        if gid == NO_GROUP:
-            self._prefill_in_flight -= 1
-        elif gid is not None:
-            self._groups[gid].in_flight = False
+        rec = self._settle(msg.step)
+        if rec is None:
+            return  # an old ring's step, or one reclaimed (its sequences replay)
+        if rec.group != NO_GROUP:
             self.decode_steps += 1
+        self._progress_at = self._clock()
         for s in msg.samples:
             seq = self._seqs.get(s.seq)
             if seq is None or seq.done or seq.epoch != msg.epoch:
                 continue  # finished or cancelled while this step was in flight
             seq.generated += 1
+            seq.replays = 0
             seq.history.append(s.token)
             seq.next_token, seq.pos = s.token, seq.pos + 1
             if seq.generated >= seq.max_tokens or s.token in self.eos_ids:
                 seq.done = True
-                g = self._groups.get(seq.group) if seq.group is not None else None
-                if g is not None and seq in g.members:
-                    g.members.remove(seq)
+                self._leave(seq)
             seq.queue.put_nowait(s)
-        self._wake.set()
+        self._admit_waiting()
 
     def on_step_failed(self, msg: StepFailed) -> None:
+        """A node could not run (part of) a step: its sequences replay. When every sequence of
+        the step failed, nothing of it will come back worth waiting for: reclaim it now."""
+        if msg.epoch != self.ring.epoch:
+            return
+        reason = f"node {msg.node} failed the step: {msg.reason}"
+        rec = self._steps_out.acks.get(msg.step)
+        if rec is not None and set(rec.ids) <= set(msg.seqs):
+            self._settle(msg.step)
         for sid in msg.seqs:
-            seq = self._seqs.get(sid)
-            if seq is not None and seq.epoch == msg.epoch and not seq.done:
-                seq.queue.put_nowait(RingUnavailable(f"node {msg.node} failed the step: {msg.reason}"))
+            if (seq := self._seqs.get(sid)) is not None:
+                self._replay(seq, reason)
+
+    def _reap(self) -> None:
+        """Reclaim every step past its deadline; its sequences replay."""
+        for step, rec in self._steps_out.due(self._clock()):
+            self._settle(step)
+            log.warning("step not answered in time: replaying its sequences", step=step, seqs=list(rec.ids))
+            for seq, sid in zip(rec.seqs, rec.ids):
+                if seq.id == sid:
+                    self._replay(seq, f"step {step} was not answered within its deadline")
+
+    def _replay(self, seq: Seq, reason: str) -> None:
+        """Start the sequence over on the same ring from its history, under a fresh id (its old
+        caches are released behind whatever of it is still in the ring); or, after MAX_REPLAYS
+        failures in a row, fail it with `reason`."""
+        if seq.done or seq.epoch != self.ring.epoch or seq in self._parked:
+            return
+        seq.replays += 1
+        self._leave(seq)
+        self._releases.append((seq.epoch, seq.id))
+        if seq.replays > MAX_REPLAYS:
+            seq.done = True
+            seq.queue.put_nowait(RingUnavailable(f"{reason} (failed {seq.replays} times in a row)"))
+            self._wake.set()
+            return
+        log.info("replaying a sequence", seq=seq.id, attempt=seq.replays, reason=reason)
+        self._seqs.pop(seq.id, None)
+        seq.id = SeqId(next(self._ids))
+        self._seqs[seq.id] = seq
+        seq.restart(self.ring.epoch)
+        seq.deadline = self._clock() + self.step_timeout_s
+        self._enqueue(seq)
 
     # ---- ring changes (called by the gateway's planner) ------------------------------------
 
@@ -325,9 +411,11 @@ class Scheduler:
     def resume(self) -> int:
         """The new ring is ready (ring.epoch): every parked sequence replays its history on it."""
         parked, self._parked, self._paused = self._parked, [], False
+        self._progress_at = self._clock()
         for seq in parked:
             seq.restart(self.ring.epoch)
-            self._enqueue(seq)
+            seq.replays = 0
+            self._admit(seq)
         self._wake.set()
         return len(parked)
 
@@ -342,32 +430,47 @@ class Scheduler:
 
     def _forget_ring(self) -> None:
         self._groups.clear()
-        self._acks.clear()
+        self._steps_out = StepBook()
         self._prefilling.clear()
-        self._prefill_in_flight = 0
+        self._waiting.clear()
+        for seq in self._seqs.values():
+            seq.inflight, seq.group = 0, None
 
     # ---- the pump: the one writer to the ring ----------------------------------------------
 
     async def pump(self) -> None:
         """Owned by the gateway's TaskGroup: decides and sends every message, in order."""
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(self._steps_out.next_due(self._clock())):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass  # a step is due: reclaimed below
             self._wake.clear()
+            self._reap()
             for msg, seqs in self._decide():
                 try:
                     await self.ring.send(msg)
+                except RingUnavailable as e:
+                    if isinstance(msg, Release):  # caches must not leak: try again with the next
+                        self._releases += [(msg.epoch, s) for s in msg.seqs]
+                        continue
+                    # It never left: give its group or credit back; its sequences replay (parked
+                    # ones, whose epoch changed, will replay on the new ring instead).
+                    self._settle(msg.step)
+                    for seq in seqs:
+                        self._replay(seq, str(e))
                 except Exception as e:  # one bad message (e.g. one that cannot be encoded) fails
                     # only its sequences: never the pump, which every request depends on
-                    if not isinstance(e, RingUnavailable):
-                        log.exception("could not send a step: its sequences fail", kind=msg.KIND)
-                        e = StepNotSent(f"{type(e).__name__} while sending a step")
-                    for seq in seqs:  # parked sequences (epoch changed) will replay instead
+                    log.exception("could not send a step: its sequences fail", kind=msg.KIND)
+                    failed = StepNotSent(f"{type(e).__name__} while sending a step")
+                    if isinstance(msg, Forward):
+                        self._settle(msg.step)
+                    for seq in seqs:
                         if not seq.done and seq.epoch == msg.epoch:
-                            seq.queue.put_nowait(e)
-                    if isinstance(msg, Forward):  # it never left: give its group/credit back
-                        self.on_sampled(Sampled(epoch=msg.epoch, step=msg.step, samples=()))
+                            seq.queue.put_nowait(failed)
 
-    def _start(self, seq: _Seq) -> None:
+    def _start(self, seq: Seq) -> None:
         """Its next message is decided: it runs on this ring (its queue time ends the first time)."""
         if seq.started:
             return
@@ -377,8 +480,18 @@ class Scheduler:
             if self.on_queued is not None:
                 self.on_queued(time.monotonic() - seq.arrived)
 
-    def _decide(self) -> list[tuple[Forward | Release, list[_Seq]]]:
-        out: list[tuple[Forward | Release, list[_Seq]]] = []
+    def _send_step(self, epoch: Epoch, group: int, seqs: list[Seq], chunks: tuple[Chunk, ...],
+                   toks: list[int]) -> Forward:
+        """Book a step: its deadline counts every token already in the ring ahead of it (the
+        stages work through them first)."""
+        step = self.next_step()
+        ahead = self._steps_out.tokens()
+        deadline = self._clock() + self.step_timeout_s + PREFILL_S_PER_TOKEN * (ahead + len(toks))
+        self._steps_out.book(step, group, seqs, deadline, len(toks))
+        return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks))
+
+    def _decide(self) -> list[tuple[Forward | Release, list[Seq]]]:
+        out: list[tuple[Forward | Release, list[Seq]]] = []
         epoch = self.ring.epoch
         if self._releases:
             batch, self._releases = self._releases, []
@@ -397,24 +510,17 @@ class Scheduler:
                                     params=None if seq.params_sent else seq.params))
                 seq.params_sent = True
                 toks.append(seq.next_token)
-            step = self.next_step()
-            self._acks[step] = gid
             g.in_flight = True
-            out.append((Forward(epoch=epoch, step=step, chunks=tuple(chunks), group=gid,
-                                tokens=tokens_to_wire(toks)), list(g.members)))
+            out.append((self._send_step(epoch, gid, g.members, tuple(chunks), toks), list(g.members)))
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
-        while self._prefilling and self._prefill_in_flight < credits:
+        while self._prefilling and self._steps_out.prefills < credits:
             seq = self._prefilling.popleft()
-            self._start(seq)
             start, toks = seq.prefill.popleft()
+            self._start(seq)
             chunk = Chunk(seq=seq.id, start=start, length=len(toks), sample=False,
                           params=None if seq.params_sent else seq.params)
             seq.params_sent = True
-            step = self.next_step()
-            self._acks[step] = NO_GROUP
-            self._prefill_in_flight += 1
-            out.append((Forward(epoch=epoch, step=step, chunks=(chunk,), group=NO_GROUP,
-                                tokens=tokens_to_wire(toks)), [seq]))
+            out.append((self._send_step(epoch, NO_GROUP, [seq], (chunk,), toks), [seq]))
             if seq.prefill:
                 self._prefilling.append(seq)  # round robin: one long prompt doesn't starve others
             else:

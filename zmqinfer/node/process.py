@@ -73,6 +73,15 @@ DRAIN_TIMEOUT_S = 30.0
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
 # shard stays loaded: a gateway that comes back re-plans onto it without reloading).
 GATEWAY_GONE_S = 30.0
+# Memory a node keeps beside its shard and KV caches while computing (mlx scratch buffers of a
+# prefill chunk, the allocator's cache): what the KV cap leaves free under its memory.
+KV_HEADROOM_BYTES = 32 << 20
+
+
+def gateway_gone(silent_s: float, sequences: int) -> bool:
+    """Free a silent gateway's caches: any time after GATEWAY_GONE_S, not only inside a window
+    the beat loop (whose sends wait up to CONTROL_SEND_TIMEOUT_S with no gateway) skips over."""
+    return silent_s > GATEWAY_GONE_S and sequences > 0
 
 
 @dataclass(frozen=True)
@@ -244,6 +253,14 @@ class Node:
             return vm.total, vm.available
         return min(vm.total, limit), max(0, min(vm.available, limit - rss))
 
+    def _kv_budget(self, rss: int) -> int:
+        """Bytes of KV cache this node may hold: what is left of its memory limit (or of the
+        machine's available memory) beside what it uses now, less KV_HEADROOM_BYTES."""
+        room = psutil.virtual_memory().available
+        if self.opts.memory_limit is not None:
+            room = min(room, self.opts.memory_limit - rss)
+        return room - KV_HEADROOM_BYTES
+
     def _ad(self, vm: Any) -> NodeAd:
         total, free = self._memory(vm, psutil.Process().memory_info().rss)
         return NodeAd(node_id=self.opts.name, data_port=self.opts.data_port, mem_total=total,
@@ -288,7 +305,7 @@ class Node:
                 self.log.info("drained" if done else "drain timed out: stopping anyway",
                               ring_epoch=self.gateway_epoch, gateway_alive=self.gateway.alive("gateway"))
                 self._stopping.set()
-        if GATEWAY_GONE_S < silent < GATEWAY_GONE_S + HEARTBEAT_INTERVAL_S * 2 and self.worker.sequences:
+        if gateway_gone(silent, self.worker.sequences):
             self.log.warning("gateway silent: freeing its requests' caches", silent_s=round(silent, 1))
             await self._mlx(self.worker.drop_sequences)
 
@@ -346,6 +363,9 @@ class Node:
                 return
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
+        limited = self.opts.memory_limit is not None  # a limit to keep: freed buffers go back
+        cap = await self._mlx(self.worker.cap_kv, self._kv_budget(rss), KV_HEADROOM_BYTES if limited else None)
+        self.log.info("kv cache capped", tokens=cap)
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
                       seconds=round(time.monotonic() - t0, 2))
         await self._send_control(Loaded(

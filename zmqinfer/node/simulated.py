@@ -80,6 +80,12 @@ class SimulatedStage:
     def kv_bytes(self) -> int:
         return 0  # a simulated cache holds nothing
 
+    kv_bytes_per_token = 0
+    max_kv_tokens: int | None = None
+
+    def kv_tokens(self) -> int:
+        return sum(self._offsets.values())
+
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None:
         for s in seqs:
             self._offsets.pop(s, None)

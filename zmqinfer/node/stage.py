@@ -44,6 +44,9 @@ SUPPORTED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # A sequence whose cache has not been touched for this long is freed even if its Release never
 # came (a gateway that died mid-request): KV caches must not leak. Long enough for any step.
 IDLE_CACHE_SECONDS = 600.0
+# Sequences one stage holds caches for at most: the gateway admits by KV budget first, so this
+# is the guard against a gateway that does not (or a flood); 256 is 4x the API's concurrency.
+MAX_SEQUENCES = 256
 
 
 class StageError(Exception):
@@ -129,6 +132,13 @@ class Stage:
         # What flows between stages: the dtype the layers compute in (an embedding's output and
         # each layer's residual stream share it, as its first norm's weight does).
         self.hidden_dtype = str(self.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or self.hidden_size // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        act = inner.norm.weight.dtype.size if hasattr(inner, "norm") else 4
+        # One token's K and V over this stage's layers: what a KV budget in bytes divides by.
+        self.kv_bytes_per_token = 2 * kv_heads * head_dim * act * len(self.layers)
+        self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
 
@@ -137,12 +147,27 @@ class Stage:
     def _new_cache(self) -> list[Any]:
         return [KVCache() for _ in self.layers]
 
-    def _cache_for(self, seq: SeqId, start: int) -> _SeqCache:
+    def kv_tokens(self) -> int:
+        """Token positions held in KV caches, a group counted padded to its longest member."""
+        own = sum(c.offset for c in self._caches.values())
+        return own + sum(len(g.order) * max(g.offsets.values(), default=0) for g in self._groups.values())
+
+    def _check_room(self, seq: SeqId, length: int) -> None:
+        """A new sequence is refused (not the process killed) when the stage is full."""
+        if len(self.seq_ids) >= MAX_SEQUENCES:
+            raise StageError(f"sequence {seq}: this stage already holds {MAX_SEQUENCES} sequences")
+        held = self.kv_tokens()
+        if self.max_kv_tokens is not None and held + length > self.max_kv_tokens:
+            raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
+                             "held under this node's memory limit)")
+
+    def _cache_for(self, seq: SeqId, start: int, length: int = 0) -> _SeqCache:
         c = self._caches.get(seq)
         if c is None:
             if start != 0:
                 raise StageError(f"sequence {seq}: chunk at position {start} but no cache here "
                                  "(released, expired or never started)")
+            self._check_room(seq, length)
             c = self._caches[seq] = _SeqCache(self._new_cache())
         elif c.offset != start:
             raise StageError(f"sequence {seq}: chunk at position {start}, cache holds {c.offset}")
@@ -192,7 +217,7 @@ class Stage:
         unsampled prefill chunk skips the head entirely).
         """
         n = tokens.shape[0]
-        cache = self._cache_for(seq, start)
+        cache = self._cache_for(seq, start, n)
         if self.embed is not None and self.is_first:
             h = self.embed(tokens[None])
         else:

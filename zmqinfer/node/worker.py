@@ -23,6 +23,7 @@ from zmqinfer.model.resolve import (
     resolve_model,
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
+from zmqinfer.model.size import KV_COPY_FACTOR
 from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage, StageError
@@ -48,6 +49,9 @@ class Slice(Protocol):
     def sequences(self) -> int: ...
     @property
     def kv_bytes(self) -> int: ...
+    kv_bytes_per_token: int  # one token's K and V over these layers
+    max_kv_tokens: int | None  # refuse sequences past this many cached tokens; None: no cap
+    def kv_tokens(self) -> int: ...
     @property
     def seq_ids(self) -> tuple[SeqId, ...]: ...
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None: ...
@@ -59,6 +63,9 @@ class Slice(Protocol):
 
 
 class Worker:
+    """Owned by the mlx thread. The event loop reads only the plain counters below, which the
+    mlx thread writes after each operation: never the stage's dicts while they change."""
+
     def __init__(self, simulate: SimulatedCost | None = None) -> None:
         self.simulate = simulate  # sleep this cost instead of computing (node/simulated.py)
         self.stage: Slice | None = None
@@ -68,27 +75,40 @@ class Worker:
         self.token_limit: int | None = None  # the tokenizer's size: the last stage samples below it
         self.steps = 0  # Forwards run since start
         self.tokens = 0  # token rows computed since start
-        self.kv_bytes = 0  # refreshed on this thread after every change, read by the heartbeat
+        self.shard_bytes = 0  # the loaded shard's weights
+        self.sequences = 0  # live KV caches
+        self.kv_tokens = 0  # token positions they hold (groups padded)
+        self.kv_bytes = 0  # bytes they hold
 
-    @property
-    def shard_bytes(self) -> int:
-        return self.stage.shard_bytes if self.stage else 0
+    def _publish(self) -> None:
+        st = self.stage
+        self.shard_bytes = st.shard_bytes if st else 0
+        self.sequences = st.sequences if st else 0
+        self.kv_tokens = st.kv_tokens() if st else 0
+        self.kv_bytes = st.kv_bytes if st else 0
 
-    @property
-    def sequences(self) -> int:
-        return self.stage.sequences if self.stage else 0
+    def cap_kv(self, budget_bytes: int, cache_bytes: int | None = None) -> int:
+        """Refuse new sequences beyond `budget_bytes` of KV cache; returns the cap in tokens.
+        `cache_bytes`: what mlx's allocator may keep of freed buffers (by default it keeps them
+        all, and a node under a memory limit grew ~40% past its KV: caches of every size)."""
+        assert self.stage is not None
+        if cache_bytes is not None:
+            mx.set_cache_limit(cache_bytes)
+        per_token = KV_COPY_FACTOR * self.stage.kv_bytes_per_token
+        if per_token == 0:  # a simulated stage: its caches hold nothing
+            return 0
+        self.stage.max_kv_tokens = max(0, budget_bytes) // per_token
+        return self.stage.max_kv_tokens
 
     @property
     def layers(self) -> int:
         return self.stage.end - self.stage.start if self.stage else 0
 
-    def _count_kv(self) -> None:
-        self.kv_bytes = self.stage.kv_bytes if self.stage else 0
-
     def load(self, model: str, start: int, end: int) -> None:
         """Load layers [start, end) of `model` (embedded default, local directory or hub id).
         A hub model needs only the weight files holding these layers in the local cache."""
         self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
+        self._publish()
         mx.clear_cache()
         if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not HUB_ID.fullmatch(model):
             path = resolve_model(model)
@@ -106,21 +126,21 @@ class Worker:
                       else SimulatedStage(path, start, end, self.simulate))
         self.token_limit = tokenizer_size(path) if self.stage.is_last else None
         self.fingerprint = model_fingerprint(path)
-        self._count_kv()
+        self._publish()
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:
         if self.stage is not None:
             self.stage.release(seqs)
         for s in seqs:
             self.samplers.pop(s, None)
-        self._count_kv()
+        self._publish()
 
     def expire_idle(self) -> list[SeqId]:
         """Free sequences whose Release never came (a gateway that died mid-request)."""
         dead = self.stage.expire_idle() if self.stage is not None else []
         for s in dead:
             self.samplers.pop(s, None)
-        self._count_kv()
+        self._publish()
         return dead
 
     def drop_sequences(self) -> None:
@@ -128,7 +148,7 @@ class Worker:
         if self.stage is not None:
             self.stage.release(list(self.stage.seq_ids))
         self.samplers.clear()
-        self._count_kv()
+        self._publish()
 
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
         """The message to send on, and the chunks that failed (dropped from it).
@@ -146,10 +166,10 @@ class Worker:
         if decoded is not None and self.stage.is_last:
             self._sample(step, decoded, out)    # 4. last stage: tokens for the gateway
         msg = self._pack(fwd, out)              # 5. the next stage's Forward, or the Sampled
+        self._publish()
         self.busy_seconds += time.perf_counter() - t0
         self.steps += 1
         self.tokens += sum(c.length for c in fwd.chunks)
-        self._count_kv()
         return msg, out.failures
 
     def _prefill(self, step: _Step, out: _Out) -> None:

@@ -1,0 +1,137 @@
+"""What the scheduler keeps per sequence, per micro-batch group and per step in flight, and the
+errors its requests end with. Plain records on the gateway's event loop; the rules that change
+them are in scheduler.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from zmqinfer.gateway.kvbudget import group_cost
+from zmqinfer.wire import NO_GROUP, Epoch, Sample, SamplingParams, SeqId
+
+# Prompt tokens per prefill message. Smaller chunks overlap better across stages (a 1024-token
+# prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
+# steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
+PREFILL_CHUNK = 256
+
+
+# What a 429 tells the client to wait (Retry-After, seconds): about one short request's time.
+RETRY_AFTER_S = 2
+
+
+class RingUnavailable(Exception):
+    """The ring cannot serve right now (not assigned, a node missing, no placement fits): 503."""
+
+
+class RingTimeout(Exception):
+    """The ring stopped answering for a request within its deadline: 504."""
+
+
+class Overloaded(Exception):
+    """The admission queue is full: 429, with `retry_after` seconds for Retry-After."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Paused:
+    """Queued to a parked request: the ring is being re-planned; wait up to REPLAY_WAIT_S."""
+
+
+PAUSED = Paused()
+
+
+@dataclass
+class Seq:
+    id: SeqId
+    epoch: Epoch  # the ring it runs on; 0 while parked
+    max_tokens: int
+    params: SamplingParams
+    history: list[int]  # prompt + every token sampled so far: what a replay prefills
+    prefill: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (start, tokens) to send
+    next_token: int = 0  # what its next decode step feeds in
+    pos: int = 0  # position of next_token
+    queue: asyncio.Queue[Sample | Exception | Paused] = field(default_factory=asyncio.Queue)
+    params_sent: bool = False
+    group: int | None = None
+    generated: int = 0
+    done: bool = False
+    bound: int = 0  # most tokens it can ever hold: prompt + max_tokens (its KV cost)
+    deadline: float = 0.0  # when its request gives up, unless the ring's progress renews it
+    inflight: int = 0  # its steps in the ring
+    replays: int = 0  # failed steps in a row
+    arrived: float = field(default_factory=time.monotonic)  # generate() called: queue time starts
+    started: bool = False  # its first message on the current ring has been decided (running)
+    queued: bool = True  # never started on any ring yet (queue time not yet observed)
+
+    def restart(self, epoch: Epoch) -> None:
+        """Start over on a fresh ring: prefill all but the last token of the history (cut as
+        mlx-lm cuts a prompt), which is then the first decode step."""
+        head = self.history[:-1]
+        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
+        self.next_token, self.pos = self.history[-1], len(self.history) - 1
+        self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False
+
+
+@dataclass
+class Group:
+    members: list[Seq] = field(default_factory=list)
+    in_flight: bool = False
+
+    def cost(self) -> int:
+        return group_cost([s.bound for s in self.members])
+
+
+@dataclass
+class Step:
+    """A step in the ring: what answering or reclaiming it gives back."""
+
+    group: int  # NO_GROUP: a prefill credit
+    seqs: list[Seq]
+    ids: tuple[SeqId, ...]  # the ids it was sent with (a replayed sequence gets a new one)
+    deadline: float
+    tokens: int  # token rows it carries
+
+
+class StepBook:
+    """Steps in flight, and the prefill credits they hold."""
+
+    def __init__(self) -> None:
+        self.acks: dict[int, Step] = {}
+        self.prefills = 0
+
+    def book(self, step: int, group: int, seqs: list[Seq], deadline: float, tokens: int) -> None:
+        self.acks[step] = Step(group, list(seqs), tuple(s.id for s in seqs), deadline, tokens)
+        self.prefills += group == NO_GROUP
+        for seq in seqs:
+            seq.inflight += 1
+            seq.deadline = max(seq.deadline, deadline)
+
+    def settle(self, step: int, groups: dict[int, Group]) -> Step | None:
+        """Answered or reclaimed: its group may step again, its credit is free."""
+        rec = self.acks.pop(step, None)
+        if rec is None:
+            return None
+        if rec.group == NO_GROUP:
+            self.prefills -= 1
+        elif (g := groups.get(rec.group)) is not None:
+            g.in_flight = False
+        for seq in rec.seqs:
+            seq.inflight -= 1
+        return rec
+
+    def tokens(self) -> int:
+        """Token rows in the ring: what a new step waits behind."""
+        return sum(r.tokens for r in self.acks.values())
+
+    def due(self, now: float) -> list[tuple[int, Step]]:
+        return [(step, r) for step, r in self.acks.items() if r.deadline <= now]
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until the first step is due; None with nothing in flight."""
+        return max(0.0, min(r.deadline for r in self.acks.values()) - now) if self.acks else None
