@@ -122,10 +122,10 @@ def test_a_rogue_advertising_a_listed_nodes_id_gets_nothing(net: SecNet, tmp_pat
     assert ready["event"] == "ready", net.stderr(rp)
     procs = {
         "gateway": net.popen(gw, [*ZMQINFER, "gateway", "--config", str(config), "--keys", str(admin),
-                                  "--interface", gw.ip], own_hostname=True),
+                                  "--interface", gw.ip]),
         "n1": net.popen(n1, [*ZMQINFER, "node", "--name", "n1", "--keys", str(on_n1), "--bind", n1.ip,
                              "--port", str(DATA), "--gateway", f"{gw.ip}:{CONTROL}", "--no-advertise"],
-                        own_hostname=True),
+                        ),
     }
 
     def logs() -> str:

@@ -143,10 +143,6 @@ SPEC: dict[str, Any] = {
         "/metrics": _get("Prometheus metrics (text exposition format)", content="text/plain"),
         "/": _get("The live status page", content="text/html"),
         "/chat": _get("A minimal chat that streams from the API", content="text/html"),
-        "/static/{name}": {"get": {
-            "summary": "The pages' static files", "parameters": [{"name": "name", "in": "path", "required": True,
-                                                                 "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "The file"}, "404": {"description": "No such file"}}}},
     },
     "components": {"schemas": {"ChatRequest": _CHAT, "CompletionRequest": _COMPLETION, "Error": _ERROR}},
 }
