@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 
-from zmqinfer.gateway.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
+from zmqinfer.gateway.scheduler import PREFILL_BATCH, PREFILL_CHUNK, RingUnavailable, Scheduler
 from zmqinfer.gateway.scheduler import groups as sched_groups
 from zmqinfer.wire import Epoch, Forward, Release, Sample, Sampled, SamplingParams
 
@@ -121,6 +121,39 @@ async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
     last_long_prefill = max(i for i, f in enumerate(ring.forwards())
                             if not f.chunks[0].sample and f.chunks[0].seq == 1)
     assert first_decode < last_long_prefill
+
+
+async def test_short_prompts_waiting_together_share_a_prefill_message() -> None:
+    """New prompts waiting for a credit go out together (at most PREFILL_BATCH, padded size
+    within PREFILL_CHUNK), each a first chunk of its own; a long prompt's chunk travels alone,
+    and a request alone in the ring gets a message of its own (as mlx-lm prefills it)."""
+    ring = MemoryRing(n_stages=1)  # one prefill credit: the rest wait and are packed
+    sched = Scheduler(ring, {EOS})
+    short = [[5 + i] * (10 + i) for i in range(12)]
+    prompts = [short[0], list(range(1, PREFILL_CHUNK + 40))] + short[1:]
+    outs: list[list[int]] = [[] for _ in prompts]
+    async with running(sched):
+        tasks = [asyncio.create_task(collect(sched.generate(prompts[0], SamplingParams(), 3), outs[0]))]
+        await settle()  # decided alone; the others arrive while it holds the credit
+        tasks += [asyncio.create_task(collect(sched.generate(p, SamplingParams(), 3), o))
+                  for p, o in zip(prompts[1:], outs[1:])]
+        await drive(ring, sched, tasks)
+    assert all(len(o) == 3 for o in outs)
+    prefills = [f for f in ring.forwards() if not any(c.sample for c in f.chunks)]
+    assert len(prefills[0].chunks) == 1  # the first request was alone when it was decided
+    sizes = [len(f.chunks) for f in prefills]
+    assert max(sizes) == PREFILL_BATCH, sizes  # eleven short prompts waited: a full batch went
+    for f in prefills:
+        lengths = [c.length for c in f.chunks]
+        assert len({c.seq for c in f.chunks}) == len(f.chunks)
+        if len(f.chunks) > 1:
+            assert all(c.start == 0 for c in f.chunks)
+            assert max(lengths) * len(lengths) <= PREFILL_CHUNK
+            assert all(c.params is not None for c in f.chunks)  # each a new sequence's first chunk
+        assert f.tokens.shape == (sum(lengths),)  # one token row per chunk token, in chunk order
+    long_chunks = [f for f in prefills if any(c.length >= PREFILL_CHUNK for c in f.chunks)]
+    assert long_chunks and all(len(f.chunks) == 1 for f in long_chunks)
+    assert sum(len(f.chunks) for f in prefills) == 12 + 2  # every chunk sent once
 
 
 async def test_sequences_join_and_leave_between_steps() -> None:

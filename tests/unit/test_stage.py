@@ -185,3 +185,53 @@ def test_decode_position_mismatch_is_refused(tiny: Path) -> None:
     st.forward(SeqId(1), 0, mx.array([1, 2, 3], dtype=mx.int32), None, want_logits=False)
     with pytest.raises(StageError, match="position 5"):
         st.decode(0, [SeqId(1)], [5], mx.array([4], dtype=mx.int32), None)
+
+
+def test_batched_prefill_equals_prefilling_each_alone(tiny: Path) -> None:
+    """The first chunks of prompts of different lengths prefilled as one left-padded batch leave
+    each sequence the cache (and the next stage the hidden states) it gets prefilled alone: the
+    logits of every decode step after it agree to float rounding, and greedy picks do not move."""
+    solo_stages = [Stage(tiny, 0, 2), Stage(tiny, 2, N_LAYERS)]
+    batch_stages = [Stage(tiny, 0, 2), Stage(tiny, 2, N_LAYERS)]
+    heads = [p[:-1] for p in PROMPTS if len(p) > 1]
+    seqs = [SeqId(i) for i in range(len(heads))]
+    for seq, head in zip(seqs, heads):
+        h = None
+        for st in solo_stages:
+            h = st.forward(seq, 0, mx.array(head, dtype=mx.int32), h, want_logits=False)
+    hs: list[mx.array] | None = None
+    for k, st in enumerate(batch_stages):
+        out = st.prefill_batch(seqs, [mx.array(x, dtype=mx.int32) for x in heads], hs)
+        if k == 0:
+            assert [o.shape for o in out] == [(len(x), st.hidden_size) for x in heads]
+        hs = out
+    assert batch_stages[0].sequences == len(seqs)
+    assert batch_stages[0].kv_tokens() == sum(len(x) for x in heads)  # no padding left in caches
+
+    def decode(stages: list[Stage], steps: int) -> list[mx.array]:
+        toks = [p[-1] for p in PROMPTS if len(p) > 1]
+        pos = [len(x) for x in heads]
+        out = []
+        for _ in range(steps):
+            h = None
+            for st in stages:
+                h = st.decode(0, seqs, pos, mx.array(toks, dtype=mx.int32), h)
+            out.append(h)
+            toks = mx.argmax(h, axis=-1).tolist()
+            pos = [p + 1 for p in pos]
+        return out
+
+    for k, (a, b) in enumerate(zip(decode(batch_stages, 6), decode(solo_stages, 6))):
+        diff = mx.max(mx.abs(a - b)).item()
+        assert diff <= 1e-4 * max(1.0, mx.max(mx.abs(b)).item()), f"step {k}: {diff}"
+        assert mx.argmax(a, axis=-1).tolist() == mx.argmax(b, axis=-1).tolist(), f"step {k}"
+
+
+def test_batched_prefill_refuses_a_sequence_it_already_holds(tiny: Path) -> None:
+    st = Stage(tiny, 0, N_LAYERS)
+    st.forward(SeqId(1), 0, mx.array([1, 2, 3], dtype=mx.int32), None, want_logits=False)
+    with pytest.raises(StageError, match="already holds"):
+        st.prefill_batch([SeqId(2), SeqId(1)], [mx.array([4], dtype=mx.int32)] * 2, None)
+    with pytest.raises(StageError, match="twice"):
+        st.prefill_batch([SeqId(3), SeqId(3)], [mx.array([4], dtype=mx.int32)] * 2, None)
+    assert st.seq_ids == (SeqId(1),)  # nothing of a refused batch was kept

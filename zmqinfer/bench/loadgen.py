@@ -11,7 +11,8 @@
 * aggregate: each concurrency level's prompts all at once (non-streaming, greedy, same
   max_tokens); tokens/s = completion tokens of all of them / wall time from the first send to
   the last response. A level must finish within `level_timeout_s` or it is reported as failed
-  (and larger levels are skipped): a slow ring is a result, never a hang.
+  (and larger levels are skipped): a slow ring is a result, never a hang. Each level also
+  reports the CPU milliseconds each of the named processes spent per generated token.
 
 `work` is the same workload the single-process baseline gets (`baseline.py`), so both sides
 process identical token ids. The first repetition of each single request warms and is dropped.
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import psutil
 
 REQUEST_BASE_S = 60.0  # any single request: this much plus REQUEST_PER_TOKEN_S per token asked
 REQUEST_PER_TOKEN_S = 2.0  # a ring slower than 0.5 tok/s for one stream is broken, not slow
@@ -141,7 +143,36 @@ def _why(e: BaseException) -> str:
 _FAILURES = (LoadError, aiohttp.ClientError, TimeoutError, KeyError, ValueError)
 
 
-async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings: int) -> dict[str, Any]:
+def cpu_seconds(procs: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) each named process has used; gone ones left out."""
+    out = {}
+    for name, pid in procs.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = t.user + t.system
+    return out
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Each process's CPU milliseconds per generated token between two `cpu_seconds` readings."""
+    return {n: round(1000 * (after[n] - before[n]) / max(1, tokens), 2) for n in before if n in after}
+
+
+async def aggregate_cpu(session: aiohttp.ClientSession, url: str, prompts: Sequence[list[int] | str],
+                        max_tokens: int, level_timeout_s: float, procs: dict[str, int],
+                        model: str = "bench") -> dict[str, Any]:
+    """`aggregate`, plus what it cost each of `procs` in CPU per generated token."""
+    before = cpu_seconds(procs)
+    r = await aggregate(session, url, prompts, max_tokens, level_timeout_s, model)
+    if "error" not in r:
+        r["cpu_ms_per_token"] = cpu_ms_per_token(before, cpu_seconds(procs), r["tokens"])
+    return r
+
+
+async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings: int,
+                  procs: dict[str, int] | None = None) -> dict[str, Any]:
     """Every measurement of one ring (see the module docstring); a part that fails says why in
     its place and the others still run."""
     out: dict[str, Any] = {}
@@ -178,7 +209,7 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
             if skip:
                 out["batch"][c] = {"error": skip, "requests": len(level["prompts"])}
                 continue
-            runs = [await aggregate(s, url, level["prompts"], level["max_tokens"], level_timeout_s)
+            runs = [await aggregate_cpu(s, url, level["prompts"], level["max_tokens"], level_timeout_s, procs or {})
                     for _ in range(level["reps"])]
             failed = next((r for r in runs if "error" in r), None)
             if failed is not None:

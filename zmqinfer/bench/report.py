@@ -155,7 +155,7 @@ def failures(r: Report) -> list[str]:
 
 def report_tables(r: Report) -> str:
     o = r["options"]
-    parts = [_machine(r), _single(r), _aggregate(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
+    parts = [_machine(r), _single(r), _aggregate(r), _cpu(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
              _blas(r), _targets(r), _phases(r), _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "
@@ -222,6 +222,22 @@ def _aggregate(r: Report) -> str:
     return (f"**Aggregate tokens/s** (c requests of {r['options']['batch_tokens']} tokens at once; tokens / "
             "time from the first send to the last token; vs mlx-lm batch_generate)\n\n"
             + _table(["setup"] + [f"c={c}" for c in levels], rows))
+
+
+def _cpu(r: Report) -> str:
+    """CPU per generated token at each level, per process: where a setup spends the machine."""
+    levels = [str(c) for c in r["options"]["concurrency"]]
+    rows = []
+    for x in [r["baseline_before"], *r["rings"], *([r["server"]] if r.get("server") else [])]:
+        for c in levels:
+            per = dig(x, "batch", c, "cpu_ms_per_token")
+            if per:
+                rows.append([x["setup"], c, f"{sum(per.values()):.1f}",
+                             ", ".join(f"{k} {v:.1f}" for k, v in per.items())])
+    if not rows:
+        return ""
+    return ("**CPU per generated token** (ms of CPU, user + system, all threads, during each aggregate "
+            "level / completion tokens)\n\n" + _table(["setup", "concurrency", "total ms", "per process (ms)"], rows))
 
 
 def _pinned(r: Report) -> str:

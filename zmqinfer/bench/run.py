@@ -85,7 +85,7 @@ class Options:
 # What `--quick` means: every size small enough for a smoke run of well under a minute.
 QUICK = dict(nodes=(2,), concurrency=(1, 4), tokens=8, batch_tokens=8, reps=1, prompt_lengths=(16, 64),
              pings=3, level_timeout_s=60.0,
-             simulate=SimOptions(stages=2, step_ms=5, concurrency=4, tokens=16, single_tokens=16))
+             simulate=SimOptions(stages=2, step_ms=5, concurrency=4, single_tokens=16, warm_s=0.3, window_s=0.5))
 
 
 def can_pin() -> bool:
@@ -202,7 +202,8 @@ def run_ring(n: int, work: dict[str, Any], tmp: Path, extra: list[str], opts: Op
         return {**out, "error": f"did not start: {e}"}
     out["start_s"] = round(time.monotonic() - t0, 1)
     try:
-        out.update(asyncio.run(loadgen.measure(c.url, work, opts.level_timeout_s, opts.pings)))
+        procs = {"gateway": c.proc.pid, **c.node_pids()}  # `up` runs the gateway in its own process
+        out.update(asyncio.run(loadgen.measure(c.url, work, opts.level_timeout_s, opts.pings, procs)))
         st = c.status()
         out["per_node"] = [{"name": x["name"], "layers": x["layers"], "pid": x["pid"], "rss_bytes": x["rss_bytes"],
                             "shard_bytes": x["shard_bytes"], "process": blasinfo.describe(x["pid"])}

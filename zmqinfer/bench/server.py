@@ -38,7 +38,7 @@ def run(model_path: Path, tokenizer: Any, work: dict[str, Any], tmp: Path, level
     try:
         if (why := _wait_up(url, proc)) is not None:
             return {**out, "error": f"{why}; its log: {log.read_text(errors='replace')[-500:]}"}
-        out["batch"] = asyncio.run(_levels(url, str(model_path), tokenizer, work, level_timeout_s))
+        out["batch"] = asyncio.run(_levels(url, str(model_path), tokenizer, work, level_timeout_s, proc.pid))
     finally:
         launch.stop(launch.LocalCluster(port, proc, log))
     return out
@@ -58,11 +58,12 @@ def _wait_up(url: str, proc: subprocess.Popen) -> str | None:
 
 
 async def _levels(url: str, model: str, tokenizer: Any, work: dict[str, Any],
-                  level_timeout_s: float) -> dict[str, Any]:
+                  level_timeout_s: float, pid: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with aiohttp.ClientSession() as s:
         for c, level in work.get("batch", {}).items():
             prompts: list[list[int] | str] = [tokenizer.decode(p) for p in level["prompts"]]
             await loadgen.aggregate(s, url, prompts[:1], 2, level_timeout_s, model)  # warm-up
-            out[c] = await loadgen.aggregate(s, url, prompts, level["max_tokens"], level_timeout_s, model)
+            out[c] = await loadgen.aggregate_cpu(s, url, prompts, level["max_tokens"], level_timeout_s,
+                                                 {"mlx_lm.server": pid}, model)
     return out

@@ -73,9 +73,16 @@ DRAIN_TIMEOUT_S = 30.0
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
 # shard stays loaded: a gateway that comes back re-plans onto it without reloading).
 GATEWAY_GONE_S = 30.0
+# Data messages queued for the mlx thread at most: enough that it never waits for the event
+# loop between steps (every group of the ring, and a prefill per stage), few enough that a
+# re-plan has little old work to run through.
+QUEUED_STEPS = 8
 # Memory a node keeps beside its shard and KV caches while computing (mlx scratch buffers of a
 # prefill chunk, the allocator's cache): what the KV cap leaves free under its memory.
 KV_HEADROOM_BYTES = 32 << 20
+
+
+_Queued = tuple[Forward | Release, "asyncio.Future[Any]"]
 
 
 def gateway_gone(silent_s: float, sequences: int) -> bool:
@@ -389,33 +396,59 @@ class Node:
     # ---- data plane -------------------------------------------------------------------------
 
     async def _data_loop(self) -> None:
+        """Read, check and queue each data message for the mlx thread at once; `_data_out` sends
+        the results in order. So the mlx thread finds its next step waiting when it finishes one,
+        instead of idling while this loop sends the last result and reads the next message."""
+        results: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=QUEUED_STEPS)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._data_out(results))
+            while True:
+                frames = await sockets.recv(self.pull, sockets.DATA_FRAMES)
+                if (msg := self._admit(frames)) is None:
+                    continue
+                loop = asyncio.get_running_loop()
+                done = (loop.run_in_executor(self._mlx_thread, self.worker.release, msg.seqs)
+                        if isinstance(msg, Release) else loop.run_in_executor(self._mlx_thread, self.worker.run, msg))
+                # Waits when QUEUED_STEPS are queued: then the PULL socket fills, and the
+                # previous stage's sends wait in turn (backpressure, never an unbounded queue).
+                await results.put((msg, done))
+
+    def _admit(self, frames: list[zmq.Frame]) -> Forward | Release | None:
+        """The message, if it is one this node should run now; else None (counted, logged)."""
+        if (msg := self.data_in.read(frames)) is None:
+            return None
+        if not isinstance(msg, (Forward, Release)):
+            self.data_in.drop(f"unexpected {msg.KIND}")
+            return None
+        if msg.epoch != self.epoch or not self.loaded:
+            self.stale_drops += 1
+            self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
+            return None
+        # Only the previous stage's key (the gateway's for the first) may feed or free work;
+        # checked after the epoch, so the old ring's stragglers of a re-plan are not counted.
+        prev = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
+        if self.auth is not None and not self.auth.admit(frames[0], prev, "data message"):
+            return None
+        if isinstance(msg, Forward) and self.worker.stage is not None and (
+                why := inbound.problem(msg, self.worker.stage)) is not None:
+            self.data_in.drop(why, step=msg.step)  # never let mlx index with it (segfault)
+            return None
+        return msg
+
+    async def _data_out(self, results: asyncio.Queue[_Queued]) -> None:
+        """Each queued message's result, in arrival order, on to the next hop (or the gateway)."""
         while True:
-            frames = await sockets.recv(self.pull, sockets.DATA_FRAMES)
-            if (msg := self.data_in.read(frames)) is None:
-                continue
-            if not isinstance(msg, (Forward, Release)):
-                self.data_in.drop(f"unexpected {msg.KIND}")
-                continue
-            if msg.epoch != self.epoch or not self.loaded:
-                self.stale_drops += 1
-                self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
-                continue
-            # Only the previous stage's key (the gateway's for the first) may feed or free work;
-            # checked after the epoch, so the old ring's stragglers of a re-plan are not counted.
-            prev = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
-            if self.auth is not None and not self.auth.admit(frames[0], prev, "data message"):
-                continue
-            if isinstance(msg, Forward) and self.worker.stage is not None and (
-                    why := inbound.problem(msg, self.worker.stage)) is not None:
-                self.data_in.drop(why, step=msg.step)  # never let mlx index with it (segfault)
-                continue
+            msg, done = await results.get()
             if isinstance(msg, Release):
-                await self._mlx(self.worker.release, msg.seqs)
-                if self.assignment is not None and self.assignment.next_hop is not None:
+                try:
+                    await done
+                except Exception:  # as for a step: a bug costs these caches, not the node
+                    self.log.exception("release crashed", seqs=list(msg.seqs))
+                if msg.epoch == self.epoch and self.assignment is not None and self.assignment.next_hop is not None:
                     await self._send_out(msg, msg.seqs, None)
                 continue
             try:
-                out, failures = await self._mlx(self.worker.run, msg)
+                out, failures = await done
             except Exception as e:  # a bug must cost this step, not the node and every request on it
                 self.log.exception("step crashed", step=msg.step)
                 seqs = tuple(c.seq for c in msg.chunks)
@@ -424,6 +457,9 @@ class Node:
             for seqs, reason in failures:
                 self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
                 await self._step_failed(msg.epoch, msg.step, seqs, reason)
+            if msg.epoch != self.epoch:  # re-assigned while it was queued: its ring is gone
+                self.stale_drops += 1
+                continue
             await self._send_out(out, tuple(c.seq for c in msg.chunks), msg.step)
 
     async def _step_failed(self, epoch: Epoch, step: int, seqs: tuple[SeqId, ...], reason: str) -> None:

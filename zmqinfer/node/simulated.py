@@ -102,6 +102,16 @@ class SimulatedStage:
             return mx.zeros((0,), dtype=mx.float32)
         return mx.zeros((n, self.hidden_size), dtype=mx.float32)
 
+    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
+                      hidden: list[mx.array] | None) -> list[mx.array]:
+        """Several new sequences' first chunks: the cost of their tokens, slept once."""
+        time.sleep(self.cost.prefill_token_ms * sum(t.shape[0] for t in tokens) / 1000)
+        for s, t in zip(seqs, tokens):
+            self._offsets[s] = t.shape[0]
+        if self.is_last:
+            return [mx.zeros((0,), dtype=mx.float32) for _ in seqs]
+        return [mx.zeros((t.shape[0], self.hidden_size), dtype=mx.float32) for t in tokens]
+
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:
         time.sleep((self.cost.decode_step_ms + self.cost.decode_seq_ms * len(seqs)) / 1000)

@@ -11,6 +11,10 @@ unsplit model. Only the mlx thread may touch a Stage.
 
 Two kinds of work, with two kinds of KV cache:
 * `forward`: one chunk of one sequence (prefill), on that sequence's own KVCache.
+* `prefill_batch`: the first chunks of several new sequences in one forward, left-padded into a
+  BatchKVCache as mlx-lm's `batch_generate` prefills, then split into each sequence's own
+  KVCache. Its hidden states agree with prefilling each alone to float rounding (as a group's
+  decode does); a sequence alone goes through `forward`, bit-identical to mlx-lm.
 * `decode`: one new token for each sequence of a micro-batch group, all at once: the group keeps
   one left-padded mlx-lm BatchKVCache per layer, so the weights are read once for the whole
   group. A sequence joins its group on its first decode step (its prefill cache is merged in)
@@ -235,6 +239,49 @@ class Stage:
             mx.eval([c.state for c in cache.layers])
             return mx.zeros((0,), dtype=h.dtype)
         return self._logits(h[:, -1:, :])
+
+    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
+                      hidden: list[mx.array] | None) -> list[mx.array]:
+        """The first chunk (position 0) of each of several new sequences, in one forward.
+
+        tokens: int32 [n_i] per sequence; hidden: [n_i, hidden_size] per sequence from the
+        previous stage (None on stage 0). Returns each sequence's hidden states [n_i, hidden_size],
+        or on the last stage an empty array each (a prefill chunk is never sampled). The chunks
+        are left-padded to the longest; the padding is masked out of attention and cut away from
+        the caches and the results. Raises StageError before computing anything on a bad chunk.
+        """
+        if len(set(seqs)) != len(seqs):
+            raise StageError(f"sequences {seqs}: one sequence twice in a batched prefill")
+        lengths = [int(t.shape[0]) for t in tokens]
+        for seq, n in zip(seqs, lengths):
+            if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
+                raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
+        self._check_room(seqs[0], sum(lengths))
+        if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
+            raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
+                             f"{MAX_SEQUENCES} sequences")
+        width = max(lengths)
+        pads = [width - n for n in lengths]
+        if self.embed is not None and self.is_first:
+            ids = mx.stack([mx.concatenate([mx.zeros((p,), dtype=mx.int32), t.astype(mx.int32)])
+                            for p, t in zip(pads, tokens)])
+            h = self.embed(ids)
+        else:
+            if hidden is None or any(x.shape != (n, self.hidden_size) for x, n in zip(hidden, lengths)):
+                raise StageError(f"sequences {seqs}: hidden states do not match their chunks' "
+                                 f"{lengths} tokens x {self.hidden_size}")
+            h = mx.stack([mx.concatenate([mx.zeros((p, self.hidden_size), dtype=x.dtype), x])
+                          for p, x in zip(pads, hidden)])
+        batch = [BatchKVCache(pads) for _ in self.layers]
+        mask = create_attention_mask(h, batch[0])
+        for layer, bc in zip(self.layers, batch):
+            h = layer(h, mask, cache=bc)
+        for i, (seq, n) in enumerate(zip(seqs, lengths)):
+            self._caches[seq] = _SeqCache([bc.extract(i) for bc in batch], offset=n)
+        if self.is_last:
+            mx.eval([c.state for seq in seqs for c in self._caches[seq].layers])
+            return [mx.zeros((0,), dtype=h.dtype) for _ in seqs]
+        return [h[i, p:] for i, p in enumerate(pads)]
 
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:

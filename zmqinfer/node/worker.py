@@ -58,6 +58,8 @@ class Slice(Protocol):
     def expire_idle(self, now: float | None = None) -> list[SeqId]: ...
     def forward(self, seq: SeqId, start: int, tokens: mx.array, hidden: mx.array | None,
                 want_logits: bool) -> mx.array: ...
+    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
+                      hidden: list[mx.array] | None) -> list[mx.array]: ...
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array: ...
 
@@ -158,8 +160,8 @@ class Worker:
     def run(self, fwd: Forward) -> tuple[Forward | Sampled, list[Failure]]:
         """The message to send on, and the chunks that failed (dropped from it).
 
-        Prefill chunks run one by one on their sequences' own caches; the decode chunks run as
-        one batch of the Forward's group. The outgoing Forward lists the prefill chunks first,
+        New sequences' first prefill chunks run as one batch, other prefill chunks one by one on
+        their sequences' own caches; the decode chunks run as one batch of the Forward's group. The outgoing Forward lists the prefill chunks first,
         then the decode chunks, with tokens and hidden rows in that same order.
         """
         assert self.stage is not None
@@ -178,8 +180,25 @@ class Worker:
         return msg, out.failures
 
     def _prefill(self, step: _Step, out: _Out) -> None:
+        """New sequences' first chunks in one batched forward (as batch_generate prefills);
+        later chunks, and all of them should the batch be refused, one by one."""
         assert self.stage is not None
-        for chunk, at in step.prefill:
+        fresh = [(c, at) for c, at in step.prefill if c.start == 0]
+        rest = [(c, at) for c, at in step.prefill if c.start != 0]
+        if len(fresh) > 1:
+            sls = [slice(at, at + c.length) for c, at in fresh]
+            try:
+                hs = self.stage.prefill_batch([c.seq for c, _ in fresh], [step.tokens[sl] for sl in sls],
+                                              [step.hidden[sl] for sl in sls] if step.hidden is not None else None)
+            except StageError:  # one bad chunk must fail alone: each on its own says which
+                rest = fresh + rest
+            else:
+                for (chunk, _), sl, h in zip(fresh, sls, hs):
+                    self._observe(chunk, step.tokens[sl], out.failures)
+                    out.add(chunk, step.tokens[sl], h)
+        else:
+            rest = fresh + rest
+        for chunk, at in rest:
             sl = slice(at, at + chunk.length)
             hidden = step.hidden[sl] if step.hidden is not None else None
             try:
