@@ -7,11 +7,14 @@ on the node's single mlx thread; nothing here knows about sockets.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import mlx.core as mx
 
@@ -31,6 +34,27 @@ from zmqinfer.tensors import from_wire, to_wire
 from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
+
+
+def _malloc_trim() -> Callable[[int], object] | None:
+    """glibc's malloc_trim, or None (macOS, musl): see give_back_memory."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def give_back_memory() -> None:
+    """Hand mlx's cache of freed buffers back, and on glibc the malloc arenas they leave: the mlx
+    thread's arena otherwise keeps them. The middle node of a 3-node ring, 2 s after 16 and then
+    32 concurrent requests: 422 MiB resident with only the cache cleared, 233 MiB with the arenas
+    trimmed too (227 MiB before any request)."""
+    mx.clear_cache()
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class Slice(Protocol):
@@ -88,7 +112,7 @@ class Worker:
         caches: 16 sequences left the middle node of a 3-node ring ~330 MiB over its shard)."""
         st = self.stage
         if st is not None and st.sequences == 0 and self.sequences:
-            mx.clear_cache()
+            give_back_memory()
         self.shard_bytes = st.shard_bytes if st else 0
         self.sequences = st.sequences if st else 0
         self.kv_tokens = st.kv_tokens() if st else 0
@@ -116,7 +140,7 @@ class Worker:
         A hub model needs only the weight files holding these layers in the local cache."""
         self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
         self._publish()
-        mx.clear_cache()
+        give_back_memory()
         if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not HUB_ID.fullmatch(model):
             path = resolve_model(model)
         else:  # a hub id: from the local cache only, and only this stage's weight files
