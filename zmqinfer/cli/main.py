@@ -227,7 +227,8 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from zmqinfer import log
-    from zmqinfer.node.process import NodeOptions, run_node
+    from zmqinfer.node.options import NodeOptions
+    from zmqinfer.node.process import run_node
 
     cfg = load_cluster(args.config) if args.config else ClusterConfig()
     spec = cfg.node(args.name) if args.config else NodeSpec(NodeId(args.name))

@@ -10,8 +10,8 @@ has at most one step in the ring, so while the last node works on group A the fi
 group C. Sequences join a group between its steps (after their prefill) and leave it when they
 finish or their client goes. A long prompt enters as PREFILL_CHUNK-token chunks, each its own
 message, so it neither stalls running streams nor blocks the pipeline, and its chunks overlap
-across stages. Short prompts waiting together share one message (up to PREFILL_BATCH of them,
-PREFILL_CHUNK tokens padded), which the stages prefill as one batch. Every Forward is acknowledged by exactly one Sampled from the last stage (empty
+across stages. Short prompts waiting together share one message, which the stages prefill as
+one batch (prefill.py). Every Forward is acknowledged by exactly one Sampled from the last stage (empty
 for prefill), which is what the credits count.
 
 Prefill is cut exactly as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK
@@ -54,6 +54,7 @@ from typing import AsyncGenerator, Callable, Protocol
 import structlog
 
 from zmqinfer.gateway.kvbudget import join_cost, seq_bound
+from zmqinfer.gateway.prefill import PrefillQueue
 from zmqinfer.gateway.sequences import PREFILL_CHUNK as PREFILL_CHUNK  # part of its contract
 from zmqinfer.gateway.sequences import (
     PAUSED,
@@ -86,9 +87,6 @@ log = structlog.get_logger()
 # Prefill messages in the ring at once: one per stage keeps every stage busy with long prompts
 # (per stage, not per device: stages that share a machine of several cores still overlap).
 PREFILL_CREDITS_PER_STAGE = 1
-# New sequences prefilled in one message at most (their padded tokens also stay within
-# PREFILL_CHUNK): batch_generate's prefill batch size.
-PREFILL_BATCH = 8
 # Micro-batch groups beyond one per device: while one group's tokens travel back through the
 # gateway, the spare keeps the first device busy (README, "Keeping every device busy").
 SPARE_GROUPS = 1
@@ -151,7 +149,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
         self._groups: dict[int, Group] = {}
-        self._prefilling: deque[Seq] = deque()  # waiting for (more) prefill chunks to be sent
+        self._prefilling = PrefillQueue()  # waiting for (more) prefill chunks to be sent
         self._waiting: deque[Seq] = deque()  # admitted, waiting for KV room
         self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
@@ -299,8 +297,7 @@ class Scheduler:
         if g is not None and seq in g.members:
             g.members.remove(seq)
         seq.group = None
-        if seq in self._prefilling:
-            self._prefilling.remove(seq)
+        self._prefilling.remove(seq)
         if seq in self._waiting:
             self._waiting.remove(seq)
 
@@ -518,7 +515,7 @@ class Scheduler:
             out.append((self._send_step(epoch, gid, g.members, tuple(chunks), toks), list(g.members)))
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
         while self._prefilling and self._steps_out.prefills < credits:
-            taken = self._take_prefills()
+            taken = self._prefilling.take()
             chunks, toks = [], []
             for seq, (start, ids) in taken:
                 self._start(seq)
@@ -535,23 +532,3 @@ class Scheduler:
                     self._join(seq)  # FIFO along the ring: its decode step runs after this chunk
                     self._wake.set()  # its group may be idle: decide again
         return out
-
-    def _take_prefills(self) -> list[tuple[Seq, tuple[int, list[int]]]]:
-        """The next prefill message: the first waiting chunk and, when it starts a sequence,
-        the other sequences' first chunks that fit beside it (the stage prefills them as one
-        left-padded batch, so the padded size counts), up to PREFILL_BATCH of them."""
-        seq = self._prefilling.popleft()
-        first = seq.prefill.popleft()
-        batch = [(seq, first)]
-        if first[0] != 0:
-            return batch
-        width = len(first[1])
-        for other in list(self._prefilling):
-            if len(batch) >= PREFILL_BATCH:
-                break
-            start, ids = other.prefill[0]
-            if start == 0 and max(width, len(ids)) * (len(batch) + 1) <= PREFILL_CHUNK:
-                width = max(width, len(ids))
-                self._prefilling.remove(other)
-                batch.append((other, other.prefill.popleft()))
-        return batch

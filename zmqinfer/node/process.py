@@ -7,8 +7,8 @@
 
 All mlx work runs on one dedicated thread (mlx streams belong to the thread that made them);
 the asyncio loop only moves frames, so heartbeats and pings are answered while a long prefill
-computes. Messages of an epoch other than the node's current one are dropped unread: after a
-re-plan (or waking from SIGSTOP) nothing stale is computed or passed on.
+computes. The data plane (dataplane.py) reads the epoch, the assignment and the loaded shard
+that this control plane sets.
 
 SIGTERM drains: the node tells the gateway it is leaving (Bye, draining), keeps serving while the
 gateway re-plans the ring without it, and exits once the gateway's beats carry an epoch it is
@@ -25,7 +25,6 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import psutil
@@ -35,11 +34,12 @@ import zmq.asyncio
 
 from zmqinfer import sockets
 from zmqinfer.inbox import Inbox
-from zmqinfer.keys import GATEWAY, ClusterAuth, CurveKeys
+from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
-from zmqinfer.node import inbound
-from zmqinfer.node.simulated import DEVICE_PREFIX, SimulatedCost
+from zmqinfer.node.dataplane import DataPlane
+from zmqinfer.node.options import NodeOptions
+from zmqinfer.node.simulated import DEVICE_PREFIX
 from zmqinfer.node.sleep import SleepGuard
 from zmqinfer.node.usage import GpuSampler
 from zmqinfer.node.worker import Worker
@@ -47,18 +47,12 @@ from zmqinfer.wire import (
     Assign,
     Bye,
     Epoch,
-    Forward,
     GatewayBeat,
     Heartbeat,
     Loaded,
     Message,
-    NodeId,
     Ping,
     Pong,
-    Release,
-    Sampled,
-    SeqId,
-    StepFailed,
     encode,
 )
 
@@ -73,37 +67,15 @@ DRAIN_TIMEOUT_S = 30.0
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
 # shard stays loaded: a gateway that comes back re-plans onto it without reloading).
 GATEWAY_GONE_S = 30.0
-# Data messages queued for the mlx thread at most: enough that it never waits for the event
-# loop between steps (every group of the ring, and a prefill per stage), few enough that a
-# re-plan has little old work to run through.
-QUEUED_STEPS = 8
 # Memory a node keeps beside its shard and KV caches while computing (mlx scratch buffers of a
 # prefill chunk, the allocator's cache): what the KV cap leaves free under its memory.
 KV_HEADROOM_BYTES = 32 << 20
-
-
-_Queued = tuple[Forward | Release, "asyncio.Future[Any]"]
 
 
 def gateway_gone(silent_s: float, sequences: int) -> bool:
     """Free a silent gateway's caches: any time after GATEWAY_GONE_S, not only inside a window
     the beat loop (whose sends wait up to CONTROL_SEND_TIMEOUT_S with no gateway) skips over."""
     return silent_s > GATEWAY_GONE_S and sequences > 0
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    name: NodeId
-    gateway_host: str  # an IP address: never a name
-    control_port: int
-    data_port: int
-    bind: str = "0.0.0.0"
-    interfaces: tuple[str, ...] = ()  # IPs to advertise (and browse) on; () = every interface
-    advertise: bool = True  # register _zmqinfer._tcp over mDNS
-    memory_limit: int | None = None  # bytes this node offers for layers at most (tests, shared hosts)
-    simulate: SimulatedCost | None = None  # stand in for a device: sleep instead of computing
-    allow_sleep: bool = False  # no no-idle-sleep assertion while serving (node/sleep.py)
-    keys: CurveKeys | None = None  # CurveZMQ key pair and cluster directory; None: plaintext
 
 
 def device_name() -> str:
@@ -147,13 +119,12 @@ class Node:
         self.control = sockets.control_dealer(
             self.ctx, self.route, f"tcp://{opts.gateway_host}:{opts.control_port}",
             keys.toward(GATEWAY) if keys is not None else None)
-        self.pull = sockets.data_pull(self.ctx, f"tcp://{opts.bind}:{opts.data_port}", keys)
-        self.out: zmq.asyncio.Socket | None = None
         self.assignment: Assign | None = None
         self.epoch = Epoch(0)
         self.loaded = False
         self.worker = Worker(opts.simulate)
         self._mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
+        self.data = DataPlane(self, self.ctx, self.route, self._mlx_thread)  # binds the data port
         self._stopping = asyncio.Event()
         self._draining = False
         self._drain_deadline = 0.0
@@ -165,9 +136,8 @@ class Node:
         self.presence: Any = None  # presence.NodePresence while advertising
         self.error: str | None = None  # why the node stopped on its own (exit status 1)
         self.awake = SleepGuard(not opts.allow_sleep, self.log)  # a Mac that sleeps leaves the ring
-        self.control_in, self.data_in = Inbox("control", self.log), Inbox("data", self.log)
+        self.control_in = Inbox("control", self.log)
         self.gpu = GpuSampler()  # accelerator utilisation / memory for the heartbeat
-        self.stale_drops = 0  # data messages of another epoch dropped unread
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -183,7 +153,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._beat()), tg.create_task(self._control_loop()),
-                         tg.create_task(self._data_loop()), tg.create_task(self._sweep()),
+                         tg.create_task(self.data.run()), tg.create_task(self._sweep()),
                          tg.create_task(self.gpu.run())]
                 if self.auth is not None:
                     tasks.append(tg.create_task(self.auth.run()))
@@ -214,7 +184,7 @@ class Node:
     async def _say_bye(self) -> None:
         try:
             async with asyncio.timeout(0.5):
-                await self._send_control(Bye(self.opts.name, "shutdown"))
+                await self.send_control(Bye(self.opts.name, "shutdown"))
         except (TimeoutError, zmq.ZMQError):
             self.log.info("gateway did not take the goodbye; it will notice the silence")
         self.log.info("node stopped")
@@ -235,16 +205,15 @@ class Node:
 
     def _close(self) -> None:
         self._mlx_thread.shutdown(wait=True, cancel_futures=True)
-        for s in (self.control, self.pull, self.out):
-            if s is not None:
-                s.close(linger=0)
+        self.control.close(linger=0)
+        self.data.close()
         if self.auth is not None:
             self.auth.stop()  # its ZAP socket too: term() waits for every socket of the context
         self.ctx.term()
 
     # ---- control plane ----------------------------------------------------------------------
 
-    async def _send_control(self, msg: Message) -> None:
+    async def send_control(self, msg: Message) -> None:
         """Best effort under a deadline: with no gateway connected the message is dropped (and
         logged); the gateway learns the state again from the next heartbeat."""
         try:
@@ -288,11 +257,11 @@ class Node:
                 busy_seconds=w.busy_seconds, sequences=w.sequences,
                 steps=w.steps, tokens=w.tokens, kv_bytes=w.kv_bytes, layers=w.layers,
                 accel_memory_bytes=gpu.memory_bytes if gpu else None,
-                gpu_utilization=gpu.utilization if gpu else None, stale_drops=self.stale_drops,
+                gpu_utilization=gpu.utilization if gpu else None, stale_drops=self.data.stale_drops,
                 addresses=listening_addresses(self.opts.bind), refused=self._refused())
-            await self._send_control(beat)
+            await self.send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
-                await self._send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
+                await self.send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
             if self.presence is not None:
                 await self.presence.update(self._ad(vm))
             await self._watch_gateway()
@@ -342,7 +311,7 @@ class Node:
                     self.gateway_epoch = msg.epoch
                     await self._assign(msg)
                 case Ping():
-                    await self._send_control(Pong(msg.nonce, self.opts.name))
+                    await self.send_control(Pong(msg.nonce, self.opts.name))
                 case _:
                     self.control_in.drop(f"unexpected {msg.KIND}")
 
@@ -360,10 +329,10 @@ class Node:
         else:
             try:
                 await self._mlx(self.worker.load, a.model, a.start, a.end)
-                self._connect_out(a)  # Curve: fails when the next node's key is not trusted here
+                self.data.connect_out(a)  # Curve: fails when the next node's key is not trusted here
             except Exception as e:  # any load failure is reported to the gateway, not fatal here
                 self.log.error("load failed", error=str(e))
-                await self._send_control(Loaded(
+                await self.send_control(Loaded(
                     epoch=a.epoch, node=self.opts.name, ok=False, detail=f"{type(e).__name__}: {e}",
                     fingerprint="", shard_bytes=0, rss_bytes=psutil.Process().memory_info().rss,
                     load_seconds=0.0))
@@ -375,111 +344,9 @@ class Node:
         self.log.info("kv cache capped", tokens=cap)
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
                       seconds=round(time.monotonic() - t0, 2))
-        await self._send_control(Loaded(
+        await self.send_control(Loaded(
             epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
             shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0))
-
-    def _connect_out(self, a: Assign) -> None:
-        if self.out is not None:
-            self.out.close(linger=0)
-        keys = self.opts.keys
-        if a.next_hop is not None:
-            curve = keys.toward(a.next_node) if keys is not None and a.next_node is not None else None
-            if keys is not None and curve is None:
-                raise ValueError("Curve is on but the assignment names no next node to trust")
-            self.out = sockets.data_push(self.ctx, a.next_hop, curve)
-        else:
-            self.out = sockets.results_dealer(
-                self.ctx, self.route, f"tcp://{self.opts.gateway_host}:{a.result_port}",
-                keys.toward(GATEWAY) if keys is not None else None)
-
-    # ---- data plane -------------------------------------------------------------------------
-
-    async def _data_loop(self) -> None:
-        """Read, check and queue each data message for the mlx thread at once; `_data_out` sends
-        the results in order. So the mlx thread finds its next step waiting when it finishes one,
-        instead of idling while this loop sends the last result and reads the next message."""
-        results: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=QUEUED_STEPS)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._data_out(results))
-            while True:
-                frames = await sockets.recv(self.pull, sockets.DATA_FRAMES)
-                if (msg := self._admit(frames)) is None:
-                    continue
-                loop = asyncio.get_running_loop()
-                done = (loop.run_in_executor(self._mlx_thread, self.worker.release, msg.seqs)
-                        if isinstance(msg, Release) else loop.run_in_executor(self._mlx_thread, self.worker.run, msg))
-                # Waits when QUEUED_STEPS are queued: then the PULL socket fills, and the
-                # previous stage's sends wait in turn (backpressure, never an unbounded queue).
-                await results.put((msg, done))
-
-    def _admit(self, frames: list[zmq.Frame]) -> Forward | Release | None:
-        """The message, if it is one this node should run now; else None (counted, logged)."""
-        if (msg := self.data_in.read(frames)) is None:
-            return None
-        if not isinstance(msg, (Forward, Release)):
-            self.data_in.drop(f"unexpected {msg.KIND}")
-            return None
-        if msg.epoch != self.epoch or not self.loaded:
-            self.stale_drops += 1
-            self.log.debug("dropped stale message", kind=msg.KIND, epoch=msg.epoch, current=self.epoch)
-            return None
-        # Only the previous stage's key (the gateway's for the first) may feed or free work;
-        # checked after the epoch, so the old ring's stragglers of a re-plan are not counted.
-        prev = (self.assignment.prev_node or GATEWAY) if self.assignment is not None else None
-        if self.auth is not None and not self.auth.admit(frames[0], prev, "data message"):
-            return None
-        if isinstance(msg, Forward) and self.worker.stage is not None and (
-                why := inbound.problem(msg, self.worker.stage)) is not None:
-            self.data_in.drop(why, step=msg.step)  # never let mlx index with it (segfault)
-            return None
-        return msg
-
-    async def _data_out(self, results: asyncio.Queue[_Queued]) -> None:
-        """Each queued message's result, in arrival order, on to the next hop (or the gateway)."""
-        while True:
-            msg, done = await results.get()
-            if isinstance(msg, Release):
-                try:
-                    await done
-                except Exception:  # as for a step: a bug costs these caches, not the node
-                    self.log.exception("release crashed", seqs=list(msg.seqs))
-                if msg.epoch == self.epoch and self.assignment is not None and self.assignment.next_hop is not None:
-                    await self._send_out(msg, msg.seqs, None)
-                continue
-            try:
-                out, failures = await done
-            except Exception as e:  # a bug must cost this step, not the node and every request on it
-                self.log.exception("step crashed", step=msg.step)
-                seqs = tuple(c.seq for c in msg.chunks)
-                await self._step_failed(msg.epoch, msg.step, seqs, f"internal error: {type(e).__name__}: {e}")
-                continue
-            for seqs, reason in failures:
-                self.log.warning("chunk failed", step=msg.step, seqs=list(seqs), reason=reason)
-                await self._step_failed(msg.epoch, msg.step, seqs, reason)
-            if msg.epoch != self.epoch:  # re-assigned while it was queued: its ring is gone
-                self.stale_drops += 1
-                continue
-            await self._send_out(out, tuple(c.seq for c in msg.chunks), msg.step)
-
-    async def _step_failed(self, epoch: Epoch, step: int, seqs: tuple[SeqId, ...], reason: str) -> None:
-        await self._send_control(StepFailed(epoch=epoch, step=step, node=self.opts.name, seqs=seqs,
-                                            reason=reason))
-
-    async def _send_out(self, msg: Forward | Sampled | Release, seqs: tuple[SeqId, ...],
-                        step: int | None) -> None:
-        """`step`: the Forward's step, to report a failed send; None for a Release."""
-        assert self.out is not None
-        try:
-            if not await sockets.send(self.out, encode(msg), sockets.NEXT_HOP_SEND_TIMEOUT_S):
-                self.log.debug("dropped a stale message: re-assigned while sending", step=step)
-        except TimeoutError:
-            where = self.assignment.next_hop if self.assignment and self.assignment.next_hop else "gateway"
-            reason = f"{self.opts.name}: could not send to {where} within {sockets.NEXT_HOP_SEND_TIMEOUT_S:.0f}s"
-            self.log.error("send timed out", to=where, step=step)
-            if step is not None:
-                await self._step_failed(self.epoch, step, seqs, reason)
-
 
 async def run_node(opts: NodeOptions) -> int:
     """The node's exit status: 0 after a requested stop, 1 when it had to stop by itself."""
