@@ -302,7 +302,8 @@ def _memory(r: Report) -> str:
         for n in x.get("per_node", []):
             rows.append([x["setup"], n["name"], f"[{n['layers'][0]},{n['layers'][1]})", _mib(n["rss_bytes"]),
                          _mib(n["shard_bytes"]), _mib((n["rss_bytes"] or 0) - (n["shard_bytes"] or 0))])
-    return "**Memory**\n\n" + _table(["setup", "process", "layers", "resident", "shard", "resident - shard"], rows)
+    return ("**Memory** (each node once the load's sequences are released)\n\n"
+            + _table(["setup", "process", "layers", "resident", "shard", "resident - shard"], rows))
 
 
 def _mib(n: int | None) -> str:

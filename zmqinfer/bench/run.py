@@ -204,7 +204,7 @@ def run_ring(n: int, work: dict[str, Any], tmp: Path, extra: list[str], opts: Op
     try:
         procs = {"gateway": c.proc.pid, **c.node_pids()}  # `up` runs the gateway in its own process
         out.update(asyncio.run(loadgen.measure(c.url, work, opts.level_timeout_s, opts.pings, procs)))
-        st = c.status()
+        st = _drained(c)
         out["per_node"] = [{"name": x["name"], "layers": x["layers"], "pid": x["pid"], "rss_bytes": x["rss_bytes"],
                             "shard_bytes": x["shard_bytes"], "process": blasinfo.describe(x["pid"])}
                            for x in st["nodes"]]
@@ -214,6 +214,17 @@ def run_ring(n: int, work: dict[str, Any], tmp: Path, extra: list[str], opts: Op
     finally:
         launch.stop(c)
     return out
+
+
+def _drained(c: launch.LocalCluster, timeout_s: float = 10.0) -> dict[str, Any]:
+    """/cluster/status once every node has released the load's sequences and beaten since (every
+    0.5 s): a node's memory is then what it keeps, not what the last level left in flight."""
+    deadline = time.monotonic() + timeout_s
+    while any(n["sequences"] for n in c.status()["nodes"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    status: dict[str, Any] = c.status()
+    return status
 
 
 def _mean_baseline(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
