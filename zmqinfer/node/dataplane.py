@@ -129,8 +129,9 @@ class DataPlane:
                     await done
                 except Exception:  # as for a step: a bug costs these caches, not the node
                     self.node.log.exception("release crashed", seqs=list(msg.seqs))
-                if msg.epoch == self.node.epoch and self.node.assignment is not None and self.node.assignment.next_hop is not None:
-                    await self._send_out(msg, msg.seqs, None)
+                a = self.node.assignment
+                if msg.epoch == self.node.epoch and a is not None and a.next_hop is not None:
+                    await self._send_out(msg, msg.seqs, None)  # the next stages free theirs
                 continue
             try:
                 out, failures = await done

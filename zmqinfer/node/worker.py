@@ -185,8 +185,9 @@ class Worker:
         """The message to send on, and the chunks that failed (dropped from it).
 
         New sequences' first prefill chunks run as one batch, other prefill chunks one by one on
-        their sequences' own caches; the decode chunks run as one batch of the Forward's group. The outgoing Forward lists the prefill chunks first,
-        then the decode chunks, with tokens and hidden rows in that same order.
+        their sequences' own caches; the decode chunks run as one batch of the Forward's group.
+        The outgoing Forward lists the prefill chunks first, then the decode chunks, with tokens
+        and hidden rows in that same order.
         """
         assert self.stage is not None
         t0 = time.perf_counter()
