@@ -234,4 +234,6 @@ def test_batched_prefill_refuses_a_sequence_it_already_holds(tiny: Path) -> None
         st.prefill_batch([SeqId(2), SeqId(1)], [mx.array([4], dtype=mx.int32)] * 2, None)
     with pytest.raises(StageError, match="twice"):
         st.prefill_batch([SeqId(3), SeqId(3)], [mx.array([4], dtype=mx.int32)] * 2, None)
+    with pytest.raises(StageError, match="missing"):
+        st.prefill_batch([SeqId(4), SeqId(5)], [mx.array([4], dtype=mx.int32)], None)
     assert st.seq_ids == (SeqId(1),)  # nothing of a refused batch was kept

@@ -75,7 +75,7 @@ def _beats(at: float, status: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 async def _measure(url: str, opts: SimOptions) -> dict[str, Any]:
     """One stream alone, then `concurrency` requests at once. Busy and steps/s are the steady
-    state: measured over a window inside the load (WARM_S after it starts, for WINDOW_S), so
+    state: measured over a window inside the load (`warm_s` after it starts, for `window_s`), so
     the ramps where requests join and finish, which any finite batch of requests has, are not
     counted against the pipeline. Busy is each node's own busy seconds over the time between
     the two beats that carried them."""

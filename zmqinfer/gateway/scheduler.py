@@ -5,14 +5,15 @@
     on_sampled(step): a group's tokens -> each request's queue; the group is free to go again
     generate yields tokens from its queue, under a deadline
 
-Every decoding sequence belongs to one of K >= number-of-stages micro-batch *groups*; each group
-has at most one step in the ring, so while the last node works on group A the first works on
-group C. Sequences join a group between its steps (after their prefill) and leave it when they
-finish or their client goes. A long prompt enters as PREFILL_CHUNK-token chunks, each its own
-message, so it neither stalls running streams nor blocks the pipeline, and its chunks overlap
-across stages. Short prompts waiting together share one message, which the stages prefill as
-one batch (prefill.py). Every Forward is acknowledged by exactly one Sampled from the last stage (empty
-for prefill), which is what the credits count.
+Every decoding sequence belongs to one of K micro-batch *groups* (one on a single machine, one
+per device plus a spare over several: groups()); each group has at most one step in the ring,
+so while the last node works on group A the first works on group C. Sequences join a group
+between its steps (after their prefill) and leave it when they finish or their client goes. A
+long prompt enters as PREFILL_CHUNK-token chunks, each its own message, so it neither stalls
+running streams nor blocks the pipeline, and its chunks overlap across stages. Short prompts
+waiting together share one message, which the stages prefill as one batch (prefill.py). Every
+Forward is acknowledged by exactly one Sampled from the last stage (empty for prefill), which is
+what the credits count.
 
 Prefill is cut exactly as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK
 (chunks over all but the last prompt token; the last token is the first decode step), so a

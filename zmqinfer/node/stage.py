@@ -252,8 +252,10 @@ class Stage:
         """
         if len(set(seqs)) != len(seqs):
             raise StageError(f"sequences {seqs}: one sequence twice in a batched prefill")
+        if len(tokens) != len(seqs) or (hidden is not None and len(hidden) != len(seqs)):
+            raise StageError(f"sequences {seqs}: a chunk's tokens or hidden states are missing")
         lengths = [int(t.shape[0]) for t in tokens]
-        for seq, n in zip(seqs, lengths):
+        for seq in seqs:
             if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
                 raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
         self._check_room(seqs[0], sum(lengths))
