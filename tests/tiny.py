@@ -7,7 +7,9 @@ built on one exercises exactly the code a real deployment runs.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -44,3 +46,18 @@ def make_tiny_model(dest: Path, family: str, *, n_layers: int = 4, hidden: int =
     mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     return dest
+
+
+def with_real_tokenizer(dest: Path, model_dir: Path, **shape: Any) -> Path:
+    """A tiny random llama at `dest` (`shape`: make_tiny_model's keywords) that speaks the
+    embedded model's tokenizer (chat template, EOS ids), so a gateway can template and tokenize
+    for it: real HTTP requests without a real model's compute."""
+    src = json.loads((model_dir / "config.json").read_text())
+    made = make_tiny_model(dest, "llama", vocab=src["vocab_size"], **shape)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, made / f.name)
+    cfg = json.loads((made / "config.json").read_text())
+    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
+    (made / "config.json").write_text(json.dumps(cfg))
+    return made

@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import make_tiny_model
+from tests.tiny import with_real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def toy_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random weights, real tokenizer (chat template, EOS ids) from the embedded model."""
-    src = json.loads((model_dir / "config.json").read_text())
-    dest = make_tiny_model(tmp_path_factory.mktemp("toy"), "llama", n_layers=4, hidden=64,
-                           vocab=src["vocab_size"])
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
-            shutil.copy(f, dest / f.name)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
+    return with_real_tokenizer(tmp_path_factory.mktemp("toy"), model_dir, n_layers=4, hidden=64)
 
 
 def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:

@@ -14,8 +14,6 @@ Bounded in count and time: LOAD_DEADLINE_S for each whole run.
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import openai
 import pytest
 
 from tests.loopback import faults
-from tests.tiny import make_tiny_model
+from tests.tiny import with_real_tokenizer
 from zmqinfer.bench import launch
 from zmqinfer.bench.launch import LocalCluster
 
@@ -84,16 +82,8 @@ def kv_heavy_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """Random weights, 128 KB of KV per token (16 layers x 4 KV heads x 256 dims x K+V x f32),
     the embedded model's tokenizer so that the gateway can template and tokenize. Short prompts
     of wide KV: memory without the prefill compute that long prompts cost on 2 shared cores."""
-    src = json.loads((model_dir / "config.json").read_text())
-    dest = make_tiny_model(tmp_path_factory.mktemp("kvheavy"), "llama", n_layers=16, hidden=64,
-                           vocab=src["vocab_size"], kv_heads=4, head_dim=256)
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
-            shutil.copy(f, dest / f.name)
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
-    (dest / "config.json").write_text(json.dumps(cfg))
-    return dest
+    return with_real_tokenizer(tmp_path_factory.mktemp("kvheavy"), model_dir, n_layers=16, hidden=64,
+                               kv_heads=4, head_dim=256)
 
 
 def test_a_small_node_under_32_long_requests_queues_them_and_is_never_killed(

@@ -22,9 +22,10 @@ from tests.unit.test_api import (
     wait_for,
 )
 from tests.unit.test_scheduler import MemoryRing, running
+from zmqinfer.gateway.fields import RequestError
 from zmqinfer.gateway.openapi import SPEC
 from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, StepNotSent
-from zmqinfer.gateway.validate import RequestError, parse_chat
+from zmqinfer.gateway.validate import parse_chat
 from zmqinfer.wire import Forward, Release, Sample, SamplingParams, SeqId, encode
 
 

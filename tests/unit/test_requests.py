@@ -7,14 +7,13 @@ from typing import Any
 import pytest
 
 from tests.unit.test_textout import load_tokenizer
+from zmqinfer.gateway.fields import RequestError, parse_body
 from zmqinfer.gateway.prompt import plan
 from zmqinfer.gateway.validate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     ChatRequest,
     Message,
-    RequestError,
-    parse_body,
     parse_chat,
     parse_completion,
 )

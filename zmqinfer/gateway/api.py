@@ -43,6 +43,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
 from zmqinfer.gateway import auth, pages
 from zmqinfer.gateway.auth import ApiGuard
+from zmqinfer.gateway.fields import RequestError, parse_body
 from zmqinfer.gateway.httpio import (
     BODY_READ_TIMEOUT_S,
     SSE_WRITE_TIMEOUT_S,
@@ -70,8 +71,6 @@ from zmqinfer.gateway.validate import (
     ChatRequest,
     CompletionRequest,
     Options,
-    RequestError,
-    parse_body,
     parse_chat,
     parse_completion,
 )

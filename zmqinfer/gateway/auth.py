@@ -100,32 +100,29 @@ def own_addresses() -> set[str]:
             if a.family in (socket.AF_INET, socket.AF_INET6)}
 
 
+def _address(remote: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's IP (an IPv4-mapped IPv6 one as IPv4, a zone id dropped), or None."""
+    if not remote:
+        return None
+    try:
+        ip = ipaddress.ip_address(remote.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_local(remote: str | None) -> bool:
     """A client on this machine: loopback, or one of this machine's own addresses (a client here
     that connects to the LAN address; a remote peer cannot complete a TCP handshake from it)."""
-    if is_loopback(remote):
-        return True
-    if not remote:
-        return False
-    try:
-        ip = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip) in own_addresses()
+    ip = _address(remote)
+    return ip is not None and (ip.is_loopback or str(ip) in own_addresses())
 
 
 def is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        ip = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = _address(remote)
+    return ip is not None and ip.is_loopback
 
 
 def middleware(guard: ApiGuard,

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from zmqinfer.gateway.validate import RequestError
+from zmqinfer.gateway.fields import RequestError
 
 # A 4 MiB body (the API's limit) takes ~3.5 s at 10 Mbit/s; 10 s leaves room for a slow link
 # and still frees a stuck connection long before anyone notices.

@@ -12,10 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from zmqinfer.gateway.fields import MAX_INTEGER
 from zmqinfer.gateway.validate import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
-    MAX_INTEGER,
     MAX_LOGIT_BIAS,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,

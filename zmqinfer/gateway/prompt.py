@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from zmqinfer.gateway.fields import RequestError, param_error
 from zmqinfer.gateway.validate import (
     DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,
     Message,
-    RequestError,
-    param_error,
 )
 
 

@@ -56,7 +56,6 @@ import structlog
 
 from zmqinfer.gateway.kvbudget import join_cost, seq_bound
 from zmqinfer.gateway.prefill import PrefillQueue
-from zmqinfer.gateway.sequences import PREFILL_CHUNK as PREFILL_CHUNK  # part of its contract
 from zmqinfer.gateway.sequences import (
     PAUSED,
     RETRY_AFTER_S,
@@ -68,6 +67,9 @@ from zmqinfer.gateway.sequences import (
     Seq,
     Step,
     StepBook,
+)
+from zmqinfer.gateway.sequences import (
+    PREFILL_CHUNK as PREFILL_CHUNK,  # part of its contract
 )
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (

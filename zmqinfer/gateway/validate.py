@@ -2,24 +2,32 @@
 
 Contract:
 
-* `parse_body(raw)` -> the JSON object of a request body (strict JSON: no NaN/Infinity).
+* `fields.parse_body(raw)` -> the JSON object of a request body (strict JSON: no NaN/Infinity).
 * `parse_chat(body)` / `parse_completion(body)` -> `ChatRequest` / `CompletionRequest`. They
   check types and ranges of every field, refuse unknown fields by name, and refuse features this
   server does not have (tools, n>1, echo, images, ...) instead of silently ignoring them.
 * Tokenization and the context-length check are `prompt.plan`'s.
 
-Each failure is a `RequestError` whose message says what to fix and whose `param` names the
+Each failure is a `fields.RequestError` whose message says what to fix and whose `param` names the
 offending field, ready to be rendered as OpenAI's `{"error": {...}}` body.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from zmqinfer.gateway.fields import (
+    RequestError,
+    boolean,
+    check_fields,
+    given,
+    integer,
+    number,
+    param_error,
+    string,
+)
 from zmqinfer.limits import GREEDY_TEMPERATURE, MAX_TOKEN_ID
 from zmqinfer.wire import SamplingParams
 
@@ -33,27 +41,11 @@ MAX_STOP_CHARS = 1000  # a stop string longer than this is a mistake, and each t
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; also keeps the wire header small (see wire.py)
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits for chat / legacy completions
 MAX_COMPLETION_LOGPROBS = 5
-# Every integer a client sends is at most this (token ids are int32 on the wire; a budget or a
-# top_k larger than any vocabulary or context means nothing). prompt.plan then checks top_k and
-# logit_bias ids against the actual vocabulary, and the budget against the context.
-MAX_INTEGER = MAX_TOKEN_ID
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # OpenAI's int64 seeds, or the uint64 mlx keys take
 # vLLM's range is (0, inf); below 0.01 (or above 10) logits/penalty overflows float32 to inf.
 REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 ChatRole = Literal["system", "user", "assistant"]
-
-
-class RequestError(Exception):
-    """A request the API refuses; rendered as OpenAI's error object with HTTP `status`."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -88,123 +80,6 @@ class CompletionRequest:
     model: str | None
     prompt: str | tuple[int, ...]
     options: Options
-
-
-# ---- body -------------------------------------------------------------------------------------
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object in `raw`, or RequestError."""
-    try:
-        body = json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
-        raise RequestError(f"the request body is not valid JSON: {str(e)[:200]}",
-                           code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object", code="invalid_json")
-    _no_lone_surrogates(body)
-    return body
-
-
-def _no_lone_surrogates(body: dict[str, Any]) -> None:
-    """JSON may escape half a UTF-16 pair ("\\udc80"): valid JSON, but no text. Refused here,
-    by where it is, instead of failing deep in the tokenizer."""
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            stack += [(f"{where}.{k}" if where else str(k), k) for k in value]  # keys are text too
-            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
-        elif isinstance(value, list):
-            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                name = where.encode("utf-8", "backslashreplace").decode()[:100]
-                raise RequestError(f"{name} contains a lone surrogate (\\u{ord(value[e.start]):04x}) at"
-                                   f" character {e.start}: not valid Unicode text",
-                                   param=name.split("[")[0].split(".")[0], code="invalid_unicode") from None
-
-
-# ---- field readers: None (absent or null) gives the default --------------------------------
-
-
-def param_error(name: str, message: str, code: str = "invalid_value") -> RequestError:
-    return RequestError(f"{name} {message}", param=name, code=code)
-
-
-_T = TypeVar("_T")
-
-
-def _given(value: _T | None) -> _T:
-    """A parameter read with a non-None default is never None."""
-    assert value is not None
-    return value
-
-
-def _number(body: Mapping[str, Any], name: str, default: float | None, lo: float, hi: float,
-            *, lo_open: bool = False) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    # bool is not a number here; an int is compared as is (float() of 10**400 would raise)
-    if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
-        raise param_error(name, "must be a number", "invalid_type")
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise param_error(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {_shown(value)}")
-    return float(value)
-
-
-def _shown(value: float) -> str:
-    """A client's number for an error message: never thousands of digits."""
-    text = str(value)
-    return text if len(text) <= 24 else f"a number of {len(text)} digits"
-
-
-def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int,
-             hi: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) is not int:
-        raise param_error(name, "must be an integer", "invalid_type")
-    top = MAX_INTEGER if hi is None else hi
-    if value < lo or value > top:
-        bound = (f"between {lo} and {hi}" if hi is not None
-                 else f">= {lo}" if value < lo else f"at most {MAX_INTEGER}")
-        raise param_error(name, f"must be {bound}, got {_shown(value)}")
-    return value
-
-
-def _boolean(body: Mapping[str, Any], name: str, default: bool, where: str = "") -> bool:
-    value = body.get(name)
-    if value is not None and type(value) is not bool:
-        raise param_error(where + name, "must be true or false", "invalid_type")
-    return default if value is None else value
-
-
-def _string(body: Mapping[str, Any], name: str, where: str = "") -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise param_error(where + name, "must be a string", "invalid_type")
-    return value
-
-
-def _check_fields(body: Mapping[str, Any], known: frozenset[str],
-                  unsupported: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
-    unknown = sorted(set(body) - known - set(unsupported))
-    if unknown:
-        also = f" (also {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
-        raise RequestError(f"unknown field {unknown[0]!r}{also}", param=unknown[0],
-                           code="unknown_parameter")
-    for name, (harmless, why) in unsupported.items():
-        if name in body and body[name] is not None and not harmless(body[name]):
-            raise RequestError(f"{name}: {why}", param=name, code="unsupported_parameter")
 
 
 # Fields OpenAI defines that this server cannot honour: accepted only with a value that asks for
@@ -245,19 +120,19 @@ _COMPLETION_FIELDS = _COMMON | {"prompt"}
 
 
 def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
-    if (_integer(body, "n", 1, 1) or 1) > 1:
+    if (integer(body, "n", 1, 1) or 1) > 1:
         raise RequestError("n>1 is not supported; send one request per completion", param="n",
                            code="unsupported_parameter")
-    _string(body, "user")  # accepted and, like OpenAI's abuse tracking, not used for generation
+    string(body, "user")  # accepted and, like OpenAI's abuse tracking, not used for generation
 
-    max_tokens, param = _integer(body, "max_tokens", None, 1), "max_tokens"
-    newer = _integer(body, "max_completion_tokens", None, 1)
+    max_tokens, param = integer(body, "max_tokens", None, 1), "max_tokens"
+    newer = integer(body, "max_completion_tokens", None, 1)
     if newer is not None:
         if max_tokens is not None and max_tokens != newer:
             raise param_error("max_completion_tokens", "and max_tokens disagree; send only one")
         max_tokens, param = newer, "max_completion_tokens"
 
-    stream = _boolean(body, "stream", False)
+    stream = boolean(body, "stream", False)
     include_usage = False
     stream_options = body.get("stream_options")
     if stream_options is not None:
@@ -268,22 +143,22 @@ def _options(body: Mapping[str, Any], logprobs: int | None) -> Options:
         extra = sorted(set(stream_options) - {"include_usage"})
         if extra:
             raise param_error(f"stream_options.{extra[0]}", "is an unknown field", "unknown_parameter")
-        include_usage = _boolean(stream_options, "include_usage", False, "stream_options.")
+        include_usage = boolean(stream_options, "include_usage", False, "stream_options.")
 
-    seed = _integer(body, "seed", None, *SEED_RANGE)
-    temperature = _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0) or 0.0
+    seed = integer(body, "seed", None, *SEED_RANGE)
+    temperature = number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0) or 0.0
     sampling = SamplingParams(
         # Below GREEDY_TEMPERATURE, 1/T overflows the logits: such a request is greedy.
         temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
-        top_p=_given(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
-        top_k=_given(_integer(body, "top_k", 0, 0)),  # <= the vocabulary: prompt.plan
-        min_p=_given(_number(body, "min_p", 0.0, 0.0, 1.0)),
+        top_p=given(number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
+        top_k=given(integer(body, "top_k", 0, 0)),  # <= the vocabulary: prompt.plan
+        min_p=given(number(body, "min_p", 0.0, 0.0, 1.0)),
         # OpenAI seeds are signed 64-bit; mlx keys are unsigned: the same bits either way.
         seed=None if seed is None else seed % (1 << 64),
         # Penalties stay None (not a neutral value) when absent: the sampler then skips them.
-        repetition_penalty=_number(body, "repetition_penalty", None, *REPETITION_PENALTY_RANGE),
-        presence_penalty=_number(body, "presence_penalty", None, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", None, -2.0, 2.0),
+        repetition_penalty=number(body, "repetition_penalty", None, *REPETITION_PENALTY_RANGE),
+        presence_penalty=number(body, "presence_penalty", None, -2.0, 2.0),
+        frequency_penalty=number(body, "frequency_penalty", None, -2.0, 2.0),
         logit_bias=_logit_bias(body.get("logit_bias")),
         top_logprobs=logprobs or 0,
     )
@@ -328,15 +203,15 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     """A validated /v1/chat/completions request, or RequestError."""
-    _check_fields(body, _CHAT_FIELDS, _CHAT_UNSUPPORTED)
+    check_fields(body, _CHAT_FIELDS, _CHAT_UNSUPPORTED)
     logprobs = body.get("logprobs")
     if logprobs is not None and type(logprobs) is not bool:
         raise param_error("logprobs", "must be true or false for chat completions", "invalid_type")
-    top = _integer(body, "top_logprobs", None, 0, MAX_CHAT_TOP_LOGPROBS)
+    top = integer(body, "top_logprobs", None, 0, MAX_CHAT_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise param_error("top_logprobs", "requires logprobs to be true")
     options = _options(body, (top or 0) if logprobs else None)
-    return ChatRequest(model=_string(body, "model"), messages=_messages(body.get("messages")),
+    return ChatRequest(model=string(body, "model"), messages=_messages(body.get("messages")),
                        options=options)
 
 
@@ -361,7 +236,7 @@ def _message(m: Any, where: str) -> Message:
     extra = next((k for k in m if k not in ("role", "content", "name")), None)
     if extra is not None:  # tool_calls, refusal, audio, ...: all things we cannot honour
         raise param_error(f"{where}.{extra}", "is not supported", "unsupported_parameter")
-    name = _string(m, "name", f"{where}.")
+    name = string(m, "name", f"{where}.")
     # Chat templates know system/user/assistant; "developer" is OpenAI's newer name for system.
     return Message(role="system" if role == "developer" else role,
                    content=_content(m.get("content"), f"{where}.content"), name=name)
@@ -391,13 +266,13 @@ def _content(content: Any, where: str) -> str:
 
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     """A validated /v1/completions request, or RequestError."""
-    _check_fields(body, _COMPLETION_FIELDS, _COMPLETION_UNSUPPORTED)
+    check_fields(body, _COMPLETION_FIELDS, _COMPLETION_UNSUPPORTED)
     logprobs = body.get("logprobs")
     if logprobs is not None and (type(logprobs) is not int
                                  or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
         raise param_error("logprobs", f"must be an integer between 0 and {MAX_COMPLETION_LOGPROBS}"
                                " for completions")
-    return CompletionRequest(model=_string(body, "model"), prompt=_prompt(body.get("prompt")),
+    return CompletionRequest(model=string(body, "model"), prompt=_prompt(body.get("prompt")),
                              options=_options(body, logprobs))
 
 

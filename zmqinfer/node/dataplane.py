@@ -26,7 +26,17 @@ from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.node import inbound
 from zmqinfer.node.options import NodeOptions
 from zmqinfer.node.worker import Worker
-from zmqinfer.wire import Assign, Epoch, Forward, Message, Release, Sampled, SeqId, StepFailed, encode
+from zmqinfer.wire import (
+    Assign,
+    Epoch,
+    Forward,
+    Message,
+    Release,
+    Sampled,
+    SeqId,
+    StepFailed,
+    encode,
+)
 
 # Data messages queued for the mlx thread at most: enough that it never waits for the event
 # loop between steps (every group of the ring, and a prefill per stage), few enough that a
