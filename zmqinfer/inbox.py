@@ -11,7 +11,8 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from zmqinfer.wire import Message, WireError, decode
+from zmqinfer.codec import decode
+from zmqinfer.wire import Message, WireError
 from zmqinfer.wirecheck import check
 
 # One summary line per loop at most this often: 2,000 junk frames used to write 2,000 warnings;

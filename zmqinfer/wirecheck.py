@@ -1,6 +1,6 @@
 """What a well-typed message must also mean: ranges, and fields that must agree.
 
-`check(msg)` raises WireError for a message `wire.decode` accepted but nobody should act on:
+`check(msg)` raises WireError for a message `codec.decode` accepted but nobody should act on:
 negative ports or sizes, NaN logprobs, tokens whose length is not the chunks' total, hidden
 states of the wrong rank. What depends on the model (vocabulary, hidden width and dtype) is the
 node's to check (node/inbound.py): only it knows the model it loaded.

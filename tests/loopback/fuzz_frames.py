@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 
 from zmqinfer import limits
+from zmqinfer.codec import encode
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     PROTOCOL_VERSION,
@@ -32,7 +33,6 @@ from zmqinfer.wire import (
     StepFailed,
     Tensor,
     TokenLogprob,
-    encode,
 )
 
 Frames = list[bytes]

@@ -22,19 +22,10 @@ import zmq.auth
 from tests.loopback.conftest import Reference
 from zmqinfer.bench import launch
 from zmqinfer.bench.launch import LocalCluster
+from zmqinfer.codec import encode
 from zmqinfer.keys import CurveKeys, load_keys, public_key
 from zmqinfer.local import CONTROL_OFFSET, DATA_OFFSET, RESULT_OFFSET
-from zmqinfer.wire import (
-    Bye,
-    Epoch,
-    Heartbeat,
-    NodeId,
-    Release,
-    Sample,
-    Sampled,
-    SeqId,
-    encode,
-)
+from zmqinfer.wire import Bye, Epoch, Heartbeat, NodeId, Release, Sample, Sampled, SeqId
 
 NAMES = ["node0", "node1"]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",

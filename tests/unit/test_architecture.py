@@ -9,7 +9,7 @@ import grimp
 import pytest
 
 ROLES = ("gateway", "node", "model", "mdns", "cli", "bench")
-SHARED = ("wire", "wirecheck", "limits", "inbox", "sockets", "liveness", "config", "log", "tensors",
+SHARED = ("wire", "codec", "wirecheck", "limits", "inbox", "sockets", "liveness", "config", "log", "tensors",
           "clusterstatus", "local", "keys")
 
 

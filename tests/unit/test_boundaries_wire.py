@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import limits, sockets
+from zmqinfer.codec import decode, encode
 from zmqinfer.gateway.api import DEFAULT_MAX_CONCURRENT
 from zmqinfer.gateway.scheduler import PREFILL_CHUNK
 from zmqinfer.inbox import Inbox
@@ -38,8 +39,6 @@ from zmqinfer.wire import (
     Tensor,
     TokenLogprob,
     WireError,
-    decode,
-    encode,
 )
 from zmqinfer.wirecheck import check
 

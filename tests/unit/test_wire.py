@@ -6,6 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from zmqinfer.codec import decode, encode
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     PROTOCOL_VERSION,
@@ -28,8 +29,6 @@ from zmqinfer.wire import (
     Tensor,
     TokenLogprob,
     WireError,
-    decode,
-    encode,
 )
 
 FORWARD = Forward(

@@ -288,7 +288,7 @@ def _wire(r: Report) -> str:
     rows = [[h["hop"], h["dtype"] + ("" if h["measured_dtype"] else " (for comparison)"), f"{h['b1_bytes']} B",
              f"{h['per_seq_bytes']:.0f} B"] for h in w["hops"]]
     return (f"**Bytes on the wire per decoded token** (computed by encoding decode-step messages with "
-            f"`wire.encode`, hidden size {w['hidden_size']}, nodes compute in {w['dtype']}; frames + ZMTP framing, "
+            f"`codec.encode`, hidden size {w['hidden_size']}, nodes compute in {w['dtype']}; frames + ZMTP framing, "
             f"no TCP/IP headers; target <= hidden_size x 2 + 256 = {w['limit_per_seq']} B per sequence)\n\n"
             + _table(["hop", "dtype", "one sequence (whole message)", "each extra sequence (B=16 vs 1)"], rows))
 

@@ -10,7 +10,7 @@ These machines are noisy, so only ratios measured side by side mean anything. On
    tokens/s per concurrency level, and the ring probe of `/cluster/ping`;
 3. one core per node, standing in for separate machines: `zmqinfer up --pin` (node i on core i,
    one BLAS thread each) against a single process pinned to one core with one BLAS thread;
-4. bytes on the wire per decoded token per hop (computed with the real encoder, `wire.encode`),
+4. bytes on the wire per decoded token per hop (computed with the real encoder, `codec.encode`),
    node resident memory vs shard bytes, and which BLAS every process really uses (`blasinfo`).
 
 Every workload (token ids, max_tokens, greedy) is built once here and given to both sides.
@@ -286,7 +286,7 @@ def _cpu_marks() -> tuple[float, float]:
 
 
 def wire_bytes(model_path: Path) -> dict[str, Any]:
-    """Bytes one decode step puts on each hop, from the real encoder (`wire.encode`).
+    """Bytes one decode step puts on each hop, from the real encoder (`codec.encode`).
 
     Representative values: epoch and step ids as a long-running gateway has them, positions
     around 1k, no sampling parameters (they ride on a sequence's first chunk only). Bytes count
@@ -307,8 +307,7 @@ def wire_bytes(model_path: Path) -> dict[str, Any]:
 def _message_bytes(hop: str, b: int, hidden: int, dtype: str) -> int:
     import numpy as np
 
-    from zmqinfer import wire
-
+    from zmqinfer import codec, wire
     epoch, step = int(time.time() * 1000), 10**6
     if hop == "last node -> gateway":
         samples = tuple(_make(wire.Sample, seq=10**5 + i, token=40000 + i, logprob=-0.123456) for i in range(b))
@@ -319,8 +318,8 @@ def _message_bytes(hop: str, b: int, hidden: int, dtype: str) -> int:
         hid = None if hop.startswith("gateway") else wire.Tensor(dtype, (b, hidden),
                                                                  bytes(b * hidden * wire.DTYPE_SIZES[dtype]))
         msg = _make(wire.Forward, epoch=epoch, step=step, chunks=chunks, tokens=tokens, hidden=hid)
-    frames = [bytes(f) for f in wire.encode(msg)]
-    wire.decode(frames)  # what we count must be a message the nodes accept
+    frames = [bytes(f) for f in codec.encode(msg)]
+    codec.decode(frames)  # what we count must be a message the nodes accept
     return sum(len(f) + 1 + (1 if len(f) < 256 else 8) for f in frames)
 
 

@@ -35,6 +35,7 @@ from mlx_lm.utils import load_tokenizer
 
 from zmqinfer import sockets
 from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing, SecurityStatus
+from zmqinfer.codec import encode
 from zmqinfer.config import GatewaySpec, NodeSpec
 from zmqinfer.gateway.api import make_app
 from zmqinfer.gateway.auth import ApiGuard
@@ -64,7 +65,6 @@ from zmqinfer.wire import (
     Sampled,
     SamplingParams,
     StepFailed,
-    encode,
 )
 
 log = structlog.get_logger()

@@ -17,10 +17,11 @@ from typing import Callable
 import zmq.asyncio
 
 from zmqinfer import sockets
+from zmqinfer.codec import encode
 from zmqinfer.gateway.placement import Placement
 from zmqinfer.gateway.scheduler import RingUnavailable
 from zmqinfer.keys import CurveKeys
-from zmqinfer.wire import Epoch, Forward, NodeId, Release, encode
+from zmqinfer.wire import Epoch, Forward, NodeId, Release
 
 # A ring being rebuilt (detection + loading) makes new requests wait this long, not READY_WAIT_S.
 REPLAN_READY_WAIT_S = 60.0

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import sockets
+from zmqinfer.codec import encode
 from zmqinfer.inbox import Inbox
 from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.node import inbound
@@ -35,7 +36,6 @@ from zmqinfer.wire import (
     Sampled,
     SeqId,
     StepFailed,
-    encode,
 )
 
 # Data messages queued for the mlx thread at most: enough that it never waits for the event

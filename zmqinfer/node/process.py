@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer import sockets
+from zmqinfer.codec import encode
 from zmqinfer.inbox import Inbox
 from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
@@ -53,7 +54,6 @@ from zmqinfer.wire import (
     Message,
     Ping,
     Pong,
-    encode,
 )
 
 log = structlog.get_logger()
