@@ -9,9 +9,9 @@ import contextlib
 
 import pytest
 
+from zmqinfer.gateway.pacing import groups as sched_groups
 from zmqinfer.gateway.prefill import PREFILL_BATCH
 from zmqinfer.gateway.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
-from zmqinfer.gateway.scheduler import groups as sched_groups
 from zmqinfer.wire import Epoch, Forward, Release, Sample, Sampled, SamplingParams
 
 EOS = 0

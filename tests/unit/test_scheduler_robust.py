@@ -11,8 +11,8 @@ import pytest
 
 from tests.unit.test_scheduler import EOS, MemoryRing, collect, drive, running, settle
 from zmqinfer.gateway import scheduler as scheduler_mod
+from zmqinfer.gateway.pacing import MAX_REPLAYS
 from zmqinfer.gateway.scheduler import (
-    MAX_REPLAYS,
     PREFILL_CHUNK,
     Overloaded,
     RingUnavailable,

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from tests.tiny import make_tiny_model
-from zmqinfer.gateway.scheduler import SPARE_GROUPS, groups
+from zmqinfer.gateway.pacing import SPARE_GROUPS, groups
 from zmqinfer.node.sampling import SeqSampler, sample_batch
 from zmqinfer.node.simulated import (
     FIRST_TOKEN,

@@ -40,7 +40,7 @@ class SimOptions:
         second in all (3 devices at 10 ms, 4 groups: 213 tokens, ~8.5 s)."""
         if self.tokens is not None:
             return self.tokens
-        groups = self.stages + 1 if self.stages > 1 else 1  # as scheduler.groups() sizes them
+        groups = self.stages + 1 if self.stages > 1 else 1  # as gateway/pacing.groups() sizes them
         return math.ceil((self.warm_s + self.window_s + 2) * 1000 / self.step_ms / groups)
 
 

@@ -41,9 +41,10 @@ from zmqinfer.gateway.api import make_app
 from zmqinfer.gateway.auth import ApiGuard
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.metrics import Metrics, measure_hops
+from zmqinfer.gateway.pacing import groups
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
-from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, groups
+from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
 from zmqinfer.inbox import Inbox
 from zmqinfer.keys import ClusterAuth, CurveKeys
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
