@@ -39,6 +39,7 @@ from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node.dataplane import DataPlane
+from zmqinfer.node.heap import pin_mmap_threshold
 from zmqinfer.node.options import NodeOptions
 from zmqinfer.node.simulated import DEVICE_PREFIX
 from zmqinfer.node.sleep import SleepGuard
@@ -348,8 +349,11 @@ class Node:
             epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
             shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0))
 
+
 async def run_node(opts: NodeOptions) -> int:
     """The node's exit status: 0 after a requested stop, 1 when it had to stop by itself."""
+    if opts.memory_limit is not None:  # a limit to keep: freed KV caches leave (node/heap.py)
+        pin_mmap_threshold()
     node = Node(opts)
     await node.run()
     return 1 if node.error else 0

@@ -7,14 +7,11 @@ on the node's single mlx thread; nothing here knows about sockets.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -27,6 +24,7 @@ from zmqinfer.model.resolve import (
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
 from zmqinfer.model.size import KV_COPY_FACTOR
+from zmqinfer.node.heap import give_back_memory
 from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage, StageError
@@ -34,27 +32,6 @@ from zmqinfer.tensors import from_wire, to_wire
 from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
-
-
-def _malloc_trim() -> Callable[[int], object] | None:
-    """glibc's malloc_trim, or None (macOS, musl): see give_back_memory."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
-
-
-def give_back_memory() -> None:
-    """Hand mlx's cache of freed buffers back, and on glibc the malloc arenas they leave: the mlx
-    thread's arena otherwise keeps them. The middle node of a 3-node ring, 2 s after 16 and then
-    32 concurrent requests: 422 MiB resident with only the cache cleared, 233 MiB with the arenas
-    trimmed too (227 MiB before any request)."""
-    mx.clear_cache()
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 class Slice(Protocol):
