@@ -120,3 +120,24 @@ def test_simulated_devices_bench(tmp_path: Path) -> None:
     assert sim["single_stream_ms_per_token"] >= 0.95 * sim["ideal_ms_per_token"]
     assert 0 < sim["aggregate_steps_per_s"] <= 1.05 * sim["ideal_steps_per_s"]
     assert set(sim["busy"]) == {"node0", "node1"} and all(0 < b <= 1.1 for b in sim["busy"].values())
+
+
+def test_floor_bench(tmp_path: Path) -> None:
+    """`bench --floor`: every relay mode and the simulated ring measured; a ring that does more
+    than bare relays over as many hops cannot be faster than them."""
+    out = tmp_path / "floor.json"
+    r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--floor", "--nodes", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "| 1 (2) |" in r.stdout
+    row = json.loads(out.read_text())["stages"]["1"]
+    assert set(row) == {"sync", "asyncio", "thread", "mlx", "ring"}
+    assert all(v > 0 for v in row.values()), row
+    assert row["ring"] > row["sync"], row
+
+
+def test_floor_refuses_an_unknown_mode() -> None:
+    from zmqinfer.bench import floor
+
+    with pytest.raises(ValueError, match="one of"):
+        floor.relay_ms(1, "carrier-pigeon")

@@ -169,6 +169,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--curve-cost", action="store_true",
                        help="only what CurveZMQ costs: a Curve and a plaintext ring side by side, measured "
                             "interleaved (--nodes: one size, default 2; --reps: rounds, default 3; --tokens, --batch-tokens; c=16)")
+    bench.add_argument("--floor", action="store_true",
+                       help="only the least a token can cost round a ring here: bare ZeroMQ relays "
+                            "(sync, asyncio, + a thread, + an mlx op) beside the ring with --simulate 0 "
+                            "(--nodes: sizes, default 1,3)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -302,6 +306,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} {text!r}: every value must be at least 1")
         return vals
 
+    if args.floor:
+        from zmqinfer.bench import floor
+
+        found = floor.run(stages=ints(args.nodes, "--nodes") or (1, 3),
+                          log=lambda what: print(what, file=sys.stderr, flush=True))
+        print(floor.table(found))
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=2))
+        return 0
     if args.curve_cost:
         from zmqinfer.bench import curvecost
 
