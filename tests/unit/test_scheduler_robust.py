@@ -54,7 +54,7 @@ async def test_a_failed_step_replays_its_sequence_and_frees_its_group() -> None:
         await drive(ring, sched, [t])
         t.result()
     assert out == expected(3, 4)  # nothing lost, nothing repeated
-    assert sched.in_flight == 0 and not any(g.in_flight for g in sched._groups.values())
+    assert sched.in_flight == 0 and not any(g.in_flight for g in sched._lanes.groups.values())
     old = decode.chunks[0].seq
     assert old in releases(ring)  # the failed attempt's caches are freed along the ring
     replay = [f for f in ring.forwards() if f.step > decode.step]

@@ -114,23 +114,23 @@ def relay_ms(stages: int, mode: str, trips: int = TRIPS) -> float:
     pull.bind(f"tcp://127.0.0.1:{base}")
     push.connect(f"tcp://127.0.0.1:{base + 1}")
     payload = [b"h", bytes(PAYLOAD_BYTES)]
+
+    def go_round(n: int, frames: list[bytes] = payload) -> None:
+        for _ in range(n):
+            push.send_multipart(frames)
+            pull.recv_multipart()
+
     try:
         pull.setsockopt(zmq.RCVTIMEO, int(START_TIMEOUT_S * 1000))  # the first trip waits for start-up
-        push.send_multipart(payload)
-        pull.recv_multipart()
+        go_round(1)
         pull.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
         runs = []
         for _ in range(3):
-            for _ in range(WARM_TRIPS):
-                push.send_multipart(payload)
-                pull.recv_multipart()
+            go_round(WARM_TRIPS)
             t0 = time.perf_counter()
-            for _ in range(trips):
-                push.send_multipart(payload)
-                pull.recv_multipart()
+            go_round(trips)
             runs.append((time.perf_counter() - t0) * 1000 / trips)
-        push.send_multipart([b"stop"])
-        pull.recv_multipart()
+        go_round(1, [b"stop"])
         return statistics.median(runs)
     finally:
         for p in relays:

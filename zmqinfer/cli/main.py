@@ -288,6 +288,14 @@ def _names_gateway(path: Path) -> bool:
     return isinstance(gateway, dict) and "address" in gateway
 
 
+def _report(text: str, data: dict[str, Any], path: Path | None) -> int:
+    """A benchmark section's table on stdout, and its data as JSON in `path` when asked."""
+    print(text)
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from zmqinfer.bench import run as bench
     from zmqinfer.bench.report import failures, report_tables
@@ -311,10 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         found = floor.run(stages=ints(args.nodes, "--nodes") or (1, 3),
                           log=lambda what: print(what, file=sys.stderr, flush=True))
-        print(floor.table(found))
-        if args.json:
-            args.json.write_text(json.dumps(found, indent=2))
-        return 0
+        return _report(floor.table(found), found, args.json)
     if args.curve_cost:
         from zmqinfer.bench import curvecost
 
@@ -322,10 +327,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cost = curvecost.run(nodes=sizes[0], rounds=args.reps or curvecost.ROUNDS, tokens=args.tokens or 32,
                              batch_tokens=args.batch_tokens or 16,
                              log=lambda what: print(what, file=sys.stderr, flush=True))
-        print(curvecost.table(cost))
-        if args.json:
-            args.json.write_text(json.dumps(cost, indent=2))
-        return 0
+        return _report(curvecost.table(cost), cost, args.json)
     given: dict[str, Any] = dict(bench.QUICK) if args.quick else {}
     for key, value in (("nodes", ints(args.nodes, "--nodes")),
                        ("concurrency", ints(args.concurrency, "--concurrency")),

@@ -1,37 +1,29 @@
 """Continuous batching with several micro-batches in flight: the request table and its pump.
 
-    generate(prompt) -> prefill chunks queued ------------------------------------+
+    generate(prompt) -> admitted (lanes.py: KV room, prefill queue, groups) -----------+
     pump (one task): group A step, group B step, ..., prefill chunks (credits) -> ring
     on_sampled(step): a group's tokens -> each request's queue; the group is free to go again
     generate yields tokens from its queue, under a deadline
 
-Every decoding sequence belongs to one of K micro-batch *groups* (one on a single machine, one
-per device plus a spare over several: groups()); each group has at most one step in the ring,
-so while the last node works on group A the first works on group C. Sequences join a group
-between its steps (after their prefill) and leave it when they finish or their client goes. A
-long prompt enters as PREFILL_CHUNK-token chunks, each its own message, so it neither stalls
-running streams nor blocks the pipeline, and its chunks overlap across stages. Short prompts
-waiting together share one message, which the stages prefill as one batch (prefill.py). Every
-Forward is acknowledged by exactly one Sampled from the last stage (empty for prefill), which is
-what the credits count.
+Every decoding sequence belongs to one of K micro-batch groups (pacing.groups()); each group has
+at most one step in the ring, so while the last node works on group A the first works on group
+C. A long prompt enters as PREFILL_CHUNK-token chunks, each its own message, so it neither
+stalls running streams nor blocks the pipeline; short prompts waiting together share one
+(prefill.py). Every Forward is acknowledged by exactly one Sampled from the last stage (empty
+for prefill), which is what the credits count.
 
-Prefill is cut exactly as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK
-(chunks over all but the last prompt token; the last token is the first decode step), so a
-request alone in the ring is token-identical to a single-process mlx-lm run. Batched with
-others, its logits agree to float rounding (node/stage.py), so only an exact near-tie could differ.
+Prefill is cut as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK, so a
+request alone in the ring is token-identical to a single-process mlx-lm run; batched with
+others, its logits agree to float rounding (node/stage.py).
 
 Only the pump task sends on the ring, so messages leave in the order they were decided and a
 cancelled HTTP handler can never leave a half-sent step behind. Release of a sequence's KV
 caches travels the ring behind its last Forward.
 
-When the ring breaks (a node died) or is re-planned, `park()` keeps every live request: each
-sequence forgets the old ring's caches and, on `resume()` into the new epoch, is prefilled again
-from its own history (prompt + every token already sampled), then decodes on from its last
-token. Its client only sees a pause: no token is repeated or skipped, and greedy output is the
-same as without the fault (up to the float-rounding near-ties batching already allows).
-
-Every step is answered or reclaimed, and a request's deadline counts from the ring's work on
-it; how long anything waits, and how many replays a sequence gets, is pacing.py's.
+When the ring breaks or is re-planned, `park()` keeps every live request; on `resume()` each is
+prefilled again on the new ring from its own history (prompt + every token sampled) and decodes
+on: its client sees a pause, no token repeated or skipped. Every step is answered or reclaimed;
+how long anything waits, and how many replays a sequence gets, is pacing.py's.
 """
 
 from __future__ import annotations
@@ -39,12 +31,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections import deque
 from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
-from zmqinfer.gateway.kvbudget import join_cost, seq_bound
+from zmqinfer.gateway.kvbudget import seq_bound
+from zmqinfer.gateway.lanes import Batch, Lanes, RingSize
 from zmqinfer.gateway.pacing import (
     MAX_QUEUED,
     MAX_REPLAYS,
@@ -53,28 +45,25 @@ from zmqinfer.gateway.pacing import (
     READY_WAIT_S,
     REPLAY_WAIT_S,
     STEP_TIMEOUT_S,
-    groups,
 )
-from zmqinfer.gateway.prefill import PrefillQueue
 from zmqinfer.gateway.sequences import (
     PAUSED,
-    RETRY_AFTER_S,
-    Group,
-    Overloaded,
     Paused,
     RingTimeout,
     RingUnavailable,
     Seq,
     Step,
     StepBook,
+    StepNotSent,
 )
-from zmqinfer.gateway.sequences import (
-    PREFILL_CHUNK as PREFILL_CHUNK,  # part of its contract
+from zmqinfer.gateway.sequences import (  # part of its contract (api.py reads them here)
+    PREFILL_CHUNK as PREFILL_CHUNK,
+    RETRY_AFTER_S as RETRY_AFTER_S,
+    Overloaded as Overloaded,
 )
 from zmqinfer.tensors import tokens_to_wire
 from zmqinfer.wire import (
     NO_GROUP,
-    Chunk,
     Epoch,
     Forward,
     Release,
@@ -87,22 +76,14 @@ from zmqinfer.wire import (
 
 log = structlog.get_logger()
 
-class StepNotSent(Exception):
-    """A step that could not be encoded or sent for a reason other than the ring (a bug, or a
-    value the wire cannot carry): its requests fail with a 500; the pump and the rest go on."""
 
-
-class RingPort(Protocol):
+class RingPort(RingSize, Protocol):
     """What the scheduler needs from the ring (gateway/ring.py)."""
 
     @property
     def epoch(self) -> Epoch: ...
     @property
     def n_stages(self) -> int: ...
-    @property
-    def n_devices(self) -> int: ...  # distinct machines (or simulated devices) among the stages
-    @property
-    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (kvbudget.py); None: no limit
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
@@ -119,15 +100,13 @@ class Scheduler:
         self._seqs: dict[SeqId, Seq] = {}
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
-        self._groups: dict[int, Group] = {}
-        self._prefilling = PrefillQueue()  # waiting for (more) prefill chunks to be sent
-        self._waiting: deque[Seq] = deque()  # admitted, waiting for KV room
+        self._wake = asyncio.Event()
+        self._lanes = Lanes(ring, self._seqs, self._wake.set)  # admission, prefill, groups
         self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
         self._parked: list[Seq] = []
         self._paused = False  # a planned re-plan is waiting for the ring to drain
         self._progress_at = clock()  # when the ring last answered a step
-        self._wake = asyncio.Event()
         self.decode_steps = 0  # group steps answered: what `bench --simulate` counts
         self._admitting = 0  # requests waiting for a ready ring before they get a sequence
         # Called once per request with its queue time (generate() -> first step decided).
@@ -156,7 +135,7 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Requests admitted and waiting for KV room."""
-        return len(self._waiting)
+        return len(self._lanes.waiting)
 
     def next_step(self) -> int:
         return next(self._steps)
@@ -178,20 +157,14 @@ class Scheduler:
             self._admitting -= 1
         seq = Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
                   bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
-        budget = self.ring.kv_tokens
-        if budget is not None and seq.bound > budget:
-            raise RingUnavailable(f"this request may need {seq.bound} tokens of KV cache (prompt "
-                                  f"{len(prompt)} + max_tokens {max_tokens}); the ring holds {budget}")
-        if (self._waiting or not self._fits(seq)) and len(self._waiting) >= self.max_queued:
-            raise Overloaded(f"the ring is full and {len(self._waiting)} requests already wait "
-                             f"(limit {self.max_queued}); retry in {RETRY_AFTER_S}s")
+        self._lanes.check(seq, self.max_queued)
         seq.restart(self.ring.epoch)
         seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:
             self._parked.append(seq)  # a planned re-plan is draining the ring: start on the new one
         else:
-            self._admit(seq)
+            self._lanes.admit(seq)
         slog = log.bind(request_id=request_id, seq=seq.id)
         try:
             while True:
@@ -222,71 +195,21 @@ class Scheduler:
             return seq.deadline + self.step_timeout_s
         return max(seq.deadline, self._progress_at + self.step_timeout_s)
 
-    def _held(self, but: Seq) -> int:
-        """KV tokens the admitted sequences (but `but`) can grow to: padded groups plus the
-        ones prefilling or parked."""
-        grouped = sum(g.cost() for g in self._groups.values())
-        return grouped + sum(s.bound for s in self._seqs.values() if s is not but and s.group is None
-                             and not s.done and s not in self._waiting)
-
-    def _fits(self, seq: Seq) -> bool:
-        budget = self.ring.kv_tokens
-        return budget is None or self._held(seq) + seq.bound <= budget
-
-    def _admit(self, seq: Seq) -> None:
-        """Start it on the ring if the KV budget holds it (and nobody waits before it)."""
-        if self._waiting or not self._fits(seq):
-            self._waiting.append(seq)
-        else:
-            self._enqueue(seq)
-
-    def _admit_waiting(self) -> None:
-        while self._waiting and self._fits(self._waiting[0]):
-            self._enqueue(self._waiting.popleft())
-
-    def _enqueue(self, seq: Seq) -> None:
-        if seq.prefill:
-            self._prefilling.append(seq)
-        else:
-            self._join(seq)
-        self._wake.set()
-
-    def _join(self, seq: Seq) -> None:
-        """Put a prefilled sequence in the group it pads least (lengths closest), the smallest
-        of those; it decodes from that group's next step."""
-        k = groups(self.ring.n_devices)
-        for gid in range(k):
-            self._groups.setdefault(gid, Group())
-        gid = min(range(k), key=lambda g: (join_cost([s.bound for s in self._groups[g].members], seq.bound),
-                                           len(self._groups[g].members)))
-        seq.group = gid
-        self._groups[gid].members.append(seq)
-
-    def _leave(self, seq: Seq) -> None:
-        """Out of its group, the prefill queue and the admission queue."""
-        g = self._groups.get(seq.group) if seq.group is not None else None
-        if g is not None and seq in g.members:
-            g.members.remove(seq)
-        seq.group = None
-        self._prefilling.remove(seq)
-        if seq in self._waiting:
-            self._waiting.remove(seq)
-
     def _end(self, seq: Seq) -> None:
         seq.done = True
         self._seqs.pop(seq.id, None)
-        self._leave(seq)
+        self._lanes.leave(seq)
         if seq in self._parked:
             self._parked.remove(seq)
         self._releases.append((seq.epoch, seq.id))
-        self._admit_waiting()
+        self._lanes.admit_waiting()
         self._wake.set()
 
     # ---- results from the ring (called by the gateway's result loop) -----------------------
 
     def _settle(self, step: int) -> Step | None:
         """The step is answered or reclaimed: give its group or credit back."""
-        rec = self._steps_out.settle(step, self._groups)
+        rec = self._steps_out.settle(step, self._lanes.groups)
         if rec is not None:
             self._wake.set()
         return rec
@@ -313,9 +236,9 @@ class Scheduler:
             seq.next_token, seq.pos = s.token, seq.pos + 1
             if seq.generated >= seq.max_tokens or s.token in self.eos_ids:
                 seq.done = True
-                self._leave(seq)
+                self._lanes.leave(seq)
             seq.queue.put_nowait(s)
-        self._admit_waiting()
+        self._lanes.admit_waiting()
 
     def on_step_failed(self, msg: StepFailed) -> None:
         """A node could not run (part of) a step: its sequences replay. When every sequence of
@@ -346,7 +269,7 @@ class Scheduler:
         if seq.done or seq.epoch != self.ring.epoch or seq in self._parked:
             return
         seq.replays += 1
-        self._leave(seq)
+        self._lanes.leave(seq)
         self._releases.append((seq.epoch, seq.id))
         if seq.replays > MAX_REPLAYS:
             seq.done = True
@@ -359,7 +282,7 @@ class Scheduler:
         self._seqs[seq.id] = seq
         seq.restart(self.ring.epoch)
         seq.deadline = self._clock() + self.step_timeout_s
-        self._enqueue(seq)
+        self._lanes.enqueue(seq)
 
     # ---- ring changes (called by the gateway's planner) ------------------------------------
 
@@ -387,7 +310,7 @@ class Scheduler:
         for seq in parked:
             seq.restart(self.ring.epoch)
             seq.replays = 0
-            self._admit(seq)
+            self._lanes.admit(seq)
         self._wake.set()
         return len(parked)
 
@@ -401,10 +324,8 @@ class Scheduler:
         self._forget_ring()
 
     def _forget_ring(self) -> None:
-        self._groups.clear()
+        self._lanes.clear()
         self._steps_out = StepBook()
-        self._prefilling.clear()
-        self._waiting.clear()
         for seq in self._seqs.values():
             seq.inflight, seq.group = 0, None
 
@@ -442,25 +363,18 @@ class Scheduler:
                         if not seq.done and seq.epoch == msg.epoch:
                             seq.queue.put_nowait(failed)
 
-    def _start(self, seq: Seq) -> None:
-        """Its next message is decided: it runs on this ring (its queue time ends the first time)."""
-        if seq.started:
-            return
-        seq.started = True
-        if seq.queued:
-            seq.queued = False
-            if self.on_queued is not None:
-                self.on_queued(time.monotonic() - seq.arrived)
-
-    def _send_step(self, epoch: Epoch, group: int, seqs: list[Seq], chunks: tuple[Chunk, ...],
-                   toks: list[int]) -> Forward:
+    def _send_step(self, epoch: Epoch, group: int, batch: Batch) -> tuple[Forward, list[Seq]]:
         """Book a step: its deadline counts every token already in the ring ahead of it (the
         stages work through them first)."""
+        seqs, chunks, toks = batch
+        for seq in seqs:
+            if (queued := seq.start()) is not None and self.on_queued is not None:
+                self.on_queued(queued)
         step = self.next_step()
         ahead = self._steps_out.tokens()
         deadline = self._clock() + self.step_timeout_s + PREFILL_S_PER_TOKEN * (ahead + len(toks))
         self._steps_out.book(step, group, seqs, deadline, len(toks))
-        return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks))
+        return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks)), seqs
 
     def _decide(self) -> list[tuple[Forward | Release, list[Seq]]]:
         out: list[tuple[Forward | Release, list[Seq]]] = []
@@ -472,34 +386,8 @@ class Scheduler:
                 out.append((Release(epoch, seqs), []))
         if self._paused:
             return out
-        for gid, g in self._groups.items():
-            if g.in_flight or not g.members:
-                continue
-            chunks, toks = [], []
-            for seq in g.members:
-                self._start(seq)
-                chunks.append(Chunk(seq=seq.id, start=seq.pos, length=1, sample=True,
-                                    params=None if seq.params_sent else seq.params))
-                seq.params_sent = True
-                toks.append(seq.next_token)
-            g.in_flight = True
-            out.append((self._send_step(epoch, gid, g.members, tuple(chunks), toks), list(g.members)))
+        out += [self._send_step(epoch, gid, b) for gid, b in self._lanes.decode_batches()]
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
-        while self._prefilling and self._steps_out.prefills < credits:
-            taken = self._prefilling.take()
-            chunks, toks = [], []
-            for seq, (start, ids) in taken:
-                self._start(seq)
-                chunks.append(Chunk(seq=seq.id, start=start, length=len(ids), sample=False,
-                                    params=None if seq.params_sent else seq.params))
-                seq.params_sent = True
-                toks += ids
-            members = [seq for seq, _ in taken]
-            out.append((self._send_step(epoch, NO_GROUP, members, tuple(chunks), toks), members))
-            for seq in members:
-                if seq.prefill:
-                    self._prefilling.append(seq)  # round robin: one long prompt doesn't starve others
-                else:
-                    self._join(seq)  # FIFO along the ring: its decode step runs after this chunk
-                    self._wake.set()  # its group may be idle: decide again
+        while self._lanes.prefilling and self._steps_out.prefills < credits:
+            out.append(self._send_step(epoch, NO_GROUP, self._lanes.prefill_batch()))
         return out

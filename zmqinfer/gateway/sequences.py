@@ -39,6 +39,11 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class StepNotSent(Exception):
+    """A step that could not be encoded or sent for a reason other than the ring (a bug, or a
+    value the wire cannot carry): its requests fail with a 500; the pump and the rest go on."""
+
+
 class Paused:
     """Queued to a parked request: the ring is being re-planned; wait up to REPLAY_WAIT_S."""
 
@@ -68,6 +73,15 @@ class Seq:
     arrived: float = field(default_factory=time.monotonic)  # generate() called: queue time starts
     started: bool = False  # its first message on the current ring has been decided (running)
     queued: bool = True  # never started on any ring yet (queue time not yet observed)
+
+    def start(self) -> float | None:
+        """Its next message is decided: it runs on this ring. Seconds since it arrived, the
+        first time it starts on any ring (its queue time); else None."""
+        self.started = True
+        if not self.queued:
+            return None
+        self.queued = False
+        return time.monotonic() - self.arrived
 
     def restart(self, epoch: Epoch) -> None:
         """Start over on a fresh ring: prefill all but the last token of the history (cut as
