@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 DEFAULT_API_PORT = 8100
 DEFAULT_CONTROL_PORT = 8101

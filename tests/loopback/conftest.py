@@ -1,7 +1,7 @@
 """Real clusters on 127.0.0.1: `zmqinfer up` as a subprocess, the embedded model, real sockets.
 
 `cluster` is one 3-node ring shared by the whole session (starting one costs seconds); tests
-that break a ring start their own with `launch.start`. `reference` is single-process mlx-lm
+that break a ring start their own with `local.start`. `reference` is single-process mlx-lm
 greedy generation of the same model: what the ring must reproduce token for token.
 """
 
@@ -12,8 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import LocalCluster
+from zmqinfer import local
+from zmqinfer.local import LocalCluster
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +25,11 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = launch.start(tmp_path_factory.mktemp("cluster"))
+    c = local.start(tmp_path_factory.mktemp("cluster"))
     try:
         yield c
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 class Reference:

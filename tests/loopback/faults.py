@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 
 import openai
 
-from zmqinfer.bench.launch import LocalCluster
+from zmqinfer.local import LocalCluster
 
 # Eight prompts whose single-process greedy answers run the full 64 tokens without reaching EOS
 # and have no near-tie on the way (smallest logprob gap between the best and second-best token

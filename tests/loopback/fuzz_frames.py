@@ -11,10 +11,9 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from zmqinfer import limits
-from zmqinfer.codec import encode
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (
+from zmqinfer.protocol import limits
+from zmqinfer.protocol.codec import encode, tokens_to_wire
+from zmqinfer.protocol.wire import (
     PROTOCOL_VERSION,
     Bye,
     Chunk,

@@ -35,8 +35,8 @@ from tests.loopback.faults import (
     Stream,
     Timings,
 )
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import LocalCluster
+from zmqinfer import local
+from zmqinfer.local import LocalCluster
 
 STREAMS_DEADLINE_S = 240.0  # 8 x 64 tokens on 2 shared cores, a fault and a replay included
 DETECT_S = 15.0  # a dead node must show as dead in /cluster/status within this
@@ -155,7 +155,7 @@ def test_kill_9_mid_stream_every_request_completes_unchanged(no_fault: dict[str,
     """kill -9 node1 once all 8 streams have tokens: all 8 complete, each equal to its no-fault
     output (nothing lost, repeated or changed); node1 shows dead within DETECT_S; the ring then
     serves on node0 and node2."""
-    c = launch.start(tmp_path)
+    c = local.start(tmp_path)
     try:
         pid = c.node_pids()["node1"]
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGKILL), "SIGKILL node1")
@@ -163,9 +163,9 @@ def test_kill_9_mid_stream_every_request_completes_unchanged(no_fault: dict[str,
         report_run("kill_9", t, cmp, tmp_path, replan=last_replan(c))
         assert_equal_to_no_fault(streams, no_fault)
         assert t.detected_s is not None, f"node1 not shown dead within {DETECT_S:.0f}s of kill -9"
-        launch.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
+        local.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 # ---- b. a node stopped mid-stream, then continued -----------------------------------------------
@@ -175,7 +175,7 @@ def test_sigstop_mid_stream_then_sigcont_rejoins(no_fault: dict[str, Stream], tm
     """SIGSTOP node1 mid-stream (silent, its sockets still open): all 8 complete unchanged.
     SIGCONT it: within REJOIN_S the ring is 3 nodes again, each holding layers, and a request
     equals its no-fault output."""
-    c = launch.start(tmp_path)
+    c = local.start(tmp_path)
     pid = c.node_pids()["node1"]
     try:
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGSTOP), "SIGSTOP node1")
@@ -185,7 +185,7 @@ def test_sigstop_mid_stream_then_sigcont_rejoins(no_fault: dict[str, Stream], tm
         os.kill(pid, signal.SIGCONT)
         rejoin_error = ""
         try:
-            st = launch.wait_status(c, serving_on(NAMES), REJOIN_S, "node1 back in a ring of 3")
+            st = local.wait_status(c, serving_on(NAMES), REJOIN_S, "node1 back in a ring of 3")
             rejoin_s: float | None = time.monotonic() - t_cont
         except RuntimeError as e:
             st, rejoin_s, rejoin_error = None, None, str(e)
@@ -196,8 +196,8 @@ def test_sigstop_mid_stream_then_sigcont_rejoins(no_fault: dict[str, Stream], tm
         assert {n["name"]: n["pid"] for n in st["nodes"]}["node1"] == pid  # the same process
         assert_equal_to_no_fault([one_request(c, PROMPTS[0])], no_fault)
     finally:
-        launch.signal_pid(pid, signal.SIGCONT)  # a stopped process would hold up the shutdown
-        launch.stop(c)
+        local.signal_pid(pid, signal.SIGCONT)  # a stopped process would hold up the shutdown
+        local.stop(c)
 
 
 # ---- c. a killed node restarted ------------------------------------------------------------------
@@ -207,14 +207,14 @@ def test_killed_node_restarted_rejoins_the_ring(no_fault: dict[str, Stream], tmp
     """kill -9 node1 (idle ring): the ring re-plans onto node0 and node2. Start node1 again (same
     name, same data port, lone process): the ring is 3 nodes again and a request equals its
     no-fault output."""
-    c = launch.start(tmp_path)
-    node: launch.NodeProcess | None = None
+    c = local.start(tmp_path)
+    node: local.NodeProcess | None = None
     try:
         os.kill(c.node_pids()["node1"], signal.SIGKILL)
-        launch.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
+        local.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
         t0 = time.monotonic()
-        node = launch.restart_up_node(c, tmp_path, "node1")
-        st = launch.wait_status(c, serving_on(NAMES), REPLAN_S, "the restarted node1 in a ring of 3",
+        node = local.restart_up_node(c, tmp_path, "node1")
+        st = local.wait_status(c, serving_on(NAMES), REPLAN_S, "the restarted node1 in a ring of 3",
                                 nodes=[node])
         rejoin_s = time.monotonic() - t0
         faults.report("restart_killed_node", {"restart_to_ring_of_3_s": round(rejoin_s, 2)}, tmp_path)
@@ -222,8 +222,8 @@ def test_killed_node_restarted_rejoins_the_ring(no_fault: dict[str, Stream], tmp
         assert_equal_to_no_fault([one_request(c, PROMPTS[1])], no_fault)
     finally:
         if node is not None:
-            launch.stop_node(node)
-        launch.stop(c)
+            local.stop_node(node)
+        local.stop(c)
 
 
 # ---- d. too little memory left -------------------------------------------------------------------
@@ -251,12 +251,12 @@ def test_too_little_memory_left_is_a_fast_503_then_recovers(no_fault: dict[str, 
     503 within REFUSAL_S naming the shortfall ("short by N bytes"); start node1 and node2 again
     and the ring recovers by itself: a request equals its no-fault output."""
     limit = ["--memory-limit", str(MEMORY_LIMIT)]
-    c = launch.start(tmp_path, extra=limit)
-    nodes: list[launch.NodeProcess] = []
+    c = local.start(tmp_path, extra=limit)
+    nodes: list[local.NodeProcess] = []
     try:
         pids = c.node_pids()
         os.kill(pids["node2"], signal.SIGKILL)
-        launch.wait_status(c, serving_on(["node0", "node1"]), REPLAN_S, "serving on node0 and node1 "
+        local.wait_status(c, serving_on(["node0", "node1"]), REPLAN_S, "serving on node0 and node1 "
                            f"(two nodes under --memory-limit {MEMORY_LIMIT} must hold the model)")
         os.kill(pids["node1"], signal.SIGKILL)
         t_kill = time.monotonic()
@@ -291,16 +291,16 @@ def test_too_little_memory_left_is_a_fast_503_then_recovers(no_fault: dict[str, 
             assert what.startswith("503 ") and "short by" in what, what
             assert seconds < REFUSAL_S, f"refused only after {seconds:.1f}s: {what}"
         t0 = time.monotonic()
-        nodes = [launch.restart_up_node(c, tmp_path, name, limit) for name in ("node1", "node2")]
-        launch.wait_status(c, serving_on(NAMES), REPLAN_S, "a ring of 3 after node1 and node2 restart",
+        nodes = [local.restart_up_node(c, tmp_path, name, limit) for name in ("node1", "node2")]
+        local.wait_status(c, serving_on(NAMES), REPLAN_S, "a ring of 3 after node1 and node2 restart",
                            nodes=nodes)
         faults.report("no_capacity_recovery", {"restart_to_ring_of_3_s": round(time.monotonic() - t0, 2)},
                       tmp_path)
         assert_equal_to_no_fault([one_request(c, PROMPTS[2])], no_fault)
     finally:
         for n in nodes:
-            launch.stop_node(n)
-        launch.stop(c)
+            local.stop_node(n)
+        local.stop(c)
 
 
 # ---- e. the gateway restarted ------------------------------------------------------------------
@@ -311,21 +311,21 @@ def test_restarted_gateway_takes_its_nodes_back(no_fault: dict[str, Stream], mod
     """Three lone nodes and a lone gateway from a nodes.toml; kill -9 the gateway and start it
     again with the same config: the same node processes (never restarted) re-register, the ring
     is ready, and a request equals its no-fault output."""
-    port = launch.free_port_block()
-    config = launch.write_config(tmp_path / "nodes.toml", port, NAMES, model_dir)
-    control = f"127.0.0.1:{port + launch.CONTROL_OFFSET}"
-    nodes = [launch.start_node(tmp_path, name, control, port + launch.DATA_OFFSET + i) for i, name in enumerate(NAMES)]
-    gateways = [launch.start_gateway(tmp_path, config, port)]
+    port = local.free_port_block()
+    config = local.write_config(tmp_path / "nodes.toml", port, NAMES, model_dir)
+    control = f"127.0.0.1:{port + local.CONTROL_OFFSET}"
+    nodes = [local.start_node(tmp_path, name, control, port + local.DATA_OFFSET + i) for i, name in enumerate(NAMES)]
+    gateways = [local.start_gateway(tmp_path, config, port)]
     try:
-        st = launch.wait_status(gateways[0], serving_on(NAMES), launch.STARTUP_TIMEOUT_S, "a ring of 3",
+        st = local.wait_status(gateways[0], serving_on(NAMES), local.STARTUP_TIMEOUT_S, "a ring of 3",
                                 nodes=nodes)
         pids = {n.name: n.pid for n in nodes}
         assert {n["name"]: n["pid"] for n in st["nodes"]} == pids
         gateways[0].proc.kill()
-        assert launch.wait_exit(gateways[0].proc, 10) is not None
+        assert local.wait_exit(gateways[0].proc, 10) is not None
         t0 = time.monotonic()
-        gateways.append(launch.start_gateway(tmp_path, config, port))
-        st = launch.wait_status(gateways[1], serving_on(NAMES), REPLAN_S, "the nodes back in a ring of 3",
+        gateways.append(local.start_gateway(tmp_path, config, port))
+        st = local.wait_status(gateways[1], serving_on(NAMES), REPLAN_S, "the nodes back in a ring of 3",
                                 nodes=nodes)
         ready_s = time.monotonic() - t0
         faults.report("gateway_restart", {"restart_to_ready_s": round(ready_s, 2)}, tmp_path)
@@ -338,7 +338,7 @@ def test_restarted_gateway_takes_its_nodes_back(no_fault: dict[str, Stream], mod
                 g.proc.kill()
                 g.proc.wait()
         for n in nodes:
-            launch.stop_node(n)
+            local.stop_node(n)
 
 
 # ---- f. graceful stops ---------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_restarted_gateway_takes_its_nodes_back(no_fault: dict[str, Stream], mod
 def test_sigterm_node_mid_stream_leaves_gracefully(no_fault: dict[str, Stream], tmp_path: Path) -> None:
     """SIGTERM node1 mid-stream: all 8 complete unchanged, node1 exits with status 0 within
     NODE_EXIT_S, and the ring serves on node0 and node2."""
-    c = launch.start(tmp_path)
+    c = local.start(tmp_path)
     try:
         pid = c.node_pids()["node1"]
         streams, t = run_with_fault(c, "node1", lambda: os.kill(pid, signal.SIGTERM), "SIGTERM node1")
@@ -356,9 +356,9 @@ def test_sigterm_node_mid_stream_leaves_gracefully(no_fault: dict[str, Stream], 
         report_run("sigterm_node", t, cmp, tmp_path, replan=last_replan(c), node1_exit_status=status)
         assert_equal_to_no_fault(streams, no_fault)
         assert status == 0, f"node1 (pid {pid}) exit status {status} (None: not exited)"
-        launch.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
+        local.wait_status(c, serving_on(["node0", "node2"]), REPLAN_S, "serving on node0 and node2")
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -366,7 +366,7 @@ def test_stopping_the_gateway_mid_stream_ends_every_stream_cleanly(sig: signal.S
     """Signal `zmqinfer up` while 8 streams run: each stream either completes or ends with an
     error event or status (no reset connection, no stream that just stops, no hang), `up`
     exits with status 0 within GATEWAY_EXIT_S, and its nodes are gone too."""
-    c = launch.start(tmp_path)
+    c = local.start(tmp_path)
     node_pids = list(c.node_pids().values())
     mark: dict[str, float | int | None] = {}
     try:
@@ -374,12 +374,12 @@ def test_stopping_the_gateway_mid_stream_ends_every_stream_cleanly(sig: signal.S
             await faults.until_all_have(streams, FAULT_AFTER_TOKENS, STREAMS_DEADLINE_S / 2)
             mark["t"] = time.monotonic()
             c.proc.send_signal(sig)
-            mark["rc"] = await asyncio.to_thread(launch.wait_exit, c.proc, GATEWAY_EXIT_S)
+            mark["rc"] = await asyncio.to_thread(local.wait_exit, c.proc, GATEWAY_EXIT_S)
             mark["exit_s"] = time.monotonic() - mark["t"]
 
         streams = asyncio.run(faults.run_streams(c.url, PROMPTS, STREAMS_DEADLINE_S, during=stop_gateway))
         t_sig = float(mark["t"])  # type: ignore[arg-type]
-        left = [p for p in node_pids if not launch.wait_pid_gone(p, max(0.5, t_sig + GATEWAY_EXIT_S - time.monotonic()))]
+        left = [p for p in node_pids if not local.wait_pid_gone(p, max(0.5, t_sig + GATEWAY_EXIT_S - time.monotonic()))]
         faults.report(f"stop_gateway_{sig.name}", {
             "exit_status": mark.get("rc"), "exit_s": mark.get("exit_s"),
             "completed": sum(1 for s in streams if s.error is None and s.finish_reason),
@@ -391,6 +391,6 @@ def test_stopping_the_gateway_mid_stream_ends_every_stream_cleanly(sig: signal.S
         assert mark["rc"] == 0, f"`up` exit status {mark['rc']} (None: still running after {GATEWAY_EXIT_S:.0f}s)"
         assert not left, f"node processes {left} outlived `up`"
     finally:
-        launch.stop(c)
+        local.stop(c)
         for p in node_pids:
-            launch.signal_pid(p, signal.SIGKILL)
+            local.signal_pid(p, signal.SIGKILL)

@@ -21,14 +21,14 @@ import zmq
 import zmq.asyncio
 
 from tests.loopback.fuzz_frames import Fuzz
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import (
+from zmqinfer import local
+from zmqinfer.local import (
     CONTROL_OFFSET,
     DATA_OFFSET,
     RESULT_OFFSET,
     LocalCluster,
 )
-from zmqinfer.inbox import DROP_LOG_EVERY_S
+from zmqinfer.protocol.inbox import DROP_LOG_EVERY_S
 
 SEED = 20261201
 FRAMES_PER_TARGET = 600  # x 5 targets = 3,000 messages, plus a few oversized frames
@@ -41,9 +41,9 @@ QUESTION = "What is the capital of France?"
 def ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     # Plaintext: the fuzzer is then a peer the ring accepts, as one holding valid credentials
     # would be (what strangers without a key get is tests/loopback/test_security.py's).
-    c = launch.start(tmp_path_factory.mktemp("fuzz"), nodes=3, extra=["--no-curve"])
+    c = local.start(tmp_path_factory.mktemp("fuzz"), nodes=3, extra=["--no-curve"])
     yield c
-    launch.stop(c)
+    local.stop(c)
 
 
 def greedy(c: LocalCluster) -> str:
@@ -121,8 +121,8 @@ def test_fuzzed_frames_take_nothing_down(ring: LocalCluster, tmp_path: Path) -> 
 
     assert ring.proc.poll() is None, ring.output()[-3000:]
     for name, pid in pids.items():
-        assert launch.pid_running(pid), f"{name} (pid {pid}) died:\n{ring.output()[-3000:]}"
-    st = launch.wait_ready(ring, 30)
+        assert local.pid_running(pid), f"{name} (pid {pid}) died:\n{ring.output()[-3000:]}"
+    st = local.wait_ready(ring, 30)
     assert st["epoch"] == epoch, "a node was declared dead during the fuzzing"
     assert ring.node_pids() == pids
     assert greedy(ring) == before

@@ -23,8 +23,8 @@ import pytest
 
 from tests.loopback import faults
 from tests.tiny import with_real_tokenizer
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import LocalCluster
+from zmqinfer import local
+from zmqinfer.local import LocalCluster
 
 LOAD_DEADLINE_S = 420.0  # a whole run on 2 shared, busy cores
 PROMPT_WORDS = 200  # ~1,000 tokens (5 a word) of the embedded tokenizer with the chat template
@@ -88,7 +88,7 @@ def kv_heavy_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_a_small_node_under_32_long_requests_queues_them_and_is_never_killed(
         kv_heavy_model: Path, tmp_path: Path) -> None:
-    c = launch.start(tmp_path, nodes=1, extra=["--model", str(kv_heavy_model),
+    c = local.start(tmp_path, nodes=1, extra=["--model", str(kv_heavy_model),
                                                "--memory-limit", str(MEMORY_LIMIT)])
     try:
         st = c.status()
@@ -121,7 +121,7 @@ def test_a_small_node_under_32_long_requests_queues_them_and_is_never_killed(
             "peak_rss": peak["rss"], "peak_queued": peak["queued"],
             "statuses": sorted(str(r["status"]) for r in results), "results": results}, tmp_path)
         assert after["nodes"][0]["pid"] == pid, "the node was restarted"
-        assert launch.pid_running(pid)
+        assert local.pid_running(pid)
         for r in results:
             if r["status"] == 429:
                 assert r["retry_after"] and "retry" in r["message"], r
@@ -133,5 +133,5 @@ def test_a_small_node_under_32_long_requests_queues_them_and_is_never_killed(
         assert peak["queued"] > 0 or any(r["status"] == 429 for r in results), "nothing was ever held back"
         assert peak["rss"] <= MEMORY_LIMIT, f"the node grew to {peak['rss']} bytes, past its limit"
     finally:
-        launch.stop(c)
+        local.stop(c)
 

@@ -31,8 +31,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.loopback import browser
-from zmqinfer.bench.launch import LocalCluster
-from zmqinfer.node.usage import platform_probe
+from zmqinfer.local import LocalCluster
+from zmqinfer.node.accelerator import platform_probe
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m"

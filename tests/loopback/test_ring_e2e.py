@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from tests.loopback.conftest import Reference
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import LocalCluster as Cluster
+from zmqinfer import local
+from zmqinfer.local import LocalCluster as Cluster
 
 PROMPTS = [
     "What is the capital of France?",
@@ -137,7 +137,7 @@ def test_legacy_completions_with_token_ids(cluster: Cluster, reference: Referenc
 def test_long_prompt_is_prefilled_in_chunks(cluster: Cluster, reference: Reference) -> None:
     """A prompt of several prefill chunks: the ring stays up (nodes keep beating while they
     compute) and the answer equals mlx-lm prefilling in the same chunk size."""
-    from zmqinfer.gateway.scheduler import PREFILL_CHUNK
+    from zmqinfer.gateway.sequences import PREFILL_CHUNK
 
     text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box." for i in range(120))
     ids = reference.tokenizer.encode(text + " Which colour is item 7?")
@@ -257,7 +257,7 @@ def test_node_memory_is_its_shard_not_the_model(cluster: Cluster, model_dir) -> 
 
 
 def test_a_dead_node_is_named_and_the_ring_replans_over_the_survivor(tmp_path) -> None:
-    c = launch.start(tmp_path, nodes=2)
+    c = local.start(tmp_path, nodes=2)
     try:
         victim = c.node_pids()["node1"]
         os.kill(victim, signal.SIGKILL)
@@ -275,7 +275,7 @@ def test_a_dead_node_is_named_and_the_ring_replans_over_the_survivor(tmp_path) -
         def node0_holds_all(st: dict) -> bool:
             return bool(st["ready"]) and [n["layers"] for n in st["nodes"]] == [[0, 30], None]
 
-        st = launch.wait_status(c, node0_holds_all, 60, "node0 serving every layer")
+        st = local.wait_status(c, node0_holds_all, 60, "node0 serving every layer")
         assert "node1" in st["replans"][-1]["reason"]
         r = client(c).chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=4)
@@ -289,7 +289,7 @@ def test_a_dead_node_is_named_and_the_ring_replans_over_the_survivor(tmp_path) -
         assert "error" in [n for n in res["nodes"] if n["name"] == "node1"][0]
         assert "control_ms" in [n for n in res["nodes"] if n["name"] == "node0"][0]
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 def test_cli_reports_a_missing_gateway_quickly() -> None:

@@ -20,8 +20,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import content_type_conformance, status_code_conformance
 from schemathesis.core.result import Ok
 
-from zmqinfer.bench.launch import LocalCluster
-from zmqinfer.gateway.openapi import SPEC
+from zmqinfer.gateway.api.openapi import SPEC
+from zmqinfer.local import LocalCluster
 
 MAX_EXAMPLES = 15  # per operation (8) and mode (2); most operations have fewer distinct inputs
 MAX_GENERATED = 3  # tokens per generated request: validation is the point, not generation

@@ -20,12 +20,20 @@ import zmq.asyncio
 import zmq.auth
 
 from tests.loopback.conftest import Reference
-from zmqinfer.bench import launch
-from zmqinfer.bench.launch import LocalCluster
-from zmqinfer.codec import encode
-from zmqinfer.keys import CurveKeys, load_keys, public_key
-from zmqinfer.local import CONTROL_OFFSET, DATA_OFFSET, RESULT_OFFSET
-from zmqinfer.wire import Bye, Epoch, Heartbeat, NodeId, Release, Sample, Sampled, SeqId
+from zmqinfer import local
+from zmqinfer.local import CONTROL_OFFSET, DATA_OFFSET, RESULT_OFFSET, LocalCluster
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.keys import CurveKeys, load_keys, public_key
+from zmqinfer.protocol.wire import (
+    Bye,
+    Epoch,
+    Heartbeat,
+    NodeId,
+    Release,
+    Sample,
+    Sampled,
+    SeqId,
+)
 
 NAMES = ["node0", "node1"]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -44,7 +52,7 @@ def keys_cli(*args: str) -> str:
 
 
 class Ring:
-    def __init__(self, gw: LocalCluster, nodes: list[launch.NodeProcess], keys: Path) -> None:
+    def __init__(self, gw: LocalCluster, nodes: list[local.NodeProcess], keys: Path) -> None:
         self.gw, self.nodes, self.keys = gw, nodes, keys
 
     def status(self) -> dict:
@@ -62,14 +70,14 @@ def start_ring(tmp: Path, names: list[str]) -> Ring:
     keys_cli("init", "--dir", str(keys))
     for n in names + ["intruder"]:  # intruder: trusted, but no ring member
         keys_cli("add", n, "--dir", str(keys))
-    port = launch.free_port_block()
-    config = launch.write_config(tmp / "nodes.toml", port, names)
-    gw = launch.start_gateway(tmp, config, port, ["--keys", str(keys)])
-    nodes = [launch.start_node(tmp, n, f"127.0.0.1:{port + CONTROL_OFFSET}", port + DATA_OFFSET + i,
+    port = local.free_port_block()
+    config = local.write_config(tmp / "nodes.toml", port, names)
+    gw = local.start_gateway(tmp, config, port, ["--keys", str(keys)])
+    nodes = [local.start_node(tmp, n, f"127.0.0.1:{port + CONTROL_OFFSET}", port + DATA_OFFSET + i,
                                ["--keys", str(keys)]) for i, n in enumerate(names)]
     ring = Ring(gw, nodes, keys)
     try:
-        launch.wait_status(gw, lambda st: bool(st["ready"]), READY_S, "the Curve ring to serve", nodes=nodes)
+        local.wait_status(gw, lambda st: bool(st["ready"]), READY_S, "the Curve ring to serve", nodes=nodes)
     except RuntimeError:
         stop_ring(ring)
         raise
@@ -78,8 +86,8 @@ def start_ring(tmp: Path, names: list[str]) -> Ring:
 
 def stop_ring(ring: Ring) -> None:
     for n in ring.nodes:
-        launch.stop_node(n)
-    launch.stop(ring.gw)
+        local.stop_node(n)
+    local.stop(ring.gw)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +249,7 @@ async def test_a_revoked_key_is_refused_without_restarting_anything(model_dir: P
         pid = r.gw.proc.pid
         before = r.security()["refused_messages"]
         keys_cli("revoke", "node1", "--dir", str(r.keys))
-        st = launch.wait_status(r.gw, lambda s: [n["name"] for n in s["nodes"] if n["layers"]] == ["node0"]
+        st = local.wait_status(r.gw, lambda s: [n["name"] for n in s["nodes"] if n["layers"]] == ["node0"]
                                 and s["ready"], 60, "the ring without the revoked node1", nodes=r.nodes)
         assert "node1" not in st["security"]["trusted"]
         assert st["security"]["refused_messages"] > before  # node1's beats, refused per message
@@ -257,23 +265,23 @@ async def test_a_revoked_key_is_refused_without_restarting_anything(model_dir: P
 
 def test_up_is_encrypted_by_default_and_a_restarted_node_rejoins_with_its_key(model_dir: Path, tmp_path: Path) -> None:
     """`zmqinfer up` with no setup runs Curve; a node of it killed and started again by hand
-    (launch.restart_up_node: the same cluster directory) rejoins under its key."""
+    (local.restart_up_node: the same cluster directory) rejoins under its key."""
     import signal
 
-    c = launch.start(tmp_path, nodes=2)
+    c = local.start(tmp_path, nodes=2)
     try:
         st = c.status()
         assert st["security"]["curve"] and st["security"]["trusted"] == ["gateway", "node0", "node1"]
         assert st["security"]["api"]["mode"] == "protected"
         old = c.node_pids()["node1"]
-        launch.signal_pid(old, signal.SIGKILL)
-        assert launch.wait_pid_gone(old, 10)
-        node = launch.restart_up_node(c, tmp_path, "node1")
+        local.signal_pid(old, signal.SIGKILL)
+        assert local.wait_pid_gone(old, 10)
+        node = local.restart_up_node(c, tmp_path, "node1")
         try:
-            launch.wait_status(c, lambda s: s["ready"] and c.node_pids().get("node1") == node.pid
+            local.wait_status(c, lambda s: s["ready"] and c.node_pids().get("node1") == node.pid
                                and all(n["layers"] for n in s["nodes"]), READY_S, "node1 back in the ring",
                                nodes=[node])
         finally:
-            launch.stop_node(node)
+            local.stop_node(node)
     finally:
-        launch.stop(c)
+        local.stop(c)

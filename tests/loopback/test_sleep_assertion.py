@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 
-from zmqinfer.bench import launch
+from zmqinfer import local
 
 READY_TIMEOUT_S = 120.0
 ATTEMPT_DEADLINE_S = 90.0  # requests until the node has tried (it tries on the beat it is busy)
@@ -23,18 +23,18 @@ def events(path: Path) -> list[dict]:
 
 
 def test_a_node_without_the_assertion_still_serves(tmp_path: Path, model_dir: Path) -> None:
-    port = launch.free_port_block()
-    cfg = launch.write_config(tmp_path / "nodes.toml", port, ["n1"], model_dir)
+    port = local.free_port_block()
+    cfg = local.write_config(tmp_path / "nodes.toml", port, ["n1"], model_dir)
     node_log = tmp_path / "logs" / "n1.log"  # --log-file: the JSON lines the launchd service keeps
     gw_log = tmp_path / "logs" / "gateway.log"
-    gw = launch.start_gateway(tmp_path, cfg, port, extra=["--log-file", str(gw_log)])
+    gw = local.start_gateway(tmp_path, cfg, port, extra=["--log-file", str(gw_log)])
     # A bus that is not there: wakepy's D-Bus methods fail for real (not its forced-failure switch).
-    node = launch.start_node(tmp_path, "n1", f"127.0.0.1:{port + launch.CONTROL_OFFSET}",
-                             port + launch.DATA_OFFSET, extra=["--log-file", str(node_log)],
+    node = local.start_node(tmp_path, "n1", f"127.0.0.1:{port + local.CONTROL_OFFSET}",
+                             port + local.DATA_OFFSET, extra=["--log-file", str(node_log)],
                              env={"DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent/zmqinfer-test-bus",
                                   "WAKEPY_FAKE_SUCCESS": "0"})
     try:
-        launch.wait_status(
+        local.wait_status(
             gw, lambda st: bool(st["ready"]), READY_TIMEOUT_S, "the ring to be ready", nodes=[node])
         oc = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -56,9 +56,9 @@ def test_a_node_without_the_assertion_still_serves(tmp_path: Path, model_dir: Pa
         assert tried[0]["node"] == "n1"
         assert {e["component"] for e in events(gw_log)} == {"gateway"}  # the gateway's --log-file too
         node.proc.send_signal(signal.SIGINT)  # stop at once (SIGTERM would drain first)
-        assert launch.wait_exit(node.proc, STOP_TIMEOUT_S) == 0
+        assert local.wait_exit(node.proc, STOP_TIMEOUT_S) == 0
         assert events(node_log)[-1]["event"] == "node stopped"
         assert node.output().strip() == ""  # with --log-file nothing goes to stderr
     finally:
-        launch.stop_node(node)
-        launch.stop(gw)
+        local.stop_node(node)
+        local.stop(gw)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 
-from zmqinfer.bench.launch import free_port_block
+from zmqinfer.local import free_port_block
 
 
 def test_gateway_names_the_missing_node(tmp_path: Path, model_dir: Path) -> None:

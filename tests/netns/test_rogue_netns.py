@@ -38,7 +38,7 @@ _ROGUE = """
 import asyncio, json, sys, time
 import zmq, zmq.asyncio, zmq.auth
 from zmqinfer.mdns.discovery import Advertiser, NodeAd
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 ip, port, keydir, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 

@@ -19,9 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.test_textout import load_tokenizer
-from zmqinfer.gateway.api import make_app
-from zmqinfer.gateway.scheduler import Overloaded, RingTimeout, RingUnavailable
-from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
+from zmqinfer.gateway.api.server import make_app
+from zmqinfer.gateway.errors import Overloaded, RingTimeout, RingUnavailable
+from zmqinfer.protocol.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 TEXT = "Hello world, this is a test."
 KEY = "sk-test-key"

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from tests.unit.test_api import CHAT, ScriptedBackend, script, serve
 from zmqinfer.cli.serve import api_guard
 from zmqinfer.config import ConfigError, parse_cluster
-from zmqinfer.gateway.auth import (
+from zmqinfer.gateway.api.auth import (
     ApiGuard,
     KeyFileError,
     from_env,

@@ -22,12 +22,13 @@ from tests.unit.test_api import (
     wait_for,
 )
 from tests.unit.test_scheduler import MemoryRing, running
-from zmqinfer.codec import encode
-from zmqinfer.gateway.fields import RequestError
-from zmqinfer.gateway.openapi import SPEC
-from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler, StepNotSent
-from zmqinfer.gateway.validate import parse_chat
-from zmqinfer.wire import Forward, Release, Sample, SamplingParams, SeqId
+from zmqinfer.gateway.api.fields import RequestError
+from zmqinfer.gateway.api.openapi import SPEC
+from zmqinfer.gateway.api.validate import parse_chat
+from zmqinfer.gateway.errors import RingUnavailable, StepNotSent
+from zmqinfer.gateway.scheduler import Scheduler
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.wire import Forward, Release, Sample, SamplingParams, SeqId
 
 
 async def refused(client: Any, body: dict[str, Any] | str, status: int = 400,

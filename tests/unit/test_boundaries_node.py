@@ -16,8 +16,8 @@ from tests.tiny import make_tiny_model
 from zmqinfer.node import inbound
 from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.node.stage import Stage, StageError
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import Chunk, Epoch, Forward, SamplingParams, SeqId, Tensor
+from zmqinfer.protocol.codec import tokens_to_wire
+from zmqinfer.protocol.wire import Chunk, Epoch, Forward, SamplingParams, SeqId, Tensor
 
 VOCAB, HIDDEN = 256, 64
 

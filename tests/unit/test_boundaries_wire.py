@@ -14,13 +14,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from zmqinfer import limits, sockets
-from zmqinfer.codec import decode, encode
-from zmqinfer.gateway.api import DEFAULT_MAX_CONCURRENT
-from zmqinfer.gateway.scheduler import PREFILL_CHUNK
-from zmqinfer.inbox import Inbox
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (
+from zmqinfer.gateway.api.http import DEFAULT_MAX_CONCURRENT
+from zmqinfer.gateway.sequences import PREFILL_CHUNK
+from zmqinfer.protocol import limits, sockets
+from zmqinfer.protocol.checks import check
+from zmqinfer.protocol.codec import decode, encode, tokens_to_wire
+from zmqinfer.protocol.inbox import Inbox
+from zmqinfer.protocol.wire import (
     PROTOCOL_VERSION,
     Assign,
     Chunk,
@@ -40,7 +40,6 @@ from zmqinfer.wire import (
     TokenLogprob,
     WireError,
 )
-from zmqinfer.wirecheck import check
 
 
 class Lines:
@@ -110,7 +109,7 @@ def test_too_many_frames_are_refused() -> None:
 
 
 def test_any_exception_while_decoding_is_a_counted_drop(monkeypatch: pytest.MonkeyPatch) -> None:
-    import zmqinfer.inbox as inbox_mod
+    import zmqinfer.protocol.inbox as inbox_mod
 
     def broken(frames: list[Any]) -> Any:
         raise OverflowError("a decoder bug")

@@ -14,7 +14,7 @@ from zmqinfer.cli.status import discover_rows, discover_view, status_view
 from zmqinfer.config import ConfigError, parse_size
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.mdns.discovery import Discovered
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 GIB, MIB = 1 << 30, 1 << 20
 

@@ -28,7 +28,7 @@ from zmqinfer.mdns.discovery import (
     DiscoveryError,
     resolve_local_name,
 )
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 GIB = 1 << 30
 KEY = "rq:rA]ez#iRz!l4o^X8Dw6G@dm*NYI!mEXK+/E4a"  # a Z85 CurveZMQ public key (40 chars)

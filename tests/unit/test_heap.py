@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PROBE = """
 import sys, psutil, mlx.core as mx
-from zmqinfer.node.heap import pin_mmap_threshold
+from zmqinfer.node.memory import pin_mmap_threshold
 if sys.argv[1] == "pin":
     assert pin_mmap_threshold()
 mx.set_cache_limit(0)  # freed buffers go back to malloc at once, not to mlx's cache

@@ -12,9 +12,15 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from zmqinfer import sockets
 from zmqinfer.cli.main import main
-from zmqinfer.keys import RELOAD_EVERY_S, ClusterAuth, CurveKeyError, load_keys, trusted
+from zmqinfer.protocol import sockets
+from zmqinfer.protocol.keys import (
+    RELOAD_EVERY_S,
+    ClusterAuth,
+    CurveKeyError,
+    load_keys,
+    trusted,
+)
 
 
 def keys(*args: str) -> int:

@@ -13,7 +13,7 @@ from zmqinfer.gateway.placement import NodeCapacity, Placement
 from zmqinfer.liveness import Liveness
 from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.mdns.discovery import Discovered
-from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
+from zmqinfer.protocol.wire import Epoch, Heartbeat, Loaded, NodeId
 
 FP = "ab" * 8
 MIB = 1 << 20

@@ -17,14 +17,15 @@ from tests.unit.test_api import CHAT, ScriptedBackend, oai, script, serve, wait_
 from tests.unit.test_scheduler import MemoryRing, running, settle
 from zmqinfer.clusterstatus import ClusterStatus, NodeStatus
 from zmqinfer.gateway import metrics
+from zmqinfer.gateway.errors import RingUnavailable
 from zmqinfer.gateway.metrics import (
     THROUGHPUT_WINDOW_S,
     Metrics,
     _Window,
     build_1_2_5_buckets,
 )
-from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
-from zmqinfer.wire import SamplingParams
+from zmqinfer.gateway.scheduler import Scheduler
+from zmqinfer.protocol.wire import SamplingParams
 
 # vLLM's buckets, transcribed from vllm/v1/metrics/loggers.py (PrometheusStatLogger): the
 # exposition must use exactly these, or vLLM dashboards' bucket queries silently break.

@@ -393,7 +393,7 @@ def test_model_fetch_downloads_one_nodes_shard(tmp_path, monkeypatch, capsys):
 
 
 def _stage_outputs(stages) -> list:
-    from zmqinfer.wire import SeqId
+    from zmqinfer.protocol.wire import SeqId
 
     toks = mx.array([3, 17, 250, 9, 41], dtype=mx.int32)
     h = None

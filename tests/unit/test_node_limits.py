@@ -16,8 +16,8 @@ from zmqinfer.node import stage as stage_mod
 from zmqinfer.node.process import GATEWAY_GONE_S, gateway_gone
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.node.worker import Worker
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import Chunk, Epoch, Forward, SamplingParams, SeqId
+from zmqinfer.protocol.codec import tokens_to_wire
+from zmqinfer.protocol.wire import Chunk, Epoch, Forward, SamplingParams, SeqId
 
 
 @pytest.fixture(scope="module")

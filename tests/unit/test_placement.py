@@ -22,7 +22,7 @@ from zmqinfer.gateway.placement import (
     split_counts,
 )
 from zmqinfer.model.size import ModelSize
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 GB = 1 << 30
 MB = 1 << 20

@@ -14,15 +14,18 @@ import pytest
 import zmq.asyncio
 
 from tests.unit.test_membership import Clock, beat, spec
-from zmqinfer.gateway.kvbudget import KV_RESERVE_TOKENS, RUNTIME_HEADROOM_BYTES
 from zmqinfer.gateway.membership import MEMORY_QUANTUM, Membership
-from zmqinfer.gateway.placement import ModelSize
+from zmqinfer.gateway.placement import (
+    KV_RESERVE_TOKENS,
+    RUNTIME_HEADROOM_BYTES,
+    ModelSize,
+)
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.liveness import Liveness
 from zmqinfer.model.size import KV_COPY_FACTOR
-from zmqinfer.wire import Assign, Loaded, Message, NodeId
+from zmqinfer.protocol.wire import Assign, Loaded, Message, NodeId
 
 FP = "cd" * 8
 MIB = 1 << 20

@@ -16,7 +16,7 @@ import pytest
 from zmqinfer.mdns.adverts import NodeAd, server_name
 from zmqinfer.mdns.discovery import DiscoveryError, DuplicateNodeId
 from zmqinfer.mdns.presence import GatewayDirectory, NodePresence, find_gateway
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 GIB = 1 << 30
 LO = ("127.0.0.1",)

@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from tests.unit.test_textout import load_tokenizer
-from zmqinfer.gateway.fields import RequestError, parse_body
-from zmqinfer.gateway.prompt import plan
-from zmqinfer.gateway.validate import (
+from zmqinfer.gateway.api.fields import RequestError, parse_body
+from zmqinfer.gateway.api.validate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     ChatRequest,
@@ -17,7 +16,8 @@ from zmqinfer.gateway.validate import (
     parse_chat,
     parse_completion,
 )
-from zmqinfer.wire import SamplingParams
+from zmqinfer.gateway.prompt import plan
+from zmqinfer.protocol.wire import SamplingParams
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -9,10 +9,19 @@ import contextlib
 
 import pytest
 
-from zmqinfer.gateway.pacing import groups as sched_groups
-from zmqinfer.gateway.prefill import PREFILL_BATCH
-from zmqinfer.gateway.scheduler import PREFILL_CHUNK, RingUnavailable, Scheduler
-from zmqinfer.wire import Epoch, Forward, Release, Sample, Sampled, SamplingParams
+from zmqinfer.gateway.admission import PREFILL_BATCH
+from zmqinfer.gateway.admission import groups as sched_groups
+from zmqinfer.gateway.errors import RingUnavailable
+from zmqinfer.gateway.scheduler import Scheduler
+from zmqinfer.gateway.sequences import PREFILL_CHUNK
+from zmqinfer.protocol.wire import (
+    Epoch,
+    Forward,
+    Release,
+    Sample,
+    Sampled,
+    SamplingParams,
+)
 
 EOS = 0
 

@@ -11,14 +11,17 @@ import pytest
 
 from tests.unit.test_scheduler import EOS, MemoryRing, collect, drive, running, settle
 from zmqinfer.gateway import scheduler as scheduler_mod
-from zmqinfer.gateway.pacing import MAX_REPLAYS
-from zmqinfer.gateway.scheduler import (
-    PREFILL_CHUNK,
-    Overloaded,
-    RingUnavailable,
-    Scheduler,
+from zmqinfer.gateway.errors import Overloaded, RingUnavailable
+from zmqinfer.gateway.scheduler import MAX_REPLAYS, Scheduler
+from zmqinfer.gateway.sequences import PREFILL_CHUNK
+from zmqinfer.protocol.wire import (
+    Forward,
+    NodeId,
+    Release,
+    Sampled,
+    SamplingParams,
+    StepFailed,
 )
-from zmqinfer.wire import Forward, NodeId, Release, Sampled, SamplingParams, StepFailed
 
 TEST_DEADLINE_S = 20.0  # every test here ends well within this, or fails
 

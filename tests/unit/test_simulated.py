@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from tests.tiny import make_tiny_model
-from zmqinfer.gateway.pacing import SPARE_GROUPS, groups
+from zmqinfer.gateway.admission import SPARE_GROUPS, groups
 from zmqinfer.node.sampling import SeqSampler, sample_batch
 from zmqinfer.node.simulated import (
     FIRST_TOKEN,
@@ -17,7 +17,7 @@ from zmqinfer.node.simulated import (
     SimulatedCostError,
     SimulatedStage,
 )
-from zmqinfer.wire import SamplingParams, SeqId
+from zmqinfer.protocol.wire import SamplingParams, SeqId
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from zmqinfer.node import sleep
-from zmqinfer.node.sleep import (
+from zmqinfer.node import awake as sleep
+from zmqinfer.node.awake import (
     IDLE_RELEASE_S,
     RETRY_S,
     Awake,

@@ -14,7 +14,7 @@ import asyncio
 
 import pytest
 
-from zmqinfer import sockets
+from zmqinfer.protocol import sockets
 
 
 class FakeSocket:

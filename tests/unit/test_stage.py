@@ -12,7 +12,7 @@ from mlx_lm.utils import load_model
 
 from tests.tiny import FAMILIES, make_tiny_model
 from zmqinfer.node.stage import Stage, StageError
-from zmqinfer.wire import SeqId
+from zmqinfer.protocol.wire import SeqId
 
 N_LAYERS = 4
 DECODE_STEPS = 16

@@ -19,7 +19,7 @@ from zmqinfer.gateway.textout import (
     chat_logprobs,
     completion_logprobs,
 )
-from zmqinfer.wire import Sample, SeqId, TokenLogprob
+from zmqinfer.protocol.wire import Sample, SeqId, TokenLogprob
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from zmqinfer.node import usage
-from zmqinfer.node.usage import (
+from zmqinfer.node import accelerator as usage
+from zmqinfer.node.accelerator import (
     IOREG,
     MAX_FAILURES,
     NVIDIA_SMI,

@@ -6,9 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from zmqinfer.codec import decode, encode
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (
+from zmqinfer.protocol.codec import decode, encode, tokens_to_wire
+from zmqinfer.protocol.wire import (
     PROTOCOL_VERSION,
     Assign,
     Bye,

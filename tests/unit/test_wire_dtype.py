@@ -10,10 +10,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tests.tiny import make_tiny_model
-from zmqinfer.codec import encode
 from zmqinfer.node.worker import Worker
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import NO_GROUP, Chunk, Epoch, Forward, SeqId
+from zmqinfer.protocol.codec import encode, tokens_to_wire
+from zmqinfer.protocol.wire import NO_GROUP, Chunk, Epoch, Forward, SeqId
 
 HIDDEN = 64
 

@@ -9,8 +9,15 @@ import pytest
 
 from tests.tiny import make_tiny_model
 from zmqinfer.node.worker import Worker
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import NO_GROUP, Chunk, Epoch, Forward, SamplingParams, SeqId
+from zmqinfer.protocol.codec import tokens_to_wire
+from zmqinfer.protocol.wire import (
+    NO_GROUP,
+    Chunk,
+    Epoch,
+    Forward,
+    SamplingParams,
+    SeqId,
+)
 
 N_LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16  # make_tiny_model's defaults (hidden 64, 4 heads)
 

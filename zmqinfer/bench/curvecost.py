@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import aiohttp
 
-from zmqinfer.bench import launch, loadgen
+from zmqinfer import local
+from zmqinfer.bench import loadgen
 from zmqinfer.bench.run import Options, workload
 
 ROUNDS = 3  # alternating rounds; the shared machine's noise is larger than Curve's cost
@@ -43,15 +44,15 @@ def run(nodes: int = 2, rounds: int = ROUNDS, tokens: int = 32, concurrency: int
     work = workload(load_tokenizer(model_path), model_path, opts)
     with tempfile.TemporaryDirectory(prefix="zmqinfer-curve-cost-") as tmp:
         log(f"starting two {nodes}-node rings (curve, plain)")
-        rings = {"curve": launch.start(Path(tmp), nodes), "plain": launch.start(Path(tmp), nodes, ["--no-curve"])}
+        rings = {"curve": local.start(Path(tmp), nodes), "plain": local.start(Path(tmp), nodes, ["--no-curve"])}
         try:
             return {**asyncio.run(_measure(rings, work, rounds, concurrency, log)), "hop_us": hops}
         finally:
             for c in rings.values():
-                launch.stop(c)
+                local.stop(c)
 
 
-async def _measure(rings: dict[str, launch.LocalCluster], work: dict[str, Any], rounds: int,
+async def _measure(rings: dict[str, local.LocalCluster], work: dict[str, Any], rounds: int,
                    concurrency: int, log: Callable[[str], None]) -> dict[str, Any]:
     single, batch = work["single"], work["batch"][str(concurrency)]
     samples: dict[str, dict[str, list[float]]] = {k: {"decode_tps": [], "aggregate_tps": []} for k in rings}
@@ -81,7 +82,7 @@ def hop_cost() -> dict[str, dict[str, float]]:
 
     import zmq
 
-    from zmqinfer.keys import CurveKeys, apply
+    from zmqinfer.protocol.keys import CurveKeys, apply
 
     pub_s, sec_s = zmq.curve_keypair()
     pub_c, sec_c = zmq.curve_keypair()

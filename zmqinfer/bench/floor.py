@@ -30,7 +30,8 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from zmqinfer.bench import launch, loadgen
+from zmqinfer import local
+from zmqinfer.bench import loadgen
 from zmqinfer.bench.simulate import PROMPT
 
 MODES = ("sync", "asyncio", "thread", "mlx")
@@ -101,7 +102,7 @@ def relay_ms(stages: int, mode: str, trips: int = TRIPS) -> float:
     runs of `trips` trips."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: one of {MODES}")
-    base = launch.free_port_block(stages + 1)
+    base = local.free_port_block(stages + 1)
     spawn = mp.get_context("spawn")  # as on macOS: no state of this process leaks into a relay
     relays = [spawn.Process(target=_relay, args=(base + i + 1, base + (i + 2) % (stages + 1), mode), daemon=True)
               for i in range(stages)]
@@ -144,7 +145,7 @@ def relay_ms(stages: int, mode: str, trips: int = TRIPS) -> float:
 
 def ring_ms(stages: int, tmp: Path, tokens: int = RING_TOKENS) -> float:
     """One stream's milliseconds per token through `up --nodes stages --simulate 0`."""
-    c = launch.start(tmp, nodes=stages, extra=["--simulate", "0"])
+    c = local.start(tmp, nodes=stages, extra=["--simulate", "0"])
     try:
         async def stream() -> float:
             async with aiohttp.ClientSession() as s:
@@ -153,7 +154,7 @@ def ring_ms(stages: int, tmp: Path, tokens: int = RING_TOKENS) -> float:
                                           for _ in range(3)])
         return asyncio.run(stream())
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 def run(stages: tuple[int, ...] = (1, 3), trips: int = TRIPS, ring_tokens: int = RING_TOKENS,

@@ -37,7 +37,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.bench import blasinfo, launch, loadgen, server, simulate
+from zmqinfer import local
+from zmqinfer.bench import blasinfo, loadgen, server, simulate
 from zmqinfer.bench.report import dig, targets
 from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.local import ONE_BLAS_THREAD
@@ -197,7 +198,7 @@ def run_ring(n: int, work: dict[str, Any], tmp: Path, extra: list[str], opts: Op
     out: dict[str, Any] = {"setup": setup, "nodes": n, "pinned": pinned}
     t0 = time.monotonic()
     try:
-        c = launch.start(tmp, n, extra)
+        c = local.start(tmp, n, extra)
     except RuntimeError as e:
         return {**out, "error": f"did not start: {e}"}
     out["start_s"] = round(time.monotonic() - t0, 1)
@@ -212,11 +213,11 @@ def run_ring(n: int, work: dict[str, Any], tmp: Path, extra: list[str], opts: Op
     except OSError as e:
         out["error"] = f"lost the gateway: {e}"
     finally:
-        launch.stop(c)
+        local.stop(c)
     return out
 
 
-def _drained(c: launch.LocalCluster, timeout_s: float = 10.0) -> dict[str, Any]:
+def _drained(c: local.LocalCluster, timeout_s: float = 10.0) -> dict[str, Any]:
     """/cluster/status once every node has released the load's sequences and beaten since (every
     0.5 s): a node's memory is then what it keeps, not what the last level left in flight."""
     deadline = time.monotonic() + timeout_s
@@ -307,7 +308,7 @@ def wire_bytes(model_path: Path) -> dict[str, Any]:
 def _message_bytes(hop: str, b: int, hidden: int, dtype: str) -> int:
     import numpy as np
 
-    from zmqinfer import codec, wire
+    from zmqinfer.protocol import codec, wire
     epoch, step = int(time.time() * 1000), 10**6
     if hop == "last node -> gateway":
         samples = tuple(_make(wire.Sample, seq=10**5 + i, token=40000 + i, logprob=-0.123456) for i in range(b))

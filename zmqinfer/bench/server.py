@@ -20,14 +20,15 @@ from typing import Any
 
 import aiohttp
 
-from zmqinfer.bench import launch, loadgen
+from zmqinfer import local
+from zmqinfer.bench import loadgen
 
 STARTUP_TIMEOUT_S = 120.0  # loading the model; it compiles nothing ahead
 POLL_S = 0.5
 
 
 def run(model_path: Path, tokenizer: Any, work: dict[str, Any], tmp: Path, level_timeout_s: float) -> dict[str, Any]:
-    port = launch.free_port_block(1)
+    port = local.free_port_block(1)
     log = tmp / f"mlx-lm-server-{port}.log"
     out: dict[str, Any] = {"setup": "mlx_lm.server, single process"}
     proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_path),
@@ -40,7 +41,7 @@ def run(model_path: Path, tokenizer: Any, work: dict[str, Any], tmp: Path, level
             return {**out, "error": f"{why}; its log: {log.read_text(errors='replace')[-500:]}"}
         out["batch"] = asyncio.run(_levels(url, str(model_path), tokenizer, work, level_timeout_s, proc.pid))
     finally:
-        launch.stop(launch.LocalCluster(port, proc, log))
+        local.stop(local.LocalCluster(port, proc, log))
     return out
 
 

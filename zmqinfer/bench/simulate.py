@@ -18,7 +18,8 @@ from typing import Any
 
 import aiohttp
 
-from zmqinfer.bench import launch, loadgen
+from zmqinfer import local
+from zmqinfer.bench import loadgen
 
 PROMPT = [1000 + i for i in range(16)]  # any tokens: a simulated stage ignores them
 STATUS_TIMEOUT_S = 5.0
@@ -40,17 +41,17 @@ class SimOptions:
         second in all (3 devices at 10 ms, 4 groups: 213 tokens, ~8.5 s)."""
         if self.tokens is not None:
             return self.tokens
-        groups = self.stages + 1 if self.stages > 1 else 1  # as gateway/pacing.groups() sizes them
+        groups = self.stages + 1 if self.stages > 1 else 1  # as gateway/admission.groups() sizes them
         return math.ceil((self.warm_s + self.window_s + 2) * 1000 / self.step_ms / groups)
 
 
 def run(opts: SimOptions, tmp: Path, log: Any = lambda s: None) -> dict[str, Any]:
     log(f"simulated ring: {opts.stages} devices at {opts.step_ms:g} ms a step")
-    c = launch.start(tmp, nodes=opts.stages, extra=["--simulate", f"{opts.step_ms:g}"])
+    c = local.start(tmp, nodes=opts.stages, extra=["--simulate", f"{opts.step_ms:g}"])
     try:
         return asyncio.run(_measure(c.url, opts))
     finally:
-        launch.stop(c)
+        local.stop(c)
 
 
 def run_safely(opts: SimOptions, tmp: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from zmqinfer.config import NODE_NAME, ConfigError
-from zmqinfer.keys import ENV_DIR, GATEWAY, PRIVATE, PUBLIC
+from zmqinfer.protocol.keys import ENV_DIR, GATEWAY, PRIVATE, PUBLIC
 
 REVOKED = "revoked_keys"  # revoked public keys are moved here, not deleted: what was trusted stays on record
 
@@ -135,7 +135,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from zmqinfer.keys import trusted
+    from zmqinfer.protocol.keys import trusted
 
     d = cluster_dir(args.dir)
     if not (d / PUBLIC).is_dir():

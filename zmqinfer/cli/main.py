@@ -27,7 +27,7 @@ from zmqinfer.config import (
     load_cluster,
     parse_size,
 )
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 if TYPE_CHECKING:
     from zmqinfer.node.simulated import SimulatedCost

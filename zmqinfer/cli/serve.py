@@ -59,7 +59,7 @@ def resolve_with_progress(model: str | None) -> Path:
 def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
               metrics_open: bool) -> Any:
     """The API's guard from every key source (auth.gather); ConfigError names a bad source."""
-    from zmqinfer.gateway.auth import ApiGuard, KeyFileError, gather
+    from zmqinfer.gateway.api.auth import ApiGuard, KeyFileError, gather
 
     try:
         named = gather(sorted(config_keys), key_files)
@@ -73,7 +73,13 @@ def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
 def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
     """This process's CurveZMQ keys from the cluster directory (--keys, $ZMQINFER_KEYS or
     ~/.config/zmqinfer/cluster); None without one (plaintext, and the process says so)."""
-    from zmqinfer.keys import GATEWAY, CurveKeyError, default_dir, load_keys, public_key
+    from zmqinfer.protocol.keys import (
+        GATEWAY,
+        CurveKeyError,
+        default_dir,
+        load_keys,
+        public_key,
+    )
 
     directory = None if insecure else (directory or default_dir())
     if directory is None:
@@ -110,8 +116,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if model_path is None:
         return 1
     from zmqinfer.cli.keys import make_cluster
-    from zmqinfer.keys import load_keys
     from zmqinfer.model.resolve import DEFAULT_MODEL
+    from zmqinfer.protocol.keys import load_keys
 
     # A throwaway cluster directory for this ring, so Curve is on by default here too; it lives
     # as long as this process. `--keys DIR` keeps it (a node restarted by hand can rejoin).

@@ -23,7 +23,7 @@ from zmqinfer.gateway.placement import NodeCapacity, Placement
 from zmqinfer.liveness import Liveness
 from zmqinfer.mdns.adverts import PROTOCOL, NodeAd, refusal
 from zmqinfer.mdns.discovery import Discovered
-from zmqinfer.wire import Epoch, Heartbeat, Loaded, NodeId
+from zmqinfer.protocol.wire import Epoch, Heartbeat, Loaded, NodeId
 
 # Free memory moves by megabytes every beat; planning on raw numbers would move a layer back and
 # forth between equal machines. Rounded down to this, equal machines get equal shares.

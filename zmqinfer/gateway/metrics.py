@@ -21,13 +21,11 @@ exposition, not reported as 0.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -36,7 +34,6 @@ from collections.abc import (
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
-import zmq
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,8 +41,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from zmqinfer.clusterstatus import ClusterStatus, NodeStatus, Throughput
-from zmqinfer.gateway.membership import Membership
-from zmqinfer.wire import PROTOCOL_VERSION, NodeId, Sample
+from zmqinfer.protocol.wire import PROTOCOL_VERSION, Sample
 
 # vLLM's buckets, exactly, so its dashboards' bucket queries work unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -58,8 +54,6 @@ FINISHED_REASONS = ("stop", "length", "abort")  # vLLM's FinishReason; abort = c
 # The dashboard's "now": tokens per second over this many seconds. Long enough to smooth one
 # request's steps, short enough that `top` shows a burst ending within a few refreshes.
 THROUGHPUT_WINDOW_S = 5.0
-# Control-plane round trips to each node this often (hop latency): a ping costs microseconds.
-HOP_PING_EVERY_S = 2.0
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -235,23 +229,6 @@ class RequestTimer:
         m.success[reason].inc()
         m.e2e.observe(time.monotonic() - self.arrived)
         m.generation_hist.observe(self.tokens)
-
-
-async def measure_hops(members: Membership, ping: Callable[[NodeId], Awaitable[float]],
-                       every: float = HOP_PING_EVERY_S) -> None:
-    """Hop latency: a control-plane round trip to every live node (`ping` -> milliseconds).
-    Owned by the gateway's TaskGroup; a node that does not answer has no hop latency."""
-    while True:
-        for name in list(members.order):
-            m = members.members[name]
-            if not members.alive(m):
-                m.hop_s = None
-                continue
-            try:
-                m.hop_s = await ping(name) / 1000
-            except (TimeoutError, zmq.ZMQError):
-                m.hop_s = None
-        await asyncio.sleep(every)
 
 
 # ---- the live series: a Collector over /cluster/status ----------------------------------------

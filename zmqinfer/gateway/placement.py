@@ -2,6 +2,10 @@
 
 No sockets, no clocks: the gateway feeds it the membership it sees and gets a plan back, so the
 rules are unit-tested exhaustively and the same inputs always give the same ring.
+
+KV room at plan time: each stage's free memory - its weights - RUNTIME_HEADROOM_BYTES is its KV
+room, in tokens of KV; the ring holds the least of them (`ring_kv_tokens`), which admission
+(admission.py) then shares out per request.
 """
 
 from __future__ import annotations
@@ -9,8 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from zmqinfer.model.size import ModelSize
-from zmqinfer.wire import NodeId
+from zmqinfer.model.size import KV_COPY_FACTOR, ModelSize
+from zmqinfer.protocol.wire import NodeId
+
+# KV every stage must have room for on top of its weights when the ring is planned: one long
+# request (1024 tokens: a long chat turn). More is admitted when the memory is there; a node
+# that cannot hold even this much does not get those layers.
+KV_RESERVE_TOKENS = 1024
+# What a stage needs beside weights and KV while it computes: mlx scratch buffers of one
+# forward (a 256-token prefill chunk's attention scores are ~20 MB for a 2048-context 9-head
+# model). The node's idle runtime is already out of its free memory. Kept at 32 MiB so that two
+# nodes under test_failover's 560 MB limit still hold the embedded model (~7 MB to spare at the
+# highest runtime measured there).
+RUNTIME_HEADROOM_BYTES = 32 << 20
 
 
 class PlacementError(ValueError):
@@ -241,3 +256,19 @@ def _water_fill(free: list[NodeCapacity], caps: dict[NodeId, int], rest: int) ->
             out[c.node] = caps[c.node]
         todo = [c for c in todo if c not in over]
     return out
+
+
+def ring_kv_tokens(placements: Sequence[Placement], capacity: Sequence[NodeCapacity],
+                   size: ModelSize) -> int | None:
+    """Tokens of KV cache (per sequence position, summed over sequences) the whole ring can
+    hold: the least over its stages. None when the model's KV size is unknown (no limit)."""
+    if size.kv_bytes_per_token <= 0 or not placements:
+        return None
+    free = {c.node: c.free_bytes for c in capacity}
+    n = size.n_layers
+    tokens = []
+    for p in placements:
+        weights = size.stage_bytes(p.n_layers, p.start == 0, p.end == n)
+        room = free.get(p.node, 0) - weights - RUNTIME_HEADROOM_BYTES
+        tokens.append(max(0, room) // (KV_COPY_FACTOR * size.kv_bytes_per_token * p.n_layers))
+    return min(tokens)

@@ -14,7 +14,7 @@ A node that cannot load its layers (missing shard files, another model) is left 
 with its reason in /cluster/status, and the ring is re-planned over the others without waiting;
 it is given layers again only once its heartbeat shows something new (membership.py). A Loaded
 lost on the way is not waited for: a heartbeat saying "loaded, this epoch" counts too. Every
-plan reserves KV cache and runtime headroom beside the weights (kvbudget.py), and the ring's KV
+plan reserves KV cache and runtime headroom beside the weights (placement.py), and the ring's KV
 budget goes to the scheduler's admission.
 """
 
@@ -29,23 +29,21 @@ import structlog
 import zmq
 
 from zmqinfer.clusterstatus import Replan
-from zmqinfer.gateway.kvbudget import (
-    KV_RESERVE_TOKENS,
-    RUNTIME_HEADROOM_BYTES,
-    ring_kv_tokens,
-)
 from zmqinfer.gateway.membership import Member, Membership
 from zmqinfer.gateway.placement import (
+    KV_RESERVE_TOKENS,
+    RUNTIME_HEADROOM_BYTES,
     MemoryPlan,
     ModelSize,
     NodeCapacity,
     Placement,
     PlacementError,
     plan_by_memory,
+    ring_kv_tokens,
 )
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.liveness import DEAD_AFTER_S
-from zmqinfer.wire import Assign, Epoch, Message, NodeId
+from zmqinfer.protocol.wire import Assign, Epoch, Message, NodeId
 
 if TYPE_CHECKING:
     from zmqinfer.mdns.presence import GatewayDirectory

@@ -5,7 +5,7 @@
     planner         membership (nodes.toml + mDNS + heartbeats) -> plan by memory -> Assign
     data PUSH       -> node 0: Forward / Release from the scheduler
     results ROUTER  <- Sampled from the last node -> scheduler (or a waiting ring probe)
-    aiohttp         the OpenAI API (api.py) on top of `Gateway` as its Backend
+    aiohttp         the HTTP API (api/) over the scheduler and the cluster view (status.py)
 
 Failure (DESIGN §4): a ring member that stops beating, restarts or freezes takes the ring down
 at once; the scheduler parks every live request, the planner bumps the epoch and assigns the
@@ -19,13 +19,12 @@ Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
 import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable
+from typing import Any, Callable
 
 import structlog
 import zmq
@@ -33,45 +32,37 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-from zmqinfer import sockets
-from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodePing, SecurityStatus
-from zmqinfer.codec import encode
 from zmqinfer.config import GatewaySpec, NodeSpec
-from zmqinfer.gateway.api import make_app
-from zmqinfer.gateway.auth import ApiGuard
+from zmqinfer.gateway.api.auth import ApiGuard
+from zmqinfer.gateway.api.http import RingBackend
+from zmqinfer.gateway.api.server import make_app
 from zmqinfer.gateway.membership import Member, Membership
-from zmqinfer.gateway.metrics import Metrics, measure_hops
-from zmqinfer.gateway.pacing import groups
+from zmqinfer.gateway.metrics import Metrics
 from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
-from zmqinfer.gateway.scheduler import RingUnavailable, Scheduler
-from zmqinfer.inbox import Inbox
-from zmqinfer.keys import ClusterAuth, CurveKeys
+from zmqinfer.gateway.scheduler import Scheduler
+from zmqinfer.gateway.status import PING_TIMEOUT_S, ClusterView
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.model.resolve import model_fingerprint, read_config
 from zmqinfer.model.shards import model_size
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (
-    NO_GROUP,
+from zmqinfer.protocol import sockets
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.inbox import Inbox
+from zmqinfer.protocol.keys import ClusterAuth, CurveKeys
+from zmqinfer.protocol.wire import (
     Bye,
-    Forward,
     GatewayBeat,
     Heartbeat,
     Loaded,
     Message,
     NodeId,
-    Ping,
     Pong,
-    Sample,
     Sampled,
-    SamplingParams,
     StepFailed,
 )
 
 log = structlog.get_logger()
 
-PING_TIMEOUT_S = 1.0
-PROBE_TIMEOUT_S = 5.0
 # SIGTERM: requests in flight get this long to finish; the rest end with a clean error event.
 SHUTDOWN_GRACE_S = 20.0
 
@@ -117,97 +108,21 @@ class Gateway:
                                Served(model, self.n_layers, self.fingerprint, spec.result_port),
                                model_size(model_path), discovery=discovery, on_ready=on_ready)
         self.ring.reason = self.planner.waiting_for()
-        self._nonces = itertools.count(1)
         self._routes: dict[NodeId, bytes] = {}  # Curve: node -> routing id its key spoke from
-        self._pongs: dict[int, asyncio.Future[float]] = {}
-        self._probes: dict[int, asyncio.Future[float]] = {}
         self.control_in, self.results_in = Inbox("control", log), Inbox("results", log)
-        self.stale_drops = 0  # results of an older epoch, dropped
-        self.metrics = Metrics(self.model_id, self.cluster_status, self.context_length)
+        self.cluster = ClusterView(self.model_id, self.n_layers, self.ring, self.members, self.scheduler,
+                                   self.planner, self.guard, self.auth, self.send_control,
+                                   lambda: self.metrics.throughput())
+        self.metrics = Metrics(self.model_id, self.cluster.status, self.context_length)
         self.scheduler.on_queued = self.metrics.on_queued
-
-    # ---- Backend for the API ----------------------------------------------------------------
-
-    def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 request_id: str) -> AsyncGenerator[Sample, None]:
-        return self.scheduler.generate(prompt, params, max_tokens, request_id)
-
-    def cluster_status(self) -> ClusterStatus:
-        ring = self.ring
-        ready = ring.ready.is_set()
-        nodes = self.members.rows(ring.placement, ring.epoch)
-        for row in nodes:
-            if row["name"] in ring.excluded:
-                row["excluded"] = ring.excluded[NodeId(row["name"])]
-            member = self.members.members.get(NodeId(row["name"]))
-            if member is not None and member.beat is not None:
-                row["refused_by_node"] = member.beat.refused
-        security: SecurityStatus = (self.auth.status() if self.auth is not None else  # type: ignore[assignment]
-                                    {"curve": False, "trusted": [], "refused_handshakes": 0,
-                                     "refused_messages": 0, "refused_peers": {}})
-        security["api"] = self.guard.describe()
-        s, planner = self.scheduler, self.planner
-        return {"ready": ready, "reason": "" if ready else ring.reason, "model": self.model_id,
-                "n_layers": self.n_layers, "epoch": ring.epoch, "active_requests": s.active,
-                "running_requests": s.running, "waiting_requests": s.waiting,
-                "ring": {"replans": planner.replans, "replayed_requests": planner.replayed,
-                         "micro_batches_in_flight": s.in_flight, "stale_epoch_drops": self.stale_drops},
-                "throughput": self.metrics.throughput(),
-                "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
-                "decode_steps": s.decode_steps, "queued_requests": s.queued, "kv_tokens": ring.kv_tokens,
-                "replans": self.planner.history[-5:], "nodes": nodes, "security": security}
-
-    async def cluster_ping(self) -> ClusterPing:
-        async def one(name: NodeId) -> NodePing:
-            m = self.members.members[name]
-            out: NodePing = {"name": name, "address": m.address}
-            try:
-                out["control_ms"] = round(await self._ping(name), 3)
-            except (TimeoutError, zmq.ZMQError):
-                out["error"] = f"no answer from {m.where()} within {PING_TIMEOUT_S:.0f}s"
-            return out
-
-        nodes = await asyncio.gather(*(one(n) for n in self.members.order))
-        result: ClusterPing = {"nodes": list(nodes), "ring_ms": None}
-        if not self.ring.ready.is_set():
-            result["ring_error"] = f"the ring is not ready: {self.ring.reason}"
-            return result
-        try:
-            result["ring_ms"] = round(await self._probe(), 3)
-        except (TimeoutError, RingUnavailable) as e:
-            result["ring_error"] = str(e) or f"the probe did not come back within {PROBE_TIMEOUT_S:.0f}s"
-        return result
-
-    async def _ping(self, name: NodeId) -> float:
-        nonce = next(self._nonces)
-        fut = self._pongs[nonce] = asyncio.get_running_loop().create_future()
-        try:
-            t0 = time.perf_counter()
-            await self.send_control(name, Ping(nonce))
-            async with asyncio.timeout(PING_TIMEOUT_S):
-                await fut
-            return (time.perf_counter() - t0) * 1000
-        finally:
-            self._pongs.pop(nonce, None)
-
-    async def _probe(self) -> float:
-        """An empty Forward through every stage and back: the ring's bare round trip."""
-        step = self.scheduler.next_step()
-        fut = self._probes[step] = asyncio.get_running_loop().create_future()
-        try:
-            t0 = time.perf_counter()
-            await self.ring.send(Forward(epoch=self.ring.epoch, step=step, chunks=(), group=NO_GROUP,
-                                         tokens=tokens_to_wire([])))
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await fut
-            return (time.perf_counter() - t0) * 1000
-        finally:
-            self._probes.pop(step, None)
+        # The API's backend: the scheduler generates, the cluster view reports.
+        self.backend = RingBackend(self.model_id, self.tokenizer, self.context_length, self.scheduler.generate,
+                                   self.cluster.status, self.cluster.ping)
 
     # ---- loops ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        runner = web.AppRunner(make_app(self, guard=self.guard, metrics=self.metrics),
+        runner = web.AppRunner(make_app(self.backend, guard=self.guard, metrics=self.metrics),
                                handler_cancellation=True)
         await runner.setup()
         directory = None
@@ -220,7 +135,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._control_loop()), tg.create_task(self._results_loop()),
                          tg.create_task(self.planner.run(directory)), tg.create_task(self.scheduler.pump()),
-                         tg.create_task(self._beat()), tg.create_task(measure_hops(self.members, self._ping))]
+                         tg.create_task(self._beat()), tg.create_task(self.cluster.measure_hops())]
                 if self.auth is not None:
                     tasks.append(tg.create_task(self.auth.run()))
                 await stop.wait()
@@ -329,8 +244,7 @@ class Gateway:
                 self.members.on_loaded(m, msg)
                 self.planner.changed.set()
             case Pong():
-                if (fut := self._pongs.get(msg.nonce)) and not fut.done():
-                    fut.set_result(0.0)
+                self.cluster.on_pong(msg.nonce)
             case StepFailed():
                 self.scheduler.on_step_failed(msg)
             case Bye():
@@ -355,12 +269,10 @@ class Gateway:
             if any(s.token >= self.vocab for s in msg.samples):  # nothing could decode it
                 self.results_in.drop("a sampled token outside the tokenizer's vocabulary")
                 continue
-            if (fut := self._probes.get(msg.step)) is not None:
-                if not fut.done():
-                    fut.set_result(0.0)
+            if self.cluster.on_probe(msg.step):
                 continue
             if msg.epoch != self.ring.epoch:
-                self.stale_drops += 1  # an old ring's straggler; counted for /metrics
+                self.cluster.stale_drops += 1  # an old ring's straggler; counted for /metrics
                 continue
             if not self.scheduler.awaiting(msg.step):
                 self.results_in.drop("a result for a step not in flight", step=msg.step)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from zmqinfer.gateway.fields import RequestError, param_error
-from zmqinfer.gateway.validate import (
+from zmqinfer.gateway.api.fields import RequestError, param_error
+from zmqinfer.gateway.api.validate import (
     DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,

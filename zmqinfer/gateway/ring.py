@@ -16,12 +16,12 @@ from typing import Callable
 
 import zmq.asyncio
 
-from zmqinfer import sockets
-from zmqinfer.codec import encode
+from zmqinfer.gateway.errors import RingUnavailable
 from zmqinfer.gateway.placement import Placement
-from zmqinfer.gateway.scheduler import RingUnavailable
-from zmqinfer.keys import CurveKeys
-from zmqinfer.wire import Epoch, Forward, NodeId, Release
+from zmqinfer.protocol import sockets
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.keys import CurveKeys
+from zmqinfer.protocol.wire import Epoch, Forward, NodeId, Release
 
 # A ring being rebuilt (detection + loading) makes new requests wait this long, not READY_WAIT_S.
 REPLAN_READY_WAIT_S = 60.0
@@ -41,7 +41,7 @@ class Ring:
         self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.closing = False  # the gateway is shutting down: no new requests
-        self.kv_tokens: int | None = None  # KV cache the ring can hold (kvbudget.py); None: unknown
+        self.kv_tokens: int | None = None  # KV cache the ring can hold (placement.ring_kv_tokens); None: unknown
         self._push: zmq.asyncio.Socket | None = None
 
     @property

@@ -1,20 +1,18 @@
 """Continuous batching with several micro-batches in flight: the request table and its pump.
 
-    generate(prompt) -> admitted (lanes.py: KV room, prefill queue, groups) -----------+
+    generate(prompt) -> admitted (admission.py: KV room, prefill queue, groups)
     pump (one task): group A step, group B step, ..., prefill chunks (credits) -> ring
     on_sampled(step): a group's tokens -> each request's queue; the group is free to go again
     generate yields tokens from its queue, under a deadline
 
-Every decoding sequence belongs to one of K micro-batch groups (pacing.groups()); each group has
-at most one step in the ring, so while the last node works on group A the first works on group
-C. A long prompt enters as PREFILL_CHUNK-token chunks, each its own message, so it neither
-stalls running streams nor blocks the pipeline; short prompts waiting together share one
-(prefill.py). Every Forward is acknowledged by exactly one Sampled from the last stage (empty
-for prefill), which is what the credits count.
-
-Prefill is cut as mlx-lm's generate_step cuts it with prefill_step_size=PREFILL_CHUNK, so a
-request alone in the ring is token-identical to a single-process mlx-lm run; batched with
-others, its logits agree to float rounding (node/stage.py).
+Every decoding sequence belongs to one of K micro-batch groups (admission.groups()); each group
+has at most one step in the ring, so while the last node works on group A the first works on
+group C. A long prompt enters as PREFILL_CHUNK-token chunks, each its own message, so it neither
+stalls running streams nor blocks the pipeline. Every Forward is acknowledged by exactly one
+Sampled from the last stage (empty for prefill), which is what the credits count. Prefill is cut
+as mlx-lm's generate_step cuts it (prefill_step_size=PREFILL_CHUNK), so a request alone in the
+ring is token-identical to a single-process mlx-lm run; batched with others, its logits agree
+to float rounding (node/stage.py).
 
 Only the pump task sends on the ring, so messages leave in the order they were decided and a
 cancelled HTTP handler can never leave a half-sent step behind. Release of a sequence's KV
@@ -22,8 +20,18 @@ caches travels the ring behind its last Forward.
 
 When the ring breaks or is re-planned, `park()` keeps every live request; on `resume()` each is
 prefilled again on the new ring from its own history (prompt + every token sampled) and decodes
-on: its client sees a pause, no token repeated or skipped. Every step is answered or reclaimed;
-how long anything waits, and how many replays a sequence gets, is pacing.py's.
+on: its client sees a pause, no token repeated or skipped.
+
+Pacing. Every step is answered or reclaimed. A step carries a deadline (STEP_TIMEOUT_S plus the
+prompt tokens in the ring ahead of it); one not answered by then, one that never left, or one a
+node reports failed (StepFailed) gives its group or prefill credit back, and each of its
+sequences replays on the same ring under a fresh id (its old caches are released). A sequence
+that fails MAX_REPLAYS times in a row fails with the last reason. A request's deadline counts
+from the ring's work on it, not from its arrival: while one of its steps is in flight it is that
+step's deadline; while it waits for its turn it is renewed every time the ring answers any step,
+so a queue behind other prompts is never a timeout, and only a ring that stops answering is.
+Admission is bounded: up to MAX_QUEUED sequences wait for KV room; one more is refused at once
+(Overloaded: 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -35,34 +43,11 @@ from typing import AsyncGenerator, Callable, Protocol
 
 import structlog
 
-from zmqinfer.gateway.kvbudget import seq_bound
-from zmqinfer.gateway.lanes import Batch, Lanes, RingSize
-from zmqinfer.gateway.pacing import (
-    MAX_QUEUED,
-    MAX_REPLAYS,
-    PREFILL_CREDITS_PER_STAGE,
-    PREFILL_S_PER_TOKEN,
-    READY_WAIT_S,
-    REPLAY_WAIT_S,
-    STEP_TIMEOUT_S,
-)
-from zmqinfer.gateway.sequences import (
-    PAUSED,
-    Paused,
-    RingTimeout,
-    RingUnavailable,
-    Seq,
-    Step,
-    StepBook,
-    StepNotSent,
-)
-from zmqinfer.gateway.sequences import (  # part of its contract (api.py reads them here)
-    PREFILL_CHUNK as PREFILL_CHUNK,
-    RETRY_AFTER_S as RETRY_AFTER_S,
-    Overloaded as Overloaded,
-)
-from zmqinfer.tensors import tokens_to_wire
-from zmqinfer.wire import (
+from zmqinfer.gateway.admission import Batch, Lanes, RingSize, seq_bound
+from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
+from zmqinfer.gateway.sequences import PAUSED, Paused, Seq, Step, StepBook
+from zmqinfer.protocol.codec import tokens_to_wire
+from zmqinfer.protocol.wire import (
     NO_GROUP,
     Epoch,
     Forward,
@@ -75,6 +60,26 @@ from zmqinfer.wire import (
 )
 
 log = structlog.get_logger()
+
+# Prefill messages in the ring at once: one per stage keeps every stage busy with long prompts
+# (per stage, not per device: stages that share a machine of several cores still overlap).
+PREFILL_CREDITS_PER_STAGE = 1
+# A decode step through a healthy ring takes milliseconds; 30 s means something is wrong. A step
+# is reclaimed (its sequences replay) STEP_TIMEOUT_S after it was sent plus PREFILL_S_PER_TOKEN
+# for every token row in it and ahead of it in the ring (a 256-token chunk behind 3 others:
+# 30 + 20 s). A request waiting its turn times out only when the ring answers nothing at all
+# for STEP_TIMEOUT_S.
+STEP_TIMEOUT_S = 30.0
+PREFILL_S_PER_TOKEN = 0.02
+# How long a request waits for the ring to become ready before it gets a 503.
+READY_WAIT_S = 10.0
+# How long a parked request waits for the re-planned ring (detection, survivors loading their
+# extra layers, its own re-prefill) before it gets a 504; a "no capacity" verdict ends it sooner.
+REPLAY_WAIT_S = 120.0
+# Failed steps in a row before a sequence fails: one is a blip, three a node that cannot run it.
+MAX_REPLAYS = 3
+# Sequences admitted to wait for KV room; one more gets a 429 at once, not a queue nobody serves.
+MAX_QUEUED = 32
 
 
 class RingPort(RingSize, Protocol):
@@ -209,8 +214,9 @@ class Scheduler:
 
     def _settle(self, step: int) -> Step | None:
         """The step is answered or reclaimed: give its group or credit back."""
-        rec = self._steps_out.settle(step, self._lanes.groups)
+        rec = self._steps_out.settle(step)
         if rec is not None:
+            self._lanes.free(rec.group)
             self._wake.set()
         return rec
 

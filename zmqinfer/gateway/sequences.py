@@ -1,6 +1,5 @@
-"""What the scheduler keeps per sequence, per micro-batch group and per step in flight, and the
-errors its requests end with. Plain records on the gateway's event loop; the rules that change
-them are in scheduler.py.
+"""What the scheduler keeps per sequence and per step in flight. Plain records on the gateway's
+event loop; the rules that change them are in scheduler.py (and admission.py for the groups).
 """
 
 from __future__ import annotations
@@ -10,38 +9,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from zmqinfer.gateway.kvbudget import group_cost
-from zmqinfer.wire import NO_GROUP, Epoch, Sample, SamplingParams, SeqId
+from zmqinfer.protocol.wire import NO_GROUP, Epoch, Sample, SamplingParams, SeqId
 
 # Prompt tokens per prefill message. Smaller chunks overlap better across stages (a 1024-token
 # prompt on 2 stages: 4 chunks finish in ~5/8 of the unsplit time) and interleave with decode
 # steps sooner; results equal mlx-lm run with prefill_step_size=PREFILL_CHUNK.
 PREFILL_CHUNK = 256
-
-
-# What a 429 tells the client to wait (Retry-After, seconds): about one short request's time.
-RETRY_AFTER_S = 2
-
-
-class RingUnavailable(Exception):
-    """The ring cannot serve right now (not assigned, a node missing, no placement fits): 503."""
-
-
-class RingTimeout(Exception):
-    """The ring stopped answering for a request within its deadline: 504."""
-
-
-class Overloaded(Exception):
-    """The admission queue is full: 429, with `retry_after` seconds for Retry-After."""
-
-    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class StepNotSent(Exception):
-    """A step that could not be encoded or sent for a reason other than the ring (a bug, or a
-    value the wire cannot carry): its requests fail with a 500; the pump and the rest go on."""
 
 
 class Paused:
@@ -93,15 +66,6 @@ class Seq:
 
 
 @dataclass
-class Group:
-    members: list[Seq] = field(default_factory=list)
-    in_flight: bool = False
-
-    def cost(self) -> int:
-        return group_cost([s.bound for s in self.members])
-
-
-@dataclass
 class Step:
     """A step in the ring: what answering or reclaiming it gives back."""
 
@@ -126,15 +90,13 @@ class StepBook:
             seq.inflight += 1
             seq.deadline = max(seq.deadline, deadline)
 
-    def settle(self, step: int, groups: dict[int, Group]) -> Step | None:
-        """Answered or reclaimed: its group may step again, its credit is free."""
+    def settle(self, step: int) -> Step | None:
+        """Answered or reclaimed: its credit is free (its group's is the caller's to free)."""
         rec = self.acks.pop(step, None)
         if rec is None:
             return None
         if rec.group == NO_GROUP:
             self.prefills -= 1
-        elif (g := groups.get(rec.group)) is not None:
-            g.in_flight = False
         for seq in rec.seqs:
             seq.inflight -= 1
         return rec

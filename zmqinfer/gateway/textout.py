@@ -39,7 +39,7 @@ from mlx_lm.tokenizer_utils import (
     TokenizerWrapper,
 )
 
-from zmqinfer.wire import Sample
+from zmqinfer.protocol.wire import Sample
 
 FinishReason = Literal["stop", "length"]
 

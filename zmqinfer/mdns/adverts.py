@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from zmqinfer.config import NODE_NAME
-from zmqinfer.wire import PROTOCOL_VERSION, NodeId
+from zmqinfer.protocol.wire import PROTOCOL_VERSION, NodeId
 
 PROTOCOL = PROTOCOL_VERSION.decode()
 Role = Literal["node", "gateway"]

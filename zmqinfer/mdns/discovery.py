@@ -42,7 +42,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from zmqinfer.config import LOCAL_HOST
 from zmqinfer.mdns.adverts import AdError, NodeAd, server_name, worth_reannouncing
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 log = structlog.get_logger()
 

@@ -35,7 +35,7 @@ from zmqinfer.mdns.discovery import (
     open_zeroconf,
     resolve_local_name,
 )
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.wire import NodeId
 
 log = structlog.get_logger()
 

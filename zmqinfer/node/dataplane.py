@@ -20,14 +20,14 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
-from zmqinfer import sockets
-from zmqinfer.codec import encode
-from zmqinfer.inbox import Inbox
-from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.node import inbound
 from zmqinfer.node.options import NodeOptions
 from zmqinfer.node.worker import Worker
-from zmqinfer.wire import (
+from zmqinfer.protocol import sockets
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.inbox import Inbox
+from zmqinfer.protocol.keys import GATEWAY, ClusterAuth
+from zmqinfer.protocol.wire import (
     Assign,
     Epoch,
     Forward,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from zmqinfer.node.worker import Slice
-from zmqinfer.wire import Forward
+from zmqinfer.protocol.wire import Forward
 
 
 def problem(fwd: Forward, stage: Slice) -> str | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zmqinfer.keys import CurveKeys
 from zmqinfer.node.simulated import SimulatedCost
-from zmqinfer.wire import NodeId
+from zmqinfer.protocol.keys import CurveKeys
+from zmqinfer.protocol.wire import NodeId
 
 
 @dataclass(frozen=True)

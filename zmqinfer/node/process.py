@@ -32,20 +32,20 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from zmqinfer import sockets
-from zmqinfer.codec import encode
-from zmqinfer.inbox import Inbox
-from zmqinfer.keys import GATEWAY, ClusterAuth
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
 from zmqinfer.mdns.adverts import NodeAd
+from zmqinfer.node.accelerator import GpuSampler
+from zmqinfer.node.awake import SleepGuard
 from zmqinfer.node.dataplane import DataPlane
-from zmqinfer.node.heap import pin_mmap_threshold
+from zmqinfer.node.memory import pin_mmap_threshold
 from zmqinfer.node.options import NodeOptions
 from zmqinfer.node.simulated import DEVICE_PREFIX
-from zmqinfer.node.sleep import SleepGuard
-from zmqinfer.node.usage import GpuSampler
 from zmqinfer.node.worker import Worker
-from zmqinfer.wire import (
+from zmqinfer.protocol import sockets
+from zmqinfer.protocol.codec import encode
+from zmqinfer.protocol.inbox import Inbox
+from zmqinfer.protocol.keys import GATEWAY, ClusterAuth
+from zmqinfer.protocol.wire import (
     Assign,
     Bye,
     Epoch,

@@ -22,8 +22,8 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
-from zmqinfer.limits import GREEDY_TEMPERATURE
-from zmqinfer.wire import Sample, SamplingParams, SeqId, TokenLogprob
+from zmqinfer.protocol.limits import GREEDY_TEMPERATURE
+from zmqinfer.protocol.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 
 class SeqSampler:

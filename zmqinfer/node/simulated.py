@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zmqinfer.model.resolve import read_config
-from zmqinfer.wire import SeqId
+from zmqinfer.protocol.wire import SeqId
 
 # Simulated tokens stay clear of the low ids, where tokenizers keep EOS and other specials.
 FIRST_TOKEN = 200

@@ -37,9 +37,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from zmqinfer.limits import MAX_HIDDEN_SIZE
 from zmqinfer.model.shards import load_shard_model
-from zmqinfer.wire import SeqId
+from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
+from zmqinfer.protocol.wire import SeqId
 
 # Families whose inner model is exactly embed -> layers -> norm (checked against mlx-lm 0.32).
 # Others (gemma scales its embedding, MoE/SSM hybrids keep other caches) are refused, not guessed.

@@ -24,12 +24,12 @@ from zmqinfer.model.resolve import (
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
 from zmqinfer.model.size import KV_COPY_FACTOR
-from zmqinfer.node.heap import give_back_memory
+from zmqinfer.node.memory import give_back_memory
 from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage, StageError
-from zmqinfer.tensors import from_wire, to_wire
-from zmqinfer.wire import Chunk, Forward, Sample, Sampled, SeqId
+from zmqinfer.node.tensors import from_wire, to_wire
+from zmqinfer.protocol.wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from zmqinfer.limits import (
+from zmqinfer.protocol.limits import (
     GREEDY_TEMPERATURE,
     MAX_FORWARD_TOKENS,
     MAX_HIDDEN_SIZE,
@@ -18,7 +18,7 @@ from zmqinfer.limits import (
     MAX_TOKEN_ID,
     MAX_TOP_LOGPROBS,
 )
-from zmqinfer.wire import (
+from zmqinfer.protocol.wire import (
     Assign,
     Forward,
     GatewayBeat,

@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from zmqinfer.limits import (
+from zmqinfer.protocol.limits import (
     MAX_CONTROL_FRAME_BYTES,
     MAX_CONTROL_FRAMES,
     MAX_DATA_FRAME_BYTES,
@@ -42,7 +42,7 @@ ROUTER_RESULT_FRAMES = 1 + MAX_CONTROL_FRAMES  # Sampled is a header only
 # Draining a hostile message's extra frames costs ~4 us each: give the loop a turn every 10,000
 # (40 ms), so even a million-frame message never silences the heartbeats.
 DRAIN_YIELD_EVERY = 10_000
-from zmqinfer.keys import CurveKeys, apply
+from zmqinfer.protocol.keys import CurveKeys, apply
 
 # Reconnect quickly after a node restarts, but back off to 2 s so a dead peer costs nothing.
 RECONNECT_IVL_MS = 100

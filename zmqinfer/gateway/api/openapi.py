@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from zmqinfer.gateway.fields import MAX_INTEGER
-from zmqinfer.gateway.validate import (
+from zmqinfer.gateway.api.fields import MAX_INTEGER
+from zmqinfer.gateway.api.validate import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
     MAX_LOGIT_BIAS,

@@ -11,9 +11,9 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from zmqinfer.codec import decode
-from zmqinfer.wire import Message, WireError
-from zmqinfer.wirecheck import check
+from zmqinfer.protocol.checks import check
+from zmqinfer.protocol.codec import decode
+from zmqinfer.protocol.wire import Message, WireError
 
 # One summary line per loop at most this often: 2,000 junk frames used to write 2,000 warnings;
 # 5 s still shows an attack (or a protocol bug) within a heartbeat or two.

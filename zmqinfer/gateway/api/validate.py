@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zmqinfer.gateway.fields import (
+from zmqinfer.gateway.api.fields import (
     RequestError,
     boolean,
     check_fields,
@@ -28,8 +28,8 @@ from zmqinfer.gateway.fields import (
     param_error,
     string,
 )
-from zmqinfer.limits import GREEDY_TEMPERATURE, MAX_TOKEN_ID
-from zmqinfer.wire import SamplingParams
+from zmqinfer.protocol.limits import GREEDY_TEMPERATURE, MAX_TOKEN_ID
+from zmqinfer.protocol.wire import SamplingParams
 
 # What a request gets when it names no budget: OpenAI has no fixed default (it runs to the
 # context limit), but an unbounded default lets one forgetful client hold the ring for minutes.

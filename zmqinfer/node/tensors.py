@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from zmqinfer.wire import Tensor
+from zmqinfer.protocol.wire import Tensor
 
 _VIEW_AS_UINT16 = {"bfloat16"}  # dtypes numpy cannot hold: ship their bits
 
@@ -36,9 +36,3 @@ def from_wire(t: Tensor) -> mx.array:
         raw = np.frombuffer(t.data, dtype=np.uint16).reshape(t.shape)
         return mx.array(raw).view(getattr(mx, t.dtype))
     return mx.array(np.frombuffer(t.data, dtype=np.dtype(t.dtype)).reshape(t.shape))
-
-
-def tokens_to_wire(ids: list[int]) -> Tensor:
-    """Token ids as int32, the one integer type every stage agrees on."""
-    arr = np.asarray(ids, dtype=np.int32)
-    return Tensor("int32", (len(ids),), arr.data)

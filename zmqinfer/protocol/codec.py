@@ -15,15 +15,16 @@ import typing
 from typing import Any, Literal, Union
 
 import msgpack
+import numpy as np
 
-from zmqinfer.limits import MAX_DATA_FRAMES as MAX_FRAMES
-from zmqinfer.limits import (
+from zmqinfer.protocol.limits import MAX_DATA_FRAMES as MAX_FRAMES
+from zmqinfer.protocol.limits import (
     MAX_ENTRIES,
     MAX_HEADER_BYTES,
     MAX_TENSOR_BYTES,
     MAX_TENSOR_RANK,
 )
-from zmqinfer.wire import (
+from zmqinfer.protocol.wire import (
     DTYPE_SIZES,
     MESSAGES,
     PROTOCOL_VERSION,
@@ -33,6 +34,12 @@ from zmqinfer.wire import (
 )
 
 # ---- encoding --------------------------------------------------------------------------------
+
+
+def tokens_to_wire(ids: list[int]) -> Tensor:
+    """Token ids as int32, the one integer type every stage agrees on."""
+    arr = np.asarray(ids, dtype=np.int32)
+    return Tensor("int32", (len(ids),), arr.data)
 
 
 def encode(msg: Message) -> list[bytes | Any]:

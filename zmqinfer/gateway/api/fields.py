@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from zmqinfer.limits import MAX_TOKEN_ID
+from zmqinfer.protocol.limits import MAX_TOKEN_ID
 
 # Every integer a client sends is at most this (token ids are int32 on the wire; a budget or a
 # top_k larger than any vocabulary or context means nothing). prompt.plan then checks top_k and

@@ -1,26 +1,120 @@
-"""Where each admitted sequence waits or runs, and what it sends next: the admission queue (KV
-room), the prefill queue (prefill.py) and the decode groups.
+"""Admission: where each admitted sequence waits or runs, and what it sends next — the admission
+queue (KV room), the prefill queue and the decode groups — with what a sequence costs in KV.
 
     admit(seq) -> waiting (no KV room yet, or others wait before it)
                -> prefilling -> (its last chunk sent) -> the group it pads least -> leave()
 
-Admission keeps the sum of every group's padded KV cost and every other admitted sequence's
-bound within the ring's budget (kvbudget.py). `decode_batches` and `prefill_batch` build the
-chunks of the next messages; the scheduler books and sends them. Plain records on the
-gateway's event loop, owned by the scheduler.
+KV arithmetic per request (pure): a sequence costs prompt + max_tokens tokens at most (the gateway
+knows both), in whole cache steps; a decode group is left-padded to its longest member (mlx-lm
+BatchKVCache), so a group of n costs n x its longest bound; a prefilled sequence joins the group
+it makes least padded. Admission keeps the sum of every group's padded cost and every other
+admitted sequence's bound within the ring's budget (placement.py's `ring_kv_tokens`, at plan
+time), so a node is never asked to hold more KV than it said it had room for.
+
+Prefill is round robin: a sequence whose prompt has more chunks goes back to the end of the
+queue, so one long prompt never starves the others. New prompts waiting together share a
+message: the stages prefill their first chunks as one left-padded batch (node/stage.py,
+`prefill_batch`), reading the weights once for all of them, as mlx-lm's `batch_generate`
+prefills. A prompt alone gets a message of its own, so a request alone stays token-identical to
+mlx-lm. `decode_batches` and `prefill_batch` build the chunks of the next messages; the scheduler
+books and sends them (its credits). Plain records on the gateway's event loop, owned by the
+scheduler.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from zmqinfer.gateway.kvbudget import join_cost
-from zmqinfer.gateway.pacing import groups
-from zmqinfer.gateway.prefill import PrefillQueue
-from zmqinfer.gateway.sequences import RETRY_AFTER_S, Group, Overloaded, RingUnavailable, Seq
-from zmqinfer.wire import Chunk, SeqId
+from zmqinfer.gateway.errors import RETRY_AFTER_S, Overloaded, RingUnavailable
+from zmqinfer.gateway.sequences import PREFILL_CHUNK, Seq
+from zmqinfer.model.size import kv_positions
+from zmqinfer.protocol.wire import Chunk, SeqId
+
+# Micro-batch groups beyond one per device: while one group's tokens travel back through the
+# gateway, the spare keeps the first device busy (README, "Keeping every device busy").
+SPARE_GROUPS = 1
+
+# New sequences prefilled in one message at most (batch_generate's prefill batch size); their
+# tokens, padded to the longest, also stay within PREFILL_CHUNK (the wire's row limit).
+PREFILL_BATCH = 8
+
+PromptChunk = tuple[int, list[int]]  # (position of its first token, the tokens)
+
+
+def groups(n_devices: int) -> int:
+    """Micro-batch groups for a ring over `n_devices` devices. Stages on one machine share its
+    cores, so splitting their batch only costs: they get one group, as batch_generate has."""
+    return 1 if n_devices <= 1 else n_devices + SPARE_GROUPS
+
+
+def seq_bound(prompt_tokens: int, max_tokens: int) -> int:
+    """KV positions a sequence can come to hold: prompt + max_tokens, in whole cache steps."""
+    return kv_positions(prompt_tokens + max_tokens)
+
+
+def group_cost(bounds: Sequence[int]) -> int:
+    """KV tokens a decode group of sequences with these length bounds can grow to: every member
+    padded to the longest."""
+    return len(bounds) * max(bounds) if bounds else 0
+
+
+def join_cost(bounds: Sequence[int], bound: int) -> int:
+    """What adding a sequence of `bound` tokens to a group with `bounds` adds to its cost."""
+    return group_cost([*bounds, bound]) - group_cost(bounds)
+
+
+@dataclass
+class Group:
+    members: list[Seq] = field(default_factory=list)
+    in_flight: bool = False
+
+    def cost(self) -> int:
+        return group_cost([s.bound for s in self.members])
+
+
+class PrefillQueue:
+    def __init__(self) -> None:
+        self._seqs: deque[Seq] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._seqs)
+
+    def __contains__(self, seq: Seq) -> bool:
+        return seq in self._seqs
+
+    def append(self, seq: Seq) -> None:
+        self._seqs.append(seq)
+
+    def remove(self, seq: Seq) -> None:
+        if seq in self._seqs:
+            self._seqs.remove(seq)
+
+    def clear(self) -> None:
+        self._seqs.clear()
+
+    def take(self) -> list[tuple[Seq, PromptChunk]]:
+        """The next message's chunks, each taken off its sequence (queue not empty): the first
+        waiting chunk and, when it starts a sequence, the other sequences' first chunks that fit
+        beside it (up to PREFILL_BATCH, padded size within PREFILL_CHUNK)."""
+        seq = self._seqs.popleft()
+        first = seq.prefill.popleft()
+        batch = [(seq, first)]
+        if first[0] != 0:
+            return batch
+        width = len(first[1])
+        for other in list(self._seqs):
+            if len(batch) >= PREFILL_BATCH:
+                break
+            start, ids = other.prefill[0]
+            if start == 0 and max(width, len(ids)) * (len(batch) + 1) <= PREFILL_CHUNK:
+                width = max(width, len(ids))
+                self._seqs.remove(other)
+                batch.append((other, other.prefill.popleft()))
+        return batch
+
 
 # The chunks of one message, the sequences they belong to, and their token ids in chunk order.
 Batch = tuple[list[Seq], tuple[Chunk, ...], list[int]]
@@ -32,7 +126,7 @@ class RingSize(Protocol):
     @property
     def n_devices(self) -> int: ...  # distinct machines (or simulated devices) among the stages
     @property
-    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (kvbudget.py); None: no limit
+    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (placement.ring_kv_tokens); None: no limit
 
 
 class Lanes:
@@ -102,6 +196,11 @@ class Lanes:
                                            len(self.groups[g].members)))
         seq.group = gid
         self.groups[gid].members.append(seq)
+
+    def free(self, gid: int) -> None:
+        """Its step was answered or reclaimed: the group may step again."""
+        if (g := self.groups.get(gid)) is not None:
+            g.in_flight = False
 
     def leave(self, seq: Seq) -> None:
         """Out of its group, the prefill queue and the admission queue."""
