@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_textout import load_tokenizer
+from tests.unit.gateway.test_textout import load_tokenizer
 from zmqinfer.gateway.api.fields import RequestError, parse_body
 from zmqinfer.gateway.api.validate import (
     DEFAULT_MAX_TOKENS,

@@ -100,7 +100,7 @@ async def test_zap_names_trusted_keys_refuses_others_and_reloads(tmp_path: Path)
 
 
 def test_status_shows_how_the_ring_is_guarded_and_what_was_refused() -> None:
-    from tests.unit.test_cli_discovery import STATUS, text
+    from tests.unit.cli.test_status import STATUS, text
     from zmqinfer.cli.status import status_view
 
     assert "security:" not in text(status_view(STATUS))  # an older gateway sends no security

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import zmq.asyncio
 
-from tests.unit.test_membership import Clock, beat, spec
+from tests.unit.gateway.test_membership import Clock, beat, spec
 from zmqinfer.gateway.membership import MEMORY_QUANTUM, Membership
 from zmqinfer.gateway.placement import (
     KV_RESERVE_TOKENS,

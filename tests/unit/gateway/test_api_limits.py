@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.unit.test_api import (
+from tests.unit.gateway.test_api_openai import (
     CHAT,
     COMPLETION,
     ScriptedBackend,
@@ -21,7 +21,7 @@ from tests.unit.test_api import (
     serve,
     wait_for,
 )
-from tests.unit.test_scheduler import MemoryRing, running
+from tests.unit.gateway.test_scheduler import MemoryRing, running
 from zmqinfer.gateway.api.fields import RequestError
 from zmqinfer.gateway.api.openapi import SPEC
 from zmqinfer.gateway.api.validate import parse_chat

@@ -8,7 +8,7 @@ import pytest
 
 from zmqinfer.config import ConfigError, load_cluster, parse_cluster, parse_layer_counts
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_shipped_nodes_toml_is_valid() -> None:

@@ -11,7 +11,7 @@ import openai
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.test_api import CHAT, ScriptedBackend, script, serve
+from tests.unit.gateway.test_api_openai import CHAT, ScriptedBackend, script, serve
 from zmqinfer.cli.serve import api_guard
 from zmqinfer.config import ConfigError, parse_cluster
 from zmqinfer.gateway.api.auth import (

@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.unit.test_textout import load_tokenizer
+from tests.unit.gateway.test_textout import load_tokenizer
 from zmqinfer.gateway.api.server import make_app
 from zmqinfer.gateway.errors import Overloaded, RingTimeout, RingUnavailable
 from zmqinfer.protocol.wire import Sample, SamplingParams, SeqId, TokenLogprob

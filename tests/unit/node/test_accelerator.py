@@ -1,6 +1,6 @@
 """node/usage.py: reading accelerator utilisation and memory from the platform's own tools.
 
-The parsers run on the tools' output (tests/fixtures/usage); the sampler runs real processes
+The parsers run on the tools' output (tests/fixtures/accelerator); the sampler runs real processes
 (`cat` of a recorded output stands in for a tool this machine lacks, `sleep` for a wedged one)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from zmqinfer.node.accelerator import (
     platform_probe,
 )
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "usage"
+FIXTURES = Path(__file__).parents[3] / "tests" / "fixtures" / "accelerator"
 
 
 def fixture(name: str) -> str:

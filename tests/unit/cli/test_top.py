@@ -12,7 +12,7 @@ import time
 import pytest
 from rich.console import Console
 
-from tests.unit.test_metrics import node, status
+from tests.unit.gateway.test_metrics import node, status
 from zmqinfer.cli.top import Poll, fetch_status, view
 
 

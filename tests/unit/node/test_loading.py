@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_model import make_sharded
+from tests.unit.model.test_resolve import make_sharded
 from zmqinfer.model.resolve import ModelNotFound, model_fingerprint
 from zmqinfer.model.shards import shard_weight_files
 from zmqinfer.node.worker import Worker
