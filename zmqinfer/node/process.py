@@ -18,11 +18,8 @@ not part of (or DRAIN_TIMEOUT_S passes). A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import secrets
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
@@ -33,10 +30,11 @@ import zmq
 import zmq.asyncio
 
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
-from zmqinfer.mdns.adverts import NodeAd
 from zmqinfer.node.accelerator import GpuSampler
 from zmqinfer.node.awake import SleepGuard
+from zmqinfer.node.beat import KV_HEADROOM_BYTES, Report, device_name
 from zmqinfer.node.dataplane import DataPlane
+from zmqinfer.node.loading import cap_kv, load_shard
 from zmqinfer.node.memory import pin_mmap_threshold
 from zmqinfer.node.options import NodeOptions
 from zmqinfer.node.simulated import DEVICE_PREFIX
@@ -50,7 +48,6 @@ from zmqinfer.protocol.wire import (
     Bye,
     Epoch,
     GatewayBeat,
-    Heartbeat,
     Loaded,
     Message,
     Ping,
@@ -68,37 +65,12 @@ DRAIN_TIMEOUT_S = 30.0
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
 # shard stays loaded: a gateway that comes back re-plans onto it without reloading).
 GATEWAY_GONE_S = 30.0
-# Memory a node keeps beside its shard and KV caches while computing (mlx scratch buffers of a
-# prefill chunk, the allocator's cache): what the KV cap leaves free under its memory.
-KV_HEADROOM_BYTES = 32 << 20
 
 
 def gateway_gone(silent_s: float, sequences: int) -> bool:
     """Free a silent gateway's caches: any time after GATEWAY_GONE_S, not only inside a window
     the beat loop (whose sends wait up to CONTROL_SEND_TIMEOUT_S with no gateway) skips over."""
     return silent_s > GATEWAY_GONE_S and sequences > 0
-
-
-def device_name() -> str:
-    import mlx.core as mx  # only for the device kind; no mlx work happens here
-
-    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    where = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
-    # Pinned to some cores (`up --pin`): a device of its own, apart from nodes on other cores.
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if cores and len(cores) < (os.cpu_count() or 0):
-        where += f"; on core {','.join(map(str, cores))}"
-    return f"{kind} ({where})"
-
-
-def listening_addresses(bind: str) -> tuple[str, ...]:
-    """The IPv4 addresses the data port accepts on, as this machine sees them: the bound one,
-    or every interface's (loopback included: a gateway on this machine may connect there).
-    Asked every beat, so a DHCP move shows up in the next one."""
-    if bind != "0.0.0.0":
-        return (bind,)
-    return tuple(dict.fromkeys(a.address for addrs in psutil.net_if_addrs().values()
-                               for a in addrs if a.family == socket.AF_INET))
 
 
 class Node:
@@ -123,7 +95,7 @@ class Node:
         self.assignment: Assign | None = None
         self.epoch = Epoch(0)
         self.loaded = False
-        self.worker = Worker(opts.simulate)
+        self.worker = Worker()
         self._mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         self.data = DataPlane(self, self.ctx, self.route, self._mlx_thread)  # binds the data port
         self._stopping = asyncio.Event()
@@ -139,6 +111,7 @@ class Node:
         self.awake = SleepGuard(not opts.allow_sleep, self.log)  # a Mac that sleeps leaves the ring
         self.control_in = Inbox("control", self.log)
         self.gpu = GpuSampler()  # accelerator utilisation / memory for the heartbeat
+        self.report = Report(opts, self._device, self.worker, self.data, self.gpu, self.auth)
 
     async def _mlx(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._mlx_thread, fn, *args)
@@ -196,7 +169,7 @@ class Node:
 
         presence = NodePresence(self.opts.interfaces)
         try:
-            await presence.start(self._ad(psutil.virtual_memory()))
+            await presence.start(self.report.ad(psutil.virtual_memory()))
         except DuplicateNodeId as e:  # two nodes with one id would corrupt each other's ring
             self.error = str(e)
             self.log.error("another node already uses this id: stopping", error=str(e))
@@ -223,54 +196,17 @@ class Node:
         except TimeoutError:
             self.log.warning("gateway not reachable: control message dropped", kind=msg.KIND)
 
-    def _memory(self, vm: Any, rss: int) -> tuple[int, int]:
-        """(total, free) bytes this node offers, within --memory-limit when set."""
-        limit = self.opts.memory_limit
-        if limit is None:
-            return vm.total, vm.available
-        return min(vm.total, limit), max(0, min(vm.available, limit - rss))
-
-    def _kv_budget(self, rss: int) -> int:
-        """Bytes of KV cache this node may hold: what is left of its memory limit (or of the
-        machine's available memory) beside what it uses now, less KV_HEADROOM_BYTES."""
-        room = psutil.virtual_memory().available
-        if self.opts.memory_limit is not None:
-            room = min(room, self.opts.memory_limit - rss)
-        return room - KV_HEADROOM_BYTES
-
-    def _ad(self, vm: Any) -> NodeAd:
-        total, free = self._memory(vm, psutil.Process().memory_info().rss)
-        return NodeAd(node_id=self.opts.name, data_port=self.opts.data_port, mem_total=total,
-                      mem_free=free, device=self._device, fingerprint=self.worker.fingerprint,
-                      pubkey=self.opts.keys.public.decode() if self.opts.keys else None)
-
     async def _beat(self) -> None:
-        proc = psutil.Process()
         while True:
-            vm = psutil.virtual_memory()
-            rss = proc.memory_info().rss
-            total, free = self._memory(vm, rss)
-            w, gpu = self.worker, self.gpu.latest
-            beat = Heartbeat(
-                node=self.opts.name, data_port=self.opts.data_port, mem_total=total,
-                mem_free=free, device=self._device, pid=os.getpid(), epoch=self.epoch,
-                loaded=self.loaded, rss_bytes=rss,
-                busy_seconds=w.busy_seconds, sequences=w.sequences,
-                steps=w.steps, tokens=w.tokens, kv_bytes=w.kv_bytes, layers=w.layers,
-                accel_memory_bytes=gpu.memory_bytes if gpu else None,
-                gpu_utilization=gpu.utilization if gpu else None, stale_drops=self.data.stale_drops,
-                addresses=listening_addresses(self.opts.bind), refused=self._refused())
+            beat, vm = self.report.heartbeat(self.epoch, self.loaded)
             await self.send_control(beat)
             if self._draining:  # every beat: a Bye lost on the way must not strand the drain
                 await self.send_control(Bye(self.opts.name, "draining (SIGTERM)", draining=True))
             if self.presence is not None:
-                await self.presence.update(self._ad(vm))
+                await self.presence.update(self.report.ad(vm))
             await self._watch_gateway()
             self.awake.update(self.worker.sequences > 0)  # never waits for the backend
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-
-    def _refused(self) -> int:
-        return 0 if self.auth is None else self.auth.refused_handshakes + self.auth.refused_messages
 
     async def _watch_gateway(self) -> None:
         """Node-side liveness of the gateway: drain's end, and freeing a dead gateway's caches."""
@@ -329,7 +265,7 @@ class Node:
             await self._mlx(self.worker.drop_sequences)
         else:
             try:
-                await self._mlx(self.worker.load, a.model, a.start, a.end)
+                await self._mlx(self._load, a)
                 self.data.connect_out(a)  # Curve: fails when the next node's key is not trusted here
             except Exception as e:  # any load failure is reported to the gateway, not fatal here
                 self.log.error("load failed", error=str(e))
@@ -341,13 +277,20 @@ class Node:
         self.assignment, self.loaded = a, True
         rss = psutil.Process().memory_info().rss
         limited = self.opts.memory_limit is not None  # a limit to keep: freed buffers go back
-        cap = await self._mlx(self.worker.cap_kv, self._kv_budget(rss), KV_HEADROOM_BYTES if limited else None)
+        assert self.worker.stage is not None
+        cap = await self._mlx(cap_kv, self.worker.stage, self.report.kv_budget(rss), KV_HEADROOM_BYTES if limited else None)
         self.log.info("kv cache capped", tokens=cap)
         self.log.info("loaded", epoch=a.epoch, shard_bytes=self.worker.shard_bytes, rss_bytes=rss,
                       seconds=round(time.monotonic() - t0, 2))
         await self.send_control(Loaded(
             epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
             shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0))
+
+
+    def _load(self, a: Assign) -> None:
+        """On the mlx thread: the old shard goes first (memory is the limit), then the new one."""
+        self.worker.unload()
+        self.worker.install(load_shard(a.model, a.start, a.end, self.opts.simulate))
 
 
 async def run_node(opts: NodeOptions) -> int:

@@ -10,67 +10,24 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import mlx.core as mx
 
-from zmqinfer.model.resolve import (
-    DEFAULT_MODEL,
-    HUB_ID,
-    ModelNotFound,
-    model_fingerprint,
-    resolve_model,
-)
-from zmqinfer.model.shards import fetch_shard, shard_weight_files
-from zmqinfer.model.size import KV_COPY_FACTOR
+from zmqinfer.node.loading import Shard, Slice
 from zmqinfer.node.memory import give_back_memory
-from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
-from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
-from zmqinfer.node.stage import Stage, StageError
+from zmqinfer.node.sampling import SeqSampler, sample_batch
+from zmqinfer.node.stage import StageError
 from zmqinfer.node.tensors import from_wire, to_wire
 from zmqinfer.protocol.wire import Chunk, Forward, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 
 
-class Slice(Protocol):
-    """What the worker drives: a real Stage, or a SimulatedStage standing in for a device."""
-
-    start: int
-    end: int
-    is_first: bool
-    is_last: bool
-    hidden_size: int
-    hidden_dtype: str  # what hidden states arrive and leave as
-    vocab_size: int  # embedding rows: every token id must be below it
-    shard_bytes: int
-
-    @property
-    def sequences(self) -> int: ...
-    @property
-    def kv_bytes(self) -> int: ...
-    kv_bytes_per_token: int  # one token's K and V over these layers
-    max_kv_tokens: int | None  # refuse sequences past this many cached tokens; None: no cap
-    def kv_tokens(self) -> int: ...
-    @property
-    def seq_ids(self) -> tuple[SeqId, ...]: ...
-    def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None: ...
-    def expire_idle(self, now: float | None = None) -> list[SeqId]: ...
-    def forward(self, seq: SeqId, start: int, tokens: mx.array, hidden: mx.array | None,
-                want_logits: bool) -> mx.array: ...
-    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
-                      hidden: list[mx.array] | None) -> list[mx.array]: ...
-    def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
-               hidden: mx.array | None) -> mx.array: ...
-
-
 class Worker:
     """Owned by the mlx thread. The event loop reads only the plain counters below, which the
     mlx thread writes after each operation: never the stage's dicts while they change."""
 
-    def __init__(self, simulate: SimulatedCost | None = None) -> None:
-        self.simulate = simulate  # sleep this cost instead of computing (node/simulated.py)
+    def __init__(self) -> None:
         self.stage: Slice | None = None
         self.fingerprint = ""
         self.samplers: dict[SeqId, SeqSampler] = {}
@@ -95,45 +52,20 @@ class Worker:
         self.kv_tokens = st.kv_tokens() if st else 0
         self.kv_bytes = st.kv_bytes if st else 0
 
-    def cap_kv(self, budget_bytes: int, cache_bytes: int | None = None) -> int:
-        """Refuse new sequences beyond `budget_bytes` of KV cache; returns the cap in tokens.
-        `cache_bytes`: what mlx's allocator may keep of freed buffers (by default it keeps them
-        all, and a node under a memory limit grew ~40% past its KV: caches of every size)."""
-        assert self.stage is not None
-        if cache_bytes is not None:
-            mx.set_cache_limit(cache_bytes)
-        per_token = KV_COPY_FACTOR * self.stage.kv_bytes_per_token
-        if per_token == 0:  # a simulated stage: its caches hold nothing
-            return 0
-        self.stage.max_kv_tokens = max(0, budget_bytes) // per_token
-        return self.stage.max_kv_tokens
-
     @property
     def layers(self) -> int:
         return self.stage.end - self.stage.start if self.stage else 0
 
-    def load(self, model: str, start: int, end: int) -> None:
-        """Load layers [start, end) of `model` (embedded default, local directory or hub id).
-        A hub model needs only the weight files holding these layers in the local cache."""
-        self.stage, self.samplers = None, {}  # drop the old shard first: memory is the limit
+    def unload(self) -> None:
+        """Drop the shard and its sequences (before loading another: memory is the limit)."""
+        self.stage, self.samplers = None, {}
         self._publish()
         give_back_memory()
-        if model == DEFAULT_MODEL or Path(model).expanduser().exists() or not HUB_ID.fullmatch(model):
-            path = resolve_model(model)
-        else:  # a hub id: from the local cache only, and only this stage's weight files
-            path = fetch_shard(model, start, end, local_files_only=True)
-            # The hub vouches for a snapshot's completeness only when it cached the repo's file
-            # list; checking ourselves keeps a missing file from loading as random weights
-            # (load_shard_model trusts the weight index).
-            if missing := [f for f in shard_weight_files(path, start, end) if not (path / f).is_file()]:
-                raise ModelNotFound(
-                    f"{model!r}: layers [{start}, {end}) need {', '.join(missing)}, which the local "
-                    f"Hugging Face cache lacks; fetch them with `zmqinfer model fetch {model} "
-                    f"--layers {start}:{end}`")
-        self.stage = (Stage(path, start, end) if self.simulate is None
-                      else SimulatedStage(path, start, end, self.simulate))
-        self.token_limit = tokenizer_size(path) if self.stage.is_last else None
-        self.fingerprint = model_fingerprint(path)
+
+    def install(self, shard: Shard) -> None:
+        """Drive `shard` from the next Forward on (loading.py loaded it)."""
+        self.stage, self.samplers = shard.stage, {}
+        self.token_limit, self.fingerprint = shard.token_limit, shard.fingerprint
         self._publish()
 
     def release(self, seqs: tuple[SeqId, ...]) -> None:

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.gateway.test_api_openai import CHAT, ScriptedBackend, oai, script, serve, wait_for
+from tests.unit.gateway.test_api_openai import (
+    CHAT,
+    ScriptedBackend,
+    oai,
+    script,
+    serve,
+    wait_for,
+)
 from tests.unit.gateway.test_scheduler import MemoryRing, running, settle
 from zmqinfer.clusterstatus import ClusterStatus, NodeStatus
 from zmqinfer.gateway import metrics

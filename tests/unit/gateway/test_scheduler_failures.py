@@ -9,7 +9,14 @@ import asyncio
 
 import pytest
 
-from tests.unit.gateway.test_scheduler import EOS, MemoryRing, collect, drive, running, settle
+from tests.unit.gateway.test_scheduler import (
+    EOS,
+    MemoryRing,
+    collect,
+    drive,
+    running,
+    settle,
+)
 from zmqinfer.gateway import scheduler as scheduler_mod
 from zmqinfer.gateway.errors import Overloaded, RingUnavailable
 from zmqinfer.gateway.scheduler import MAX_REPLAYS, Scheduler

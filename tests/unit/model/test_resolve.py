@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from zmqinfer.model import gguf
 from zmqinfer.model import resolve as zm
 from zmqinfer.model.resolve import (
     DEFAULT_MODEL,
@@ -190,7 +191,7 @@ def test_incomplete_cache_dir_is_reconverted(tmp_path, monkeypatch):
     dest.mkdir(parents=True)
     (dest / "config.json").write_text(json.dumps({"zmqinfer": {"converter_version": 1}}))
     calls = []
-    monkeypatch.setattr(zm, "_convert", lambda gguf, d, dtype, progress: calls.append(d) or d)
+    monkeypatch.setattr(gguf, "convert", lambda gguf, d, dtype, progress: calls.append(d) or d)
     assert resolve_model() == dest and calls == [dest]
 
 

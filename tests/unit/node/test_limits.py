@@ -13,6 +13,7 @@ import pytest
 from tests.tiny import make_tiny_model
 from zmqinfer.model.size import KV_COPY_FACTOR
 from zmqinfer.node import stage as stage_mod
+from zmqinfer.node.loading import cap_kv, load_shard
 from zmqinfer.node.process import GATEWAY_GONE_S, gateway_gone
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.node.worker import Worker
@@ -55,9 +56,10 @@ def test_a_stage_caps_its_sequences(tiny: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_the_worker_publishes_plain_counters(tiny: Path) -> None:
     w = Worker()
-    w.load(str(tiny), 0, 2)
+    w.install(load_shard(str(tiny), 0, 2))
     # 10 tokens of room once the copies mlx makes while a cache grows are counted.
-    assert w.cap_kv(KV_COPY_FACTOR * 10 * w.stage.kv_bytes_per_token) == 10  # type: ignore[union-attr]
+    assert w.stage is not None
+    assert cap_kv(w.stage, KV_COPY_FACTOR * 10 * w.stage.kv_bytes_per_token) == 10
     fwd = Forward(Epoch(1), 1, (Chunk(SeqId(5), 0, 4, sample=False, params=SamplingParams()),), -1,
                   tokens_to_wire([1, 2, 3, 4]))
     msg, failures = w.run(fwd)

@@ -11,6 +11,7 @@ import pytest
 from tests.unit.model.test_resolve import make_sharded
 from zmqinfer.model.resolve import ModelNotFound, model_fingerprint
 from zmqinfer.model.shards import shard_weight_files
+from zmqinfer.node.loading import load_shard
 from zmqinfer.node.worker import Worker
 
 REPO = "zmqinfer-test/tiny-sharded"
@@ -50,7 +51,7 @@ def test_a_node_loads_its_layers_from_a_partial_hub_cache(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     w = Worker()
-    w.load(REPO, 1, 3)
+    w.install(load_shard(REPO, 1, 3))
     assert w.stage is not None and (w.stage.start, w.stage.end) == (1, 3) and w.shard_bytes > 0
     assert w.fingerprint == model_fingerprint(full)  # the gateway's check sees the same model
     assert {p for p in asked[-1] if p.endswith(".safetensors")} == set(mine)
@@ -58,4 +59,4 @@ def test_a_node_loads_its_layers_from_a_partial_hub_cache(tmp_path, monkeypatch)
     with pytest.raises(ModelNotFound, match=r"layers \[3, 4\) need model-00004-of-00004.safetensors, "
                        r"which the local Hugging Face cache lacks; fetch them with `zmqinfer model "
                        r"fetch zmqinfer-test/tiny-sharded --layers 3:4`"):
-        Worker().load(REPO, 3, 4)
+        load_shard(REPO, 3, 4)

@@ -10,6 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from tests.tiny import make_tiny_model
+from zmqinfer.node.loading import load_shard
 from zmqinfer.node.worker import Worker
 from zmqinfer.protocol.codec import encode, tokens_to_wire
 from zmqinfer.protocol.wire import NO_GROUP, Chunk, Epoch, Forward, SeqId
@@ -24,7 +25,7 @@ def test_hidden_states_travel_in_the_compute_dtype(tmp_path: Path, dtype: str) -
     mx.save_safetensors(str(path / "model.safetensors"),
                         {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}, metadata={"format": "mlx"})
     w = Worker()
-    w.load(str(path), 0, 2)
+    w.install(load_shard(str(path), 0, 2))
     prefill = Forward(epoch=Epoch(1), step=1, chunks=(Chunk(seq=SeqId(1), start=0, length=3, sample=False),),
                       group=NO_GROUP, tokens=tokens_to_wire([1, 2, 3]))
     w.run(prefill)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiny import make_tiny_model
+from zmqinfer.node.loading import load_shard
 from zmqinfer.node.worker import Worker
 from zmqinfer.protocol.codec import tokens_to_wire
 from zmqinfer.protocol.wire import (
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_counters_and_kv_bytes_follow_the_work(tiny: Path) -> None:
     w = Worker()
     assert (w.steps, w.tokens, w.kv_bytes, w.layers) == (0, 0, 0, 0)
-    w.load(str(tiny), 0, N_LAYERS)
+    w.install(load_shard(str(tiny), 0, N_LAYERS))
     assert w.layers == N_LAYERS and w.kv_bytes == 0
     seq, prompt = SeqId(1), [5, 6, 7, 8, 9]
     params = SamplingParams()
