@@ -95,12 +95,11 @@ class RingPort(RingSize, Protocol):
 
 
 class Scheduler:
-    def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float | None = None,
-                 max_queued: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ring = ring
-        self.eos_ids = eos_ids
-        self.step_timeout_s = STEP_TIMEOUT_S if step_timeout_s is None else step_timeout_s
-        self.max_queued = MAX_QUEUED if max_queued is None else max_queued
+    def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float = STEP_TIMEOUT_S,
+                 prefill_s_per_token: float = PREFILL_S_PER_TOKEN, max_queued: int = MAX_QUEUED,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ring, self.eos_ids = ring, eos_ids
+        self.step_timeout_s, self.prefill_s_per_token, self.max_queued = step_timeout_s, prefill_s_per_token, max_queued
         self._clock = clock
         self._seqs: dict[SeqId, Seq] = {}
         self._ids = itertools.count(1)
@@ -182,7 +181,7 @@ class Scheduler:
                     raise RingTimeout(f"the ring did not answer within {self.step_timeout_s:.0f}s "
                                       f"(token {seq.generated + 1} of request {request_id or seq.id})") from None
                 if isinstance(item, Paused):
-                    seq.deadline = self._clock() + REPLAY_WAIT_S + PREFILL_S_PER_TOKEN * len(seq.history)
+                    seq.deadline = self._clock() + REPLAY_WAIT_S + self.prefill_s_per_token * len(seq.history)
                     continue
                 if isinstance(item, Exception):
                     raise item
@@ -378,7 +377,7 @@ class Scheduler:
                 self.on_queued(queued)
         step = self.next_step()
         ahead = self._steps_out.tokens()
-        deadline = self._clock() + self.step_timeout_s + PREFILL_S_PER_TOKEN * (ahead + len(toks))
+        deadline = self._clock() + self.step_timeout_s + self.prefill_s_per_token * (ahead + len(toks))
         self._steps_out.book(step, group, seqs, deadline, len(toks))
         return Forward(epoch=epoch, step=step, chunks=chunks, group=group, tokens=tokens_to_wire(toks)), seqs
 

@@ -17,7 +17,6 @@ from tests.unit.gateway.test_scheduler import (
     running,
     settle,
 )
-from zmqinfer.gateway import scheduler as scheduler_mod
 from zmqinfer.gateway.errors import Overloaded, RingUnavailable
 from zmqinfer.gateway.scheduler import MAX_REPLAYS, Scheduler
 from zmqinfer.gateway.sequences import PREFILL_CHUNK
@@ -72,10 +71,9 @@ async def test_a_failed_step_replays_its_sequence_and_frees_its_group() -> None:
     assert replay[0].chunks[0].params is not None  # the new id's first chunk carries the params
 
 
-async def test_an_unanswered_step_is_reclaimed_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_mod, "STEP_TIMEOUT_S", 0.2)
+async def test_an_unanswered_step_is_reclaimed_at_its_deadline() -> None:
     ring = MemoryRing(n_stages=1)
-    sched = Scheduler(ring, {EOS})
+    sched = Scheduler(ring, {EOS}, step_timeout_s=0.2)
     first: list[int] = []
     later: list[int] = []
     async with asyncio.timeout(TEST_DEADLINE_S), running(sched):
@@ -111,13 +109,11 @@ async def test_a_sequence_that_keeps_failing_fails_with_a_clear_error() -> None:
     assert sched.active == 0 and sched.in_flight == 0
 
 
-async def test_a_queued_prompt_waits_its_turn_without_timing_out(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_queued_prompt_waits_its_turn_without_timing_out() -> None:
     """8 prompts of 4 chunks each through a ring far slower than one step timeout: every request
     waits longer than STEP_TIMEOUT_S for its first token, none times out (the ring answers)."""
-    monkeypatch.setattr(scheduler_mod, "STEP_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(scheduler_mod, "PREFILL_S_PER_TOKEN", 0.0)
     ring = MemoryRing(n_stages=2)
-    sched = Scheduler(ring, {EOS})
+    sched = Scheduler(ring, {EOS}, step_timeout_s=0.3, prefill_s_per_token=0.0)
     n = 8
     outs: list[list[int]] = [[] for _ in range(n)]
     prompt = list(range(1, 4 * PREFILL_CHUNK + 2))
@@ -137,12 +133,10 @@ async def test_a_queued_prompt_waits_its_turn_without_timing_out(monkeypatch: py
     assert loop.time() - t0 > 3 * 0.3  # the queue really was longer than a step timeout
 
 
-async def test_admission_respects_the_kv_budget_and_429s_when_the_queue_is_full(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_mod, "MAX_QUEUED", 2)
+async def test_admission_respects_the_kv_budget_and_429s_when_the_queue_is_full() -> None:
     ring = MemoryRing(n_stages=1)
     ring.kv_tokens = 600  # room for two sequences of 10 + 100 tokens (a 256-position step each), not three
-    sched = Scheduler(ring, {EOS})
+    sched = Scheduler(ring, {EOS}, max_queued=2)
     outs: list[list[int]] = [[] for _ in range(4)]
     async with asyncio.timeout(TEST_DEADLINE_S), running(sched):
         tasks = [asyncio.create_task(collect(sched.generate(list(range(1, 11)), SamplingParams(), 100), o))
