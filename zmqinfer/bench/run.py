@@ -14,7 +14,8 @@ These machines are noisy, so only ratios measured side by side mean anything. On
    node resident memory vs shard bytes, and which BLAS every process really uses (`blasinfo`).
 
 Every workload (token ids, max_tokens, greedy) is built once here and given to both sides.
-`benchreport` renders the markdown and checks the issue's five targets. Each phase records how
+`report.py` renders the markdown and checks the targets; `server.py` measures `mlx_lm.server`
+beside the rings and `simulate.py` the simulated devices; clusters start through `zmqinfer.local`. Each phase records how
 much CPU other processes took meanwhile: on a shared machine that is the noise in its numbers.
 """
 

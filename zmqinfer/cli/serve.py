@@ -37,6 +37,8 @@ from zmqinfer.local import (
 )
 
 NODE_STOP_GRACE_S = 5.0
+# `up` looks this often whether a node process exited by itself (and says so).
+PROCESS_CHECK_EVERY_S = 1.0
 
 
 def resolve_with_progress(model: str | None) -> Path:
@@ -235,7 +237,7 @@ async def watch(procs: list[subprocess.Popen], stop: asyncio.Event) -> None:
                 reported.add(p.pid)
                 print(f"zmqinfer: node process {p.pid} exited with status {p.returncode}", file=sys.stderr)
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(PROCESS_CHECK_EVERY_S):
                 await stop.wait()
         except TimeoutError:
             pass

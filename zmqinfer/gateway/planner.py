@@ -63,6 +63,7 @@ SETTLE_S = 1.0
 REJOIN_SETTLE_S = 2 * DEAD_AFTER_S
 # A planned re-plan waits at most this long for the steps in flight to come back.
 DRAIN_WAIT_S = 10.0
+DRAIN_POLL_S = 0.005  # how often a planned re-plan looks whether the ring has drained (a step is ms)
 HISTORY = 20  # re-plans kept for /cluster/status
 
 
@@ -170,7 +171,7 @@ class Planner:
         self.requests.pause()
         deadline = time.monotonic() + DRAIN_WAIT_S
         while self.requests.in_flight and time.monotonic() < deadline and self.ring.ready.is_set():
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(DRAIN_POLL_S)
         if self.ring.ready.is_set():
             self._take_down(why, [])
         return True

@@ -65,6 +65,8 @@ log = structlog.get_logger()
 
 # SIGTERM: requests in flight get this long to finish; the rest end with a clean error event.
 SHUTDOWN_GRACE_S = 20.0
+SHUTDOWN_POLL_S = 0.1  # how often shutdown looks whether the last request has finished
+LAST_EVENT_S = 0.5  # then the failed ones' handlers get this long to write their error event
 
 
 class Gateway:
@@ -182,10 +184,10 @@ class Gateway:
         if self.scheduler.active:
             log.info("finishing requests in flight", requests=self.scheduler.active)
         while self.scheduler.active and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(SHUTDOWN_POLL_S)
         if self.scheduler.active:
             self.scheduler.fail_all("the gateway is shutting down")
-            await asyncio.sleep(0.5)  # let the handlers write their last event
+            await asyncio.sleep(LAST_EVENT_S)
 
     async def send_control(self, name: NodeId, msg: Message) -> None:
         """Raises zmq.ZMQError (EHOSTUNREACH: not connected) or TimeoutError; never waits long."""

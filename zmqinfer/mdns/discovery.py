@@ -1,9 +1,9 @@
-"""Zeroconf advertise/browse, `.local` resolution through mDNS itself, and the static fallback.
+"""Zeroconf advertise/browse and `.local` resolution through mDNS itself.
 
 Contract:
 
 * A node (or the gateway) advertises one `_zmqinfer._tcp.local.` service whose TXT record is a
-  :class:`NodeAd` (`to_txt`/`from_txt`: validated, size-limited). :class:`Advertiser` registers
+  :class:`NodeAd` (adverts.py: `to_txt`/`from_txt`, validated, size-limited). :class:`Advertiser` registers
   it, re-announces when it changes in a way that matters, and sends goodbyes on `close()`.
 * :class:`Browser` keeps `{node id: Discovered}` up to date: each ad resolved to IPv4 literals
   from the service's own A records (never a name), entries dropped when their service goes away.
@@ -11,7 +11,8 @@ Contract:
   browser.
 * :func:`resolve_local_name` turns `mini2.local` into an IPv4 literal by asking mDNS directly.
   Nothing here hands a name to the system resolver (it cannot resolve `.local`) or to ZeroMQ.
-* `ring.merge_members` (pure) merges nodes.toml's static nodes with what was discovered.
+* The static fallback is not here: `gateway/membership.merge_members` (pure) merges nodes.toml's
+  static nodes with what was discovered.
 
 Every network wait has a deadline; every task this module starts is cancelled and awaited on
 `close()`. Bind both sides to explicit interface IPs where the default is wrong (network

@@ -62,6 +62,8 @@ CONTROL_SEND_TIMEOUT_S = 2.0  # a control message older than this is no longer w
 EXPIRE_EVERY_S = 30.0
 # SIGTERM: how long the node keeps serving while the gateway re-plans without it.
 DRAIN_TIMEOUT_S = 30.0
+# The goodbye on the way out: a gateway that does not take it in this long notices the silence.
+BYE_TIMEOUT_S = 0.5
 # A gateway silent this long is gone, not restarting: free the KV caches of its requests (the
 # shard stays loaded: a gateway that comes back re-plans onto it without reloading).
 GATEWAY_GONE_S = 30.0
@@ -157,7 +159,7 @@ class Node:
 
     async def _say_bye(self) -> None:
         try:
-            async with asyncio.timeout(0.5):
+            async with asyncio.timeout(BYE_TIMEOUT_S):
                 await self.send_control(Bye(self.opts.name, "shutdown"))
         except (TimeoutError, zmq.ZMQError):
             self.log.info("gateway did not take the goodbye; it will notice the silence")

@@ -76,7 +76,9 @@ class Tensor:
 class SamplingParams:
     """Everything the last stage needs to turn logits into a token, fixed per request."""
 
-    temperature: float = 0.0  # 0 = greedy (argmax), exactly as mlx-lm
+    # 0 = greedy (argmax), exactly as mlx-lm. Not the API's default (OpenAI's 1.0, which every
+    # request the gateway sends carries explicitly): this one serves probes and tests.
+    temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
