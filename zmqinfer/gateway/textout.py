@@ -41,7 +41,7 @@ from mlx_lm.tokenizer_utils import (
 
 from zmqinfer.protocol.wire import Sample
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,22 @@ class LogprobEntry:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call as it streams: id and name on its first piece, then argument text."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Delta:
     text: str
     logprobs: tuple[LogprobEntry, ...] = ()
     finish_reason: FinishReason | None = None
+    reasoning: str = ""  # text inside the model's <think>...</think>
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @functools.lru_cache(maxsize=1)
