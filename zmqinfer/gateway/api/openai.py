@@ -37,7 +37,7 @@ from zmqinfer.gateway.api.http import (
     ring_error,
     send_event,
 )
-from zmqinfer.gateway.api.shape import Outcome, Shape, sse
+from zmqinfer.gateway.api.shape import Outcome, Shape, is_served, sse
 from zmqinfer.gateway.api.validate import (
     ChatRequest,
     CompletionRequest,
@@ -125,6 +125,7 @@ async def _run(samples: AsyncIterator[Sample], text: TextStream, outcome: Outcom
     async def step(delta: Delta) -> None:
         outcome.add(delta)
         outcome.completion_tokens = text.completion_tokens
+        outcome.stop_sequence = text.stop_string
         if emit is not None:
             await emit(delta)
 
@@ -148,7 +149,7 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
     async def emit(delta: Delta) -> None:
         if not response.prepared:  # first token: only now is success certain enough to say 200
             await response.prepare(request)
-            await send(shape.start())
+            await send(shape.start(outcome))
         await send(shape.chunks(delta))
 
     try:
@@ -184,10 +185,10 @@ async def models(request: web.Request) -> web.Response:
 
 async def model(request: web.Request) -> web.Response:
     wanted = request.match_info["model_id"]
-    if wanted != request.app[BACKEND].model_id:
+    if not is_served(request.app, wanted):  # the served model's id, or an alias of it
         return error(404, f"model {wanted!r} not found; this server serves"
                       f" {request.app[BACKEND].model_id!r}", param="model", code="model_not_found")
-    return web.json_response(_model_card(request.app))
+    return web.json_response(_model_card(request.app) | {"id": wanted})
 
 
 # ---- OpenAI's response objects ---------------------------------------------------------------
@@ -211,7 +212,7 @@ class ChatShape:
         return self._head | {"object": "chat.completion", "choices": [choice],
                              "usage": outcome.usage()}
 
-    def start(self) -> list[bytes]:
+    def start(self, outcome: Outcome) -> list[bytes]:
         return [sse(self._chunk({"role": "assistant", "content": ""}, (), None))]
 
     def chunks(self, delta: Delta) -> list[bytes]:
@@ -253,7 +254,7 @@ class CompletionShape:
                                                       outcome.finish_reason)],
                              "usage": outcome.usage()}
 
-    def start(self) -> list[bytes]:
+    def start(self, outcome: Outcome) -> list[bytes]:
         return []  # legacy completions have no role chunk
 
     def chunks(self, delta: Delta) -> list[bytes]:

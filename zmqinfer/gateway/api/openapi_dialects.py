@@ -1,0 +1,77 @@
+"""The OpenAPI description of the other dialects' routes (Anthropic Messages, OpenAI Responses,
+Ollama), for openapi.py's document. Their ranges are the chat route's (they are validated by it
+after translation), built from the same constants; their error bodies are their own dialect's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zmqinfer.gateway.api.fields import MAX_INTEGER
+from zmqinfer.gateway.api.validate import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SEED_RANGE
+
+
+def _num(lo: float, hi: float, **kw: Any) -> dict[str, Any]:
+    return {"type": "number", "minimum": lo, "maximum": hi, "nullable": True, **kw}
+
+
+def _int(lo: int, hi: int = MAX_INTEGER) -> dict[str, Any]:
+    return {"type": "integer", "minimum": lo, "maximum": hi, "nullable": True}
+
+
+_STOPS = {"type": "array", "nullable": True, "maxItems": MAX_STOP_SEQUENCES,
+          "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}
+_SAMPLING = {"temperature": _num(0, 2), "top_p": _num(0, 1, exclusiveMinimum=True),
+             "top_k": _int(0)}
+_SCHEMA = {"type": "object", "description": "A JSON schema"}
+
+# ---- Anthropic Messages -----------------------------------------------------------------------
+
+_A_TEXT = {"type": "object", "required": ["type", "text"],
+           "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+_A_BLOCK = {"type": "object", "required": ["type"], "description":
+            "text, tool_use (assistant), tool_result (user) or thinking blocks; no images",
+            "properties": {"type": {"type": "string",
+                                    "enum": ["text", "tool_use", "tool_result", "thinking"]}}}
+_A_MESSAGE = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+              "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
+                             "content": {"oneOf": [{"type": "string"},
+                                                   {"type": "array", "items": _A_BLOCK}]}}}
+_A_TOOL = {"type": "object", "required": ["name", "input_schema"],
+           "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                          "input_schema": _SCHEMA}}
+_A_COMMON = {
+    "model": {"type": "string", "description": "Any name; [gateway] aliases are echoed back."},
+    "messages": {"type": "array", "minItems": 1, "items": _A_MESSAGE},
+    "system": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": _A_TEXT}]},
+    "tools": {"type": "array", "nullable": True, "items": _A_TOOL},
+    "tool_choice": {"type": "object", "nullable": True, "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+        "name": {"type": "string"}, "disable_parallel_tool_use": {"type": "boolean"}}},
+    "thinking": {"type": "object", "nullable": True, "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["enabled", "disabled"]},
+        "budget_tokens": {"type": "integer"}}},
+}
+ANTHROPIC_MESSAGES = {
+    "type": "object", "required": ["model", "max_tokens", "messages"], "additionalProperties": False,
+    "properties": _A_COMMON | _SAMPLING | {
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER,
+                       "description": "At most the context length minus the prompt (else 400)."},
+        "stop_sequences": _STOPS,
+        "stream": {"type": "boolean", "nullable": True},
+        "metadata": {"type": "object", "nullable": True, "additionalProperties": False,
+                     "properties": {"user_id": {"type": "string", "nullable": True}}},
+        "service_tier": {"type": "string", "nullable": True},
+    },
+}
+ANTHROPIC_COUNT = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
+                   "properties": _A_COMMON}
+ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"type": "string", "enum": ["error"]},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+
+SCHEMAS: dict[str, Any] = {
+    "AnthropicMessagesRequest": ANTHROPIC_MESSAGES, "AnthropicCountRequest": ANTHROPIC_COUNT,
+    "AnthropicError": ANTHROPIC_ERROR,
+}
