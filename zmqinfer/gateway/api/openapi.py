@@ -142,6 +142,7 @@ SPEC: dict[str, Any] = {
                                   error="AnthropicError"),
         "/v1/messages/count_tokens": _post("AnthropicCountRequest", "Anthropic: count a prompt's"
                                            " tokens", error="AnthropicError"),
+        "/v1/responses": _generate("ResponsesRequest", "OpenAI Responses (stateless)"),
         "/v1/models": _get("The served model"),
         "/v1/models/{model_id}": {"get": {
             "summary": "One model", "parameters": [{"name": "model_id", "in": "path", "required": True,

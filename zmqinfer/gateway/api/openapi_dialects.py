@@ -71,7 +71,52 @@ ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties"
     "error": {"type": "object", "required": ["type", "message"],
               "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
 
+# ---- OpenAI Responses (errors: OpenAI's object) --------------------------------------------
+
+_R_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
+_R_ITEM = {"type": "object", "description": "A message (role, content), function_call (call_id, name,"
+           " arguments), function_call_output (call_id, output) or reasoning item", "properties": {
+               "type": {"type": "string", "enum": ["message", "function_call", "function_call_output",
+                                                   "reasoning"]},
+               "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+               "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _R_PART}]}}}
+_R_TOOL = {"type": "object", "required": ["type", "name"], "properties": {
+    "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"},
+    "description": {"type": "string"}, "parameters": _SCHEMA, "strict": {"type": "boolean"}}}
+RESPONSES = {
+    "type": "object", "required": ["input"], "additionalProperties": False,
+    "description": "Stateless: previous_response_id, conversation, background and store: true get a 400.",
+    "properties": _SAMPLING | {
+        "model": {"type": "string", "nullable": True},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _R_ITEM}]},
+        "instructions": {"type": "string", "nullable": True},
+        "max_output_tokens": _int(1),
+        "seed": _int(*SEED_RANGE),
+        "stop": {"nullable": True, "oneOf": [{"type": "string", "minLength": 1,
+                                              "maxLength": MAX_STOP_CHARS}, _STOPS]},
+        "stream": {"type": "boolean", "nullable": True},
+        "store": {"type": "boolean", "nullable": True, "enum": [False, None]},
+        "tools": {"type": "array", "nullable": True, "items": _R_TOOL},
+        "tool_choice": {"nullable": True, "oneOf": [
+            {"type": "string", "enum": ["auto", "none", "required"]},
+            {"type": "object", "required": ["type", "name"], "properties": {
+                "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean", "nullable": True},
+        "text": {"type": "object", "nullable": True, "properties": {"format": {
+            "type": "object", "required": ["type"], "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "name": {"type": "string"}, "schema": _SCHEMA}}}},
+        "reasoning": {"type": "object", "nullable": True, "properties": {
+            "effort": {"type": "string", "nullable": True}}},
+        "metadata": {"type": "object", "nullable": True},
+        "user": {"type": "string", "nullable": True},
+        "include": {"type": "array", "nullable": True, "items": {"type": "string"}},
+    },
+}
+
 SCHEMAS: dict[str, Any] = {
+    "ResponsesRequest": RESPONSES,
     "AnthropicMessagesRequest": ANTHROPIC_MESSAGES, "AnthropicCountRequest": ANTHROPIC_COUNT,
     "AnthropicError": ANTHROPIC_ERROR,
 }
