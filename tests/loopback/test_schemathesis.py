@@ -28,7 +28,8 @@ MAX_GENERATED = 3  # tokens per generated request: validation is the point, not 
 SCHEMATHESIS_DEADLINE_S = 75.0  # per generation mode
 QUESTION = "What is the capital of France?"
 WITH_BODIES = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/messages",
-               "POST /v1/messages/count_tokens", "POST /v1/responses"}
+               "POST /v1/messages/count_tokens", "POST /v1/responses", "POST /api/chat",
+               "POST /api/generate", "POST /api/show"}
 _seen: dict[int, int] = {}
 _took: dict[str, float] = {}
 
@@ -47,7 +48,15 @@ def before(cluster: LocalCluster) -> str:
 
 def bounded(path: str, body: Any) -> None:
     """Keep a generated request's generation short: cap (or set) its token budget."""
-    if not isinstance(body, dict) or path.endswith("/count_tokens"):  # generates nothing
+    if not isinstance(body, dict) or path.endswith(("/count_tokens", "/show")):  # generates nothing
+        return
+    if path.startswith("/api/"):  # Ollama: options.num_predict, where -1 and -2 mean "no limit"
+        options = body.get("options")
+        if not isinstance(options, dict):
+            options = body["options"] = {} if options is None else options
+        if isinstance(options, dict) and not (type(options.get("num_predict")) is int
+                                              and 0 <= options["num_predict"] <= MAX_GENERATED):
+            options["num_predict"] = MAX_GENERATED
         return
     budget = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
     for name in (budget, "max_completion_tokens"):

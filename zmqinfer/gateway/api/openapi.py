@@ -117,18 +117,21 @@ def _generate(schema: str, summary: str, *, error: str = "Error",
                                           error=error)}}
 
 
-def _post(schema: str, summary: str, *, error: str) -> dict[str, Any]:
+def _post(schema: str, summary: str, *more: str, error: str) -> dict[str, Any]:
     """A POST that answers JSON and generates nothing (count_tokens, Ollama's show)."""
     ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
-        "responses": {"200": ok} | _errors("400", "401", "408", "413", "429", "500", error=error)}}
+        "responses": {"200": ok} | _errors("400", "401", "408", "413", "429", "500", *more,
+                                          error=error)}}
 
 
-def _get(summary: str, *errors: str, content: str = "application/json") -> dict[str, Any]:
+def _get(summary: str, *errors: str, content: str = "application/json",
+         error: str = "Error") -> dict[str, Any]:
     body = {"type": "object"} if content == "application/json" else {"type": "string"}
     return {"get": {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": {content: {"schema": body}}}} | _errors("401", *errors)}}
+        "200": {"description": "OK", "content": {content: {"schema": body}}}}
+        | _errors("401", *errors, error=error)}}
 
 
 SPEC: dict[str, Any] = {
@@ -143,6 +146,15 @@ SPEC: dict[str, Any] = {
         "/v1/messages/count_tokens": _post("AnthropicCountRequest", "Anthropic: count a prompt's"
                                            " tokens", error="AnthropicError"),
         "/v1/responses": _generate("ResponsesRequest", "OpenAI Responses (stateless)"),
+        "/api/chat": _generate("OllamaChatRequest", "Ollama chat", error="OllamaError",
+                               stream="application/x-ndjson"),
+        "/api/generate": _generate("OllamaGenerateRequest", "Ollama generate", error="OllamaError",
+                                   stream="application/x-ndjson"),
+        "/api/show": _post("OllamaShowRequest", "Ollama: describe a model", "404",
+                           error="OllamaError"),
+        "/api/tags": _get("Ollama: the models served", error="OllamaError"),
+        "/api/ps": _get("Ollama: the models loaded", error="OllamaError"),
+        "/api/version": _get("Ollama: the API version these routes follow", error="OllamaError"),
         "/v1/models": _get("The served model"),
         "/v1/models/{model_id}": {"get": {
             "summary": "One model", "parameters": [{"name": "model_id", "in": "path", "required": True,

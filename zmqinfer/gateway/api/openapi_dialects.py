@@ -115,7 +115,44 @@ RESPONSES = {
     },
 }
 
+# ---- Ollama (errors: {"error": "..."}) --------------------------------------------------------
+
+_O_OPTIONS = {"type": "object", "nullable": True, "description": "Sampling options as the chat"
+              " route bounds them; num_ctx at most the ring's context; llama.cpp runtime knobs"
+              " (num_gpu, num_thread, ...) accepted and unused", "properties": _SAMPLING | {
+                  "num_predict": {"type": "integer", "minimum": -2, "maximum": MAX_INTEGER,
+                                  "nullable": True, "description": "-1, -2: the default budget"},
+                  "seed": _int(*SEED_RANGE), "stop": _STOPS, "num_ctx": _int(1)}}
+_O_COMMON = {
+    "model": {"type": "string"},
+    "format": {"nullable": True, "oneOf": [{"type": "string", "enum": ["json", ""]}, _SCHEMA]},
+    "options": _O_OPTIONS,
+    "stream": {"type": "boolean", "nullable": True, "description": "Default true (NDJSON)"},
+    "keep_alive": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "number"}]},
+    "think": {"nullable": True, "oneOf": [{"type": "boolean"},
+                                          {"type": "string", "enum": ["low", "medium", "high"]}]},
+}
+_O_MESSAGE = {"type": "object", "required": ["role"], "properties": {
+    "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+    "content": {"type": "string"}, "tool_name": {"type": "string"},
+    "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+OLLAMA_CHAT = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
+               "properties": _O_COMMON | {
+                   "messages": {"type": "array", "items": _O_MESSAGE,
+                                "description": "Empty: only load the model (done_reason load)"},
+                   "tools": {"type": "array", "nullable": True, "items": {"type": "object"}}}}
+OLLAMA_GENERATE = {"type": "object", "required": ["model"], "additionalProperties": False,
+                   "properties": _O_COMMON | {
+                       "prompt": {"type": "string", "nullable": True},
+                       "system": {"type": "string", "nullable": True},
+                       "raw": {"type": "boolean", "nullable": True}}}
+OLLAMA_SHOW = {"type": "object", "additionalProperties": False, "properties": {
+    "model": {"type": "string"}, "name": {"type": "string"}, "verbose": {"type": "boolean"}}}
+OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
 SCHEMAS: dict[str, Any] = {
+    "OllamaChatRequest": OLLAMA_CHAT, "OllamaGenerateRequest": OLLAMA_GENERATE,
+    "OllamaShowRequest": OLLAMA_SHOW, "OllamaError": OLLAMA_ERROR,
     "ResponsesRequest": RESPONSES,
     "AnthropicMessagesRequest": ANTHROPIC_MESSAGES, "AnthropicCountRequest": ANTHROPIC_COUNT,
     "AnthropicError": ANTHROPIC_ERROR,

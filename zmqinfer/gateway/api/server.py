@@ -1,5 +1,5 @@
-"""The HTTP API as one aiohttp app: the dialects' routes (openai.py, anthropic.py, responses.py)
-beside the gateway's own (/health, /cluster/status, /cluster/ping, /openapi.json, /metrics, the status page and chat).
+"""The HTTP API as one aiohttp app: the dialects' routes (openai.py, anthropic.py, responses.py,
+ollama.py and ollama_models.py) beside the gateway's own (/health, /cluster/status, /cluster/ping, /openapi.json, /metrics, the status page and chat).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
@@ -24,7 +24,15 @@ import time
 import structlog
 from aiohttp import web
 
-from zmqinfer.gateway.api import anthropic, auth, openai, pages, responses
+from zmqinfer.gateway.api import (
+    anthropic,
+    auth,
+    ollama,
+    ollama_models,
+    openai,
+    pages,
+    responses,
+)
 from zmqinfer.gateway.api.auth import ApiGuard
 from zmqinfer.gateway.api.fields import RequestError
 from zmqinfer.gateway.api.http import (
@@ -76,6 +84,8 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     # The other dialects translate into the chat path and end in openai.complete (shape.py).
     anthropic.add_routes(app.router, openai.complete)
     responses.add_routes(app.router, openai.complete)
+    ollama.add_routes(app.router, openai.complete)
+    ollama_models.add_routes(app.router)
     app.router.add_get("/health", health)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/ping", cluster_ping)
