@@ -1,0 +1,79 @@
+"""The other dialects on a real 3-node ring, through their official clients: `anthropic`
+(messages, streamed, count_tokens), `openai` (responses.create, streamed and not) and `ollama`
+(chat, generate, streamed, list, show). Each greedy answer must be the chat route's, token for
+token, since every dialect is translated into the chat path (gateway/api/shape.py)."""
+
+from __future__ import annotations
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from zmqinfer.local import LocalCluster
+
+PROMPT = "What is the capital of France?"
+MAX_TOKENS = 24
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def chat(cluster: LocalCluster) -> openai.types.chat.ChatCompletion:
+    """The chat route's greedy answer: what every dialect must reproduce."""
+    oc = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+    r = oc.chat.completions.create(model="default", messages=MESSAGES,  # type: ignore[arg-type]
+                                   max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].message.content
+    return r
+
+
+def test_anthropic_messages_streamed_and_counted(cluster: LocalCluster, chat) -> None:
+    expected = chat.choices[0].message.content
+    # The SDK sends x-api-key (and anthropic-version); this ring is loopback-only, no keys.
+    ac = anthropic.Anthropic(base_url=cluster.url, api_key="sk-ant-unused", timeout=120, max_retries=0)
+    greedy = {"temperature": 0}  # Anthropic's default temperature is 1, as OpenAI's
+    m = ac.messages.create(model="claude-sonnet-4-5", max_tokens=MAX_TOKENS, messages=MESSAGES,  # type: ignore[arg-type]
+                           extra_body=greedy)
+    assert m.content[0].text == expected  # type: ignore[union-attr]
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                             chat.usage.completion_tokens)
+    assert m.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[chat.choices[0].finish_reason]
+    with ac.messages.stream(model="claude-sonnet-4-5", max_tokens=MAX_TOKENS, messages=MESSAGES,  # type: ignore[arg-type]
+                            extra_body=greedy) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == expected
+    counted = ac.messages.count_tokens(model="claude-sonnet-4-5", messages=MESSAGES)  # type: ignore[arg-type]
+    assert counted.input_tokens == chat.usage.prompt_tokens
+
+
+def test_openai_responses_whole_and_streamed(cluster: LocalCluster, chat) -> None:
+    expected = chat.choices[0].message.content
+    oc = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+    r = oc.responses.create(model="default", input=PROMPT, max_output_tokens=MAX_TOKENS, temperature=0)
+    assert r.output_text == expected and r.usage.input_tokens == chat.usage.prompt_tokens  # type: ignore[union-attr]
+    events = list(oc.responses.create(model="default", input=PROMPT, max_output_tokens=MAX_TOKENS,
+                                      temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expected
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output_text == expected  # type: ignore[union-attr]
+
+
+def test_ollama_chat_generate_list_show(cluster: LocalCluster, chat) -> None:
+    expected = chat.choices[0].message.content
+    oc = ollama.Client(host=cluster.url, timeout=120)
+    options = {"temperature": 0, "num_predict": MAX_TOKENS}
+    r = oc.chat(model="default", messages=MESSAGES, options=options)
+    assert r.message.content == expected and r.eval_count == chat.usage.completion_tokens
+    streamed = "".join(p.message.content or "" for p in oc.chat(model="default", messages=MESSAGES,
+                                                               options=options, stream=True))
+    assert streamed == expected
+    assert oc.generate(model="default", prompt=PROMPT, options=options).response == expected
+    assert "".join(p.response or "" for p in oc.generate(model="default", prompt=PROMPT,
+                                                         options=options, stream=True)) == expected
+    served = [m.model for m in oc.list().models]
+    assert len(served) == 1 and served[0]
+    shown = oc.show(served[0])
+    assert "completion" in (shown.capabilities or [])
+    context = shown.modelinfo["zmqinfer.context_length"]  # type: ignore[index]
+    with pytest.raises(ollama.ResponseError, match="num_ctx"):  # more context than the ring has
+        oc.chat(model="default", messages=MESSAGES, options=options | {"num_ctx": context + 1})
