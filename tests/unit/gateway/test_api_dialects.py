@@ -125,3 +125,92 @@ async def test_protected_mode_refuses_a_remote_client_in_each_dialect() -> None:
         response = await guarded(request, handler)
         assert response.status == 403
         assert "protected mode" in message_of(path, json.loads(response.body))
+
+
+# ---- hostile input: every dialect's own fields, each a 400 in its shape ------------------------
+
+HOSTILE: dict[str, list[dict[str, Any]]] = {
+    "/v1/messages": [
+        {"top_k": 1 << 64}, {"temperature": 10 ** 400}, {"max_tokens": 10 ** 30}, {"max_tokens": True},
+        {"messages": "x"}, {"messages": [5]}, {"messages": [{"role": "user", "content": [5]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                     "content": [5]}]}]},
+        {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n",
+                                                          "input": "x"}]}]},
+        {"messages": [{"role": "user", "content": "a\udc80b"}]},
+        {"system": [5]}, {"system": 5}, {"tools": [5]}, {"tools": "x"}, {"tool_choice": "auto"},
+        {"tool_choice": {"type": "tool"}}, {"metadata": {"user_id": 5}}, {"metadata": {"x": 1}},
+        {"thinking": {"type": 5}}, {"stop_sequences": [""]}, {"stream": "yes"},
+    ],
+    "/v1/responses": [
+        {"top_k": 1 << 64}, {"temperature": 10 ** 400}, {"max_output_tokens": 10 ** 30},
+        {"input": 5}, {"input": [5]}, {"input": [{"role": "user", "content": 5}]},
+        {"input": [{"type": "function_call", "call_id": 5, "name": "n", "arguments": "{}"}]},
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": [5]}]},
+        {"input": [{"role": "robot", "content": "x"}]}, {"input": "a\udc80b"},
+        {"instructions": 5}, {"tools": [5]}, {"tool_choice": {"type": "file_search"}},
+        {"text": {"format": {"type": "json_schema", "name": "x"}}}, {"text": {"format": "json"}},
+        {"reasoning": {"effort": 5}}, {"include": "x"}, {"metadata": 5}, {"store": "no"},
+        {"previous_response_id": "resp_1"}, {"background": True},
+    ],
+    "/api/chat": [
+        {"options": {"top_k": 1 << 64}}, {"options": {"temperature": 10 ** 400}},
+        {"options": {"num_predict": 10 ** 30}}, {"options": {"num_predict": 0}}, {"options": 5},
+        {"options": {"num_ctx": "big"}}, {"options": {"stop": 5}}, {"messages": "x"},
+        {"messages": [5]}, {"messages": [{"role": 5, "content": "x"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": 5}]},
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": 5}]}]},
+        {"messages": [{"role": "user", "content": "a\udc80b"}]}, {"format": []}, {"think": []},
+        {"tools": [5]}, {"stream": "yes"}, {"model": 5},
+    ],
+    "/api/generate": [
+        {"options": {"top_k": 1 << 64}}, {"prompt": 5}, {"system": 5}, {"raw": "yes"},
+        {"prompt": "a\udc80b"}, {"images": ["aGk="]}, {"context": [1, 2]}, {"template": "x"},
+        {"options": {"seed": 1 << 64}}, {"format": 5},
+    ],
+}
+
+
+@pytest.mark.parametrize("path,change", [(p, c) for p, cs in HOSTILE.items() for c in cs],
+                         ids=lambda v: str(v)[:60])
+async def test_hostile_input_is_a_400_in_the_dialects_shape(path: str, change: dict[str, Any]) -> None:
+    backend = ScriptedBackend(script())
+    async with serve(backend) as client:
+        body = ROUTES[path][1] | change
+        r = await client.post(path, data=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"})
+        assert r.status == 400, (r.status, await r.text())
+        message = message_of(path, await r.json())
+        assert len(message) < 400 and "Traceback" not in message
+    assert backend.calls == []  # nothing reached the ring
+
+
+@pytest.mark.parametrize("path,change,named", [
+    ("/v1/messages", {"stop_sequences": ["a", "b", "c", "d", "e"]}, "stop_sequences"),
+    ("/v1/messages", {"max_tokens": 10 ** 6}, "max_tokens"),  # past the context: plan's 400
+    ("/v1/responses", {"max_output_tokens": 10 ** 6}, "max_output_tokens"),
+    ("/api/chat", {"options": {"num_predict": 0}}, "options.num_predict"),
+    ("/api/chat", {"options": {"repeat_penalty": 100}}, "options.repeat_penalty"),
+])
+async def test_a_400_names_the_field_the_client_sent(path: str, change: dict[str, Any], named: str) -> None:
+    async with serve(ScriptedBackend(script())) as client:
+        r = await client.post(path, json=ROUTES[path][1] | change)
+        assert r.status == 400
+        assert named in message_of(path, await r.json())
+
+
+@pytest.mark.parametrize("path", ROUTES)
+async def test_a_bug_is_a_500_in_the_dialects_shape(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = ScriptedBackend(script())
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("/root/secret/tokenizer.json exploded")
+
+    monkeypatch.setattr(backend.tokenizer, "apply_chat_template", broken)
+    async with serve(backend) as client:
+        r = await client.post(path, json=ROUTES[path][1])
+        assert r.status == 500
+        message = message_of(path, await r.json())
+        assert "internal error" in message and "secret" not in message

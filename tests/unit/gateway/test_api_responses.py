@@ -78,7 +78,7 @@ async def test_max_output_tokens_makes_it_incomplete():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input_image"),
     ({"tools": [{"type": "web_search"}]}, "only function tools"),
     ({"temperature": 5}, "temperature"),
-    ({"max_output_tokens": 0}, "max_tokens"),
+    ({"max_output_tokens": 0}, "max_output_tokens must be"),
     ({"frequency_penalty": 1}, "frequency_penalty is not a supported field"),
     ({"input": None}, "input must be"),
 ])

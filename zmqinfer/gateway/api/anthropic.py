@@ -35,6 +35,7 @@ from zmqinfer.gateway.api.shape import (
     model_name,
     new_id,
     only,
+    renaming,
     require,
     serve_chat,
     sse,
@@ -53,6 +54,7 @@ _BLOCK_FIELDS = {"text": {"type", "text", "cache_control", "citations"},
                  "tool_result": {"type", "tool_use_id", "content", "is_error", "cache_control"},
                  "thinking": {"type", "thinking", "signature"},
                  "redacted_thinking": {"type", "data"}}
+RENAMES = {"stop": "stop_sequences"}  # chat field -> ours, in the messages of 400s
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}  # "stop": end_turn or stop_sequence
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                   "X-Accel-Buffering": "no"}
@@ -67,14 +69,14 @@ async def messages(request: web.Request, complete: Complete) -> web.StreamRespon
     def shape(body: dict[str, Any], req: ChatRequest) -> MessageShape:
         return MessageShape(model_name(request.app, body.get("model")))
 
-    return await serve_chat(request, "anthropic", complete, to_chat, shape)
+    return await serve_chat(request, "anthropic", complete, to_chat, shape, RENAMES)
 
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's token count, as the messages route would build it (no generation)."""
     request[API] = "anthropic"
     raw = await read_body(request, request.app[ADMISSION].body_timeout)
-    with admitted(request):  # templating a long prompt is work: it counts against the limit
+    with admitted(request), renaming(RENAMES):  # templating a long prompt is work: it counts
         body = parse_body(raw)
         only(body, _COUNT_FIELDS)
         req = parse_chat(to_chat(body | {"max_tokens": 1}, count_only=True))

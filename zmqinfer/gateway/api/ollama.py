@@ -35,6 +35,7 @@ from zmqinfer.gateway.api.shape import (
     model_name,
     ndjson,
     only,
+    renaming,
     require,
     tool_input,
 )
@@ -50,6 +51,8 @@ _OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": 
 _RUNTIME = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep",
                       "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only", "f16_kv",
                       "logits_all", "repeat_last_n"})
+# chat field -> ours, in the messages of 400s
+RENAMES = {ours: f"options.{theirs}" for theirs, ours in _OPTIONS.items()} | {"response_format": "format"}
 _COMMON = frozenset({"model", "format", "options", "stream", "keep_alive", "think"})
 _CHAT_FIELDS = _COMMON | {"messages", "tools"}
 _GENERATE_FIELDS = _COMMON | {"prompt", "system", "raw", "suffix", "template", "context", "images"}
@@ -71,7 +74,7 @@ async def generate(request: web.Request, complete: Complete) -> web.StreamRespon
 async def _serve(request: web.Request, complete: Complete, key: str) -> web.StreamResponse:
     request[API] = "ollama"
     raw = await read_body(request, request.app[ADMISSION].body_timeout)  # before taking a slot
-    with admitted(request):
+    with admitted(request), renaming(RENAMES):
         body = parse_body(raw)
         shape = NdjsonShape(model_name(request.app, body.get("model")), key)
         context = request.app[BACKEND].context_length
@@ -80,6 +83,8 @@ async def _serve(request: web.Request, complete: Complete, key: str) -> web.Stre
             if not translated["messages"]:  # Ollama's "load the model" call: it is loaded
                 return web.json_response(shape.done(shape.piece("", "", None), "load"))
             return await complete(request, parse_chat(translated), shape)
+        if body.get("raw") is not None:
+            require(body, "raw", bool)
         if body.get("raw"):  # the prompt as is, no template: a legacy completion
             return await complete(request, parse_completion(generate_body(body, context, raw=True)),
                                   shape)
@@ -186,6 +191,9 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
             continue
         message: dict[str, Any] = {"role": role, "content": content}
         calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise RequestError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls",
+                               code="invalid_type")
         if calls:
             message["tool_calls"] = []
             for j, call in enumerate(calls):

@@ -60,7 +60,8 @@ async def create(request: web.Request, complete: Complete) -> web.StreamResponse
     def shape(body: dict[str, Any], req: ChatRequest) -> ResponseShape:
         return ResponseShape(model_name(request.app, body.get("model")), body, req)
 
-    return await serve_chat(request, "responses", complete, to_chat, shape)
+    return await serve_chat(request, "responses", complete, to_chat, shape,
+                            {"max_tokens": "max_output_tokens"})
 
 
 # ---- request: Responses -> OpenAI chat body ---------------------------------------------------
@@ -74,6 +75,11 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
             raise RequestError(f"{name}: {why}, and this server is stateless: send the whole"
                                " conversation as input items", param=name,
                                code="unsupported_parameter")
+    for name, kind in (("metadata", dict), ("include", list), ("service_tier", str),
+                       ("prompt_cache_key", str), ("safety_identifier", str), ("max_tool_calls", int),
+                       ("truncation", str), ("stream_options", dict), ("store", bool)):
+        if body.get(name) is not None:
+            require(body, name, kind)  # accepted and unused here, but never of the wrong type
     if body.get("store") is True:
         raise RequestError("store: true is not supported: this server stores no responses"
                            " (send store: false, and the whole conversation as input)",
@@ -103,6 +109,8 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("reasoning") is not None:
         reasoning = require(body, "reasoning", dict)
         only(reasoning, {"effort", "summary", "generate_summary"}, "reasoning.")
+        if reasoning.get("effort") is not None:
+            require(reasoning, "effort", str, "reasoning.")
         chat["chat_template_kwargs"] = {"enable_thinking": reasoning.get("effort") != "none"}
     return chat
 

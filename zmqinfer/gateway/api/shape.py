@@ -26,10 +26,12 @@ an OpenAI chat body, validate with the chat route's own `parse_chat`, complete),
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -125,15 +127,33 @@ ALIASES = web.AppKey("aliases", tuple)  # glob patterns of model names the serve
 
 async def serve_chat(request: web.Request, api: str, complete: Complete,
                      translate: Callable[[dict[str, Any]], dict[str, Any]],
-                     shape: Callable[[dict[str, Any], ChatRequest], Shape]) -> web.StreamResponse:
+                     shape: Callable[[dict[str, Any], ChatRequest], Shape],
+                     renames: Mapping[str, str] | None = None) -> web.StreamResponse:
     """One generating request of dialect `api`: its body read under its deadline (before it takes
-    a slot), translated into an OpenAI chat body, validated as the chat route validates, run."""
+    a slot), translated into an OpenAI chat body, validated as the chat route validates, run.
+    `renames`: chat field -> the dialect's name for it, for the messages of 400s."""
     request[API] = api
     raw = await read_body(request, request.app[ADMISSION].body_timeout)
-    with admitted(request):
+    with admitted(request), renaming(renames or {}):
         body = parse_body(raw)
         req = parse_chat(translate(body))
         return await complete(request, req, shape(body, req))
+
+
+@contextlib.contextmanager
+def renaming(renames: Mapping[str, str]) -> Iterator[None]:
+    """A 400 about a chat field names the field the client sent instead (the chat route's
+    `stop` is Anthropic's `stop_sequences`, Ollama's `options.stop`)."""
+    try:
+        yield
+    except RequestError as e:
+        old = (e.param or "").split(".")[0].split("[")[0]
+        if old not in renames:
+            raise
+        new = renames[old]
+        raise RequestError(re.sub(rf"\b{re.escape(old)}\b", new, e.message),
+                           param=new + (e.param or "")[len(old):], code=e.code,
+                           status=e.status) from None
 
 
 def is_served(app: web.Application, name: str) -> bool:
