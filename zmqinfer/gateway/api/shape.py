@@ -60,17 +60,26 @@ class Outcome:
     """A completion as it is gathered: what a whole (non-stream) body and a stream's end need."""
 
     prompt_tokens: int
-    text: str = ""
-    reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     entries: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     stop_sequence: str | None = None  # the stop string that ended it, if one did
     completion_tokens: int = 0
+    # Pieces, joined when read: appending to one string per token copies it every time.
+    _text: list[str] = field(default_factory=list)
+    _reasoning: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
 
     def add(self, delta: Delta) -> None:
-        self.text += delta.text
-        self.reasoning += delta.reasoning
+        self._text.append(delta.text)
+        self._reasoning.append(delta.reasoning)
         self.entries.extend(delta.logprobs)
         for piece in delta.tool_calls:
             while len(self.tool_calls) <= piece.index:
