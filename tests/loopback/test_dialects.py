@@ -77,3 +77,26 @@ def test_ollama_chat_generate_list_show(cluster: LocalCluster, chat) -> None:
     context = shown.modelinfo["zmqinfer.context_length"]  # type: ignore[index]
     with pytest.raises(ollama.ResponseError, match="num_ctx"):  # more context than the ring has
         oc.chat(model="default", messages=MESSAGES, options=options | {"num_ctx": context + 1})
+
+
+def test_openai_agents_default_model_runs_against_the_ring(cluster: LocalCluster, chat) -> None:
+    """openai-agents' default model class speaks Responses: a run (whole and streamed) ends with
+    the chat route's greedy answer. (Its one-tool task needs the chat path's tools: issue 20.)"""
+    import asyncio
+
+    from agents import Agent, ModelSettings, Runner, set_default_openai_client, set_tracing_disabled
+
+    set_tracing_disabled(True)  # traces would go to OpenAI's servers
+    set_default_openai_client(openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused",
+                                                 timeout=120, max_retries=0), use_for_tracing=False)
+    agent = Agent(name="assistant", model_settings=ModelSettings(temperature=0, max_tokens=MAX_TOKENS))
+
+    async def run() -> tuple[str, str]:
+        whole = await Runner.run(agent, PROMPT)
+        streamed = Runner.run_streamed(agent, PROMPT)
+        async for _ in streamed.stream_events():
+            pass
+        return str(whole.final_output), str(streamed.final_output)
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed == chat.choices[0].message.content
