@@ -168,6 +168,15 @@ def test_tools_and_results_become_an_openai_chat_body():
         "parallel_tool_calls": False,
         "chat_template_kwargs": {"enable_thinking": True}, "user": "u1"}
     assert to_chat(body | {"tool_choice": {"type": "any"}})["tool_choice"] == "required"
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    structured = to_chat(body | {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}},
+                                 "thinking": {"type": "adaptive"}, "cache_control": {"type": "ephemeral"}})
+    assert structured["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    assert structured["chat_template_kwargs"] == {"enable_thinking": True}
+    for bad in ({"output_config": {"format": {"type": "json_object"}}}, {"container": "c"},
+                {"context_management": {}}, {"speed": 5}):
+        with pytest.raises(RequestError):
+            to_chat(body | bad)
     with pytest.raises(RequestError, match="tool_use blocks belong to assistant turns"):
         to_chat(body | {"messages": [{"role": "user", "content": [
             {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}]})

@@ -12,8 +12,9 @@ Translation: `system` (a string or text blocks) -> a system message; text blocks
 an assistant's `tool_use` blocks -> its `tool_calls`; a user's `tool_result` blocks -> `tool`
 messages (before the rest of that turn's text); earlier `thinking` blocks are dropped (chat
 templates drop past reasoning too); `stop_sequences` -> stop; `tools` -> function tools;
-`tool_choice` auto/any/tool/none -> auto/required/{function}/none; `thinking` enabled/disabled
--> the template's `enable_thinking`; `metadata.user_id` -> user.
+`tool_choice` auto/any/tool/none -> auto/required/{function}/none; `thinking` enabled/adaptive/
+disabled -> the template's `enable_thinking`; `output_config.format` (json_schema) ->
+response_format; `metadata.user_id` -> user.
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ from zmqinfer.gateway.textout import Delta
 
 _FIELDS = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "temperature",
                      "top_p", "top_k", "stream", "tools", "tool_choice", "metadata", "thinking",
-                     "service_tier"})
-_COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
+                     "output_config", "service_tier", "cache_control", "inference_geo", "speed"})
+# Hints about Anthropic's own serving (prompt caching, region, tier, speed): accepted, and they
+# change nothing about the answer here. Fields that ask for server-side features (containers,
+# MCP servers, context editing) are refused by name as unknown.
+_HINTS = {"service_tier": str, "cache_control": dict, "inference_geo": str, "speed": str}
+_THINKING = {"enabled": True, "adaptive": True, "disabled": False}
+_COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking",
+                           "output_config", "cache_control"})
 _BLOCK_FIELDS = {"text": {"type", "text", "cache_control", "citations"},
                  "tool_use": {"type", "id", "name", "input", "cache_control"},
                  "tool_result": {"type", "tool_use_id", "content", "is_error", "cache_control"},
@@ -110,15 +117,39 @@ def to_chat(body: dict[str, Any], count_only: bool = False) -> dict[str, Any]:
         chat.update(_tool_choice(require(body, "tool_choice", dict)))
     if body.get("thinking") is not None:
         kind = require(body, "thinking", dict).get("type")
-        if kind not in ("enabled", "disabled"):
-            raise RequestError("thinking.type must be enabled or disabled", param="thinking.type")
-        chat["chat_template_kwargs"] = {"enable_thinking": kind == "enabled"}
+        if kind not in _THINKING:
+            raise RequestError("thinking.type must be enabled, adaptive or disabled",
+                               param="thinking.type")
+        chat["chat_template_kwargs"] = {"enable_thinking": _THINKING[kind]}
+    if body.get("output_config") is not None:
+        chat.update(_output_config(require(body, "output_config", dict)))
+    for name, kind in _HINTS.items():
+        if body.get(name) is not None:
+            require(body, name, kind)
     metadata = body.get("metadata")
     if metadata is not None:
         only(require(body, "metadata", dict), {"user_id"}, "metadata.")
         if metadata.get("user_id") is not None:
             chat["user"] = require(metadata, "user_id", str, "metadata.")
     return chat
+
+
+def _output_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`output_config.format` (a JSON schema the answer must follow) -> response_format;
+    `effort` is accepted (a local model has no effort dial beyond thinking on or off)."""
+    only(config, {"effort", "format"}, "output_config.")
+    if config.get("effort") is not None:
+        require(config, "effort", str, "output_config.")
+    fmt = config.get("format")
+    if fmt is None:
+        return {}
+    only(require(config, "format", dict, "output_config."), {"type", "schema"}, "output_config.format.")
+    if fmt.get("type") != "json_schema":
+        raise RequestError("output_config.format.type must be json_schema",
+                           param="output_config.format.type")
+    schema = require(fmt, "schema", dict, "output_config.format.")
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "output",
+                                                                       "schema": schema}}}
 
 
 def _system(system: Any) -> list[dict[str, Any]]:

@@ -49,8 +49,14 @@ _A_COMMON = {
         "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
         "name": {"type": "string"}, "disable_parallel_tool_use": {"type": "boolean"}}},
     "thinking": {"type": "object", "nullable": True, "required": ["type"], "properties": {
-        "type": {"type": "string", "enum": ["enabled", "disabled"]},
+        "type": {"type": "string", "enum": ["enabled", "adaptive", "disabled"]},
         "budget_tokens": {"type": "integer"}}},
+    "output_config": {"type": "object", "nullable": True, "additionalProperties": False, "properties": {
+        "effort": {"type": "string", "nullable": True},
+        "format": {"type": "object", "nullable": True, "required": ["type", "schema"],
+                   "additionalProperties": False, "properties": {
+                       "type": {"type": "string", "enum": ["json_schema"]}, "schema": _SCHEMA}}}},
+    "cache_control": {"type": "object", "nullable": True, "description": "Accepted; no effect here"},
 }
 ANTHROPIC_MESSAGES = {
     "type": "object", "required": ["model", "max_tokens", "messages"], "additionalProperties": False,
@@ -62,6 +68,8 @@ ANTHROPIC_MESSAGES = {
         "metadata": {"type": "object", "nullable": True, "additionalProperties": False,
                      "properties": {"user_id": {"type": "string", "nullable": True}}},
         "service_tier": {"type": "string", "nullable": True},
+        "inference_geo": {"type": "string", "nullable": True},
+        "speed": {"type": "string", "nullable": True},
     },
 }
 ANTHROPIC_COUNT = {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
