@@ -5,11 +5,16 @@ token, since every dialect is translated into the chat path (gateway/api/shape.p
 
 from __future__ import annotations
 
+import json
+import urllib.request
+from pathlib import Path
+
 import anthropic
 import ollama
 import openai
 import pytest
 
+from zmqinfer import local
 from zmqinfer.local import LocalCluster
 
 PROMPT = "What is the capital of France?"
@@ -100,3 +105,26 @@ def test_openai_agents_default_model_runs_against_the_ring(cluster: LocalCluster
 
     whole, streamed = asyncio.run(run())
     assert whole == streamed == chat.choices[0].message.content
+
+
+def test_nodes_toml_aliases_reach_the_gateway(model_dir: Path, tmp_path: Path) -> None:
+    """`[gateway] aliases` in nodes.toml, through `zmqinfer gateway --config` (no ring needed)."""
+    port = local.free_port_block()
+    config = local.write_config(tmp_path / "nodes.toml", port, ["node0"])
+    config.write_text(config.read_text().replace(
+        "[gateway]\n", '[gateway]\naliases = ["claude-*", "llama3.2:latest"]\n'))
+    gw = local.start_gateway(tmp_path, config, port)
+    try:
+        local.wait_status(gw, lambda st: True, 60, "the gateway to answer")
+
+        def get(path: str) -> dict:
+            with urllib.request.urlopen(gw.url + path, timeout=10) as r:
+                return json.loads(r.read())
+
+        assert [m["name"] for m in get("/api/tags")["models"]][1:] == ["llama3.2:latest"]
+        assert get("/v1/models/claude-opus-4-1")["id"] == "claude-opus-4-1"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get("/v1/models/gpt-4o")
+        assert e.value.code == 404
+    finally:
+        local.stop(gw)
