@@ -4,9 +4,10 @@ and OpenAI's response objects (chat.completion(.chunk), text_completion).
 A request goes: body (read under its deadline, before it takes a slot) -> validate.py's frozen
 request -> prompt.py's token ids and budget -> `backend.generate` -> textout.py's deltas -> a
 shape (shape.py: the ones below, or another dialect's), whole or streamed. `complete` is that
-path, shared by every dialect (anthropic.py, responses.py, ollama.py translate into it). A streamed response only starts (headers sent) once the first
-token is back, so an unavailable ring is still a plain 503 rather than an error event; a ring
-error after the stream started becomes a `data: {"error": ...}` event that ends the stream (no
+path, shared by every dialect (anthropic.py, responses.py and ollama.py translate into it). A
+streamed response only starts (headers sent) once the first token is back, so an unavailable
+ring is still a plain 503 rather than an error event; a ring error after the stream started
+becomes the shape's error event (here `data: {"error": ...}`) that ends the stream (no
 [DONE]). The handler's `aclosing` around the generation stops it when the client disconnects.
 """
 
