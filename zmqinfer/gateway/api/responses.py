@@ -290,7 +290,8 @@ class ResponseShape:
 
     def _response(self, outcome: Outcome, items: list[dict[str, Any]]) -> dict[str, Any]:
         incomplete = outcome.finish_reason == "length"
-        usage = {"input_tokens": outcome.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        usage = {"input_tokens": outcome.prompt_tokens,
+                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                  "output_tokens": outcome.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}

@@ -1,5 +1,6 @@
 """The HTTP API as one aiohttp app: the dialects' routes (openai.py, anthropic.py, responses.py,
-ollama.py and ollama_models.py) beside the gateway's own (/health, /cluster/status, /cluster/ping, /openapi.json, /metrics, the status page and chat).
+ollama.py and ollama_models.py) beside the gateway's own (/health, /cluster/status,
+/cluster/ping, /openapi.json, /metrics, the status page and chat).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
@@ -12,7 +13,8 @@ Contract:
 * Errors raised before a stream starts are shaped here (`_frame`): RequestError -> its status
   (400, 408, 429), the ring's errors -> 503/504/500 (http.ring_error), Overloaded -> 429 with
   Retry-After, bodies over MAX_BODY_BYTES -> 413, anything else -> 500 with no details (the log
-  has the traceback).
+  has the traceback); each in the error body of the request's dialect (refusal.py).
+* The other dialects' generating routes are given `openai.complete` (shape.py says why).
 * Every response carries `x-request-id`; the same id goes to `backend.generate` and every log line.
 """
 
@@ -73,7 +75,8 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     `aliases`: model names (globs) the served model answers to ([gateway] aliases)."""
     guard = guard or ApiGuard.from_keys({f"key:{i}": k for i, k in enumerate(sorted(api_keys), 1)})
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[_frame, auth.middleware(guard, lambda rq, st, msg, code: refuse(rq, st, msg, code=code))])
+                          middlewares=[_frame, auth.middleware(
+                              guard, lambda rq, st, msg, code: refuse(rq, st, msg, code=code))])
     app[BACKEND] = backend
     app[ADMISSION] = Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
