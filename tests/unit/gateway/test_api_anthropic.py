@@ -64,9 +64,11 @@ async def test_an_unaliased_name_is_answered_with_the_served_model():
             m = await ac.messages.create(**BODY)
         assert m.model == "scripted-model"
         assert (await client.get("/v1/models/claude-sonnet-4-5")).status == 404
-    async with serve(ScriptedBackend(script()), aliases=("claude-*",)) as client:
+    async with serve(ScriptedBackend(script()), aliases=("claude-*", "gpt-4o")) as client:
         card = await (await client.get("/v1/models/claude-sonnet-4-5")).json()
         assert card["id"] == "claude-sonnet-4-5"
+        listed = await (await client.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["scripted-model", "gpt-4o"]  # no globs
 
 
 async def test_streaming_event_sequence_and_the_sdk_accumulates_it():

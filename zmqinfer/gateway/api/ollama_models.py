@@ -19,7 +19,7 @@ from aiohttp import web
 
 from zmqinfer.gateway.api.fields import RequestError, parse_body
 from zmqinfer.gateway.api.http import ADMISSION, BACKEND, STARTED, read_body
-from zmqinfer.gateway.api.shape import ALIASES, is_served, only, require
+from zmqinfer.gateway.api.shape import is_served, listed_names, only, require
 
 # What /api/version says. Clients gate features on Ollama's version (VS Code Copilot wants at
 # least 0.6.4); these routes follow Ollama's API as of this release.
@@ -34,11 +34,6 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/api/version", version)
 
 
-def _names(app: web.Application) -> list[str]:
-    plain = [a for a in app[ALIASES] if not any(c in a for c in "*?")]
-    return list(dict.fromkeys([app[BACKEND].model_id, *plain]))
-
-
 def _card(app: web.Application, name: str) -> dict[str, Any]:
     modified = datetime.fromtimestamp(app[STARTED], timezone.utc).isoformat().replace("+00:00", "Z")
     return {"name": name, "model": name, "modified_at": modified, "size": 0,
@@ -48,14 +43,14 @@ def _card(app: web.Application, name: str) -> dict[str, Any]:
 
 
 async def tags(request: web.Request) -> web.Response:
-    return web.json_response({"models": [_card(request.app, n) for n in _names(request.app)]})
+    return web.json_response({"models": [_card(request.app, n) for n in listed_names(request.app)]})
 
 
 async def ps(request: web.Request) -> web.Response:
     context = request.app[BACKEND].context_length
     return web.json_response({"models": [
         _card(request.app, n) | {"expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
-                                 "context_length": context} for n in _names(request.app)]})
+                                 "context_length": context} for n in listed_names(request.app)]})
 
 
 async def version(request: web.Request) -> web.Response:

@@ -38,7 +38,7 @@ from zmqinfer.gateway.api.http import (
     ring_error,
     send_event,
 )
-from zmqinfer.gateway.api.shape import Outcome, Shape, is_served, sse
+from zmqinfer.gateway.api.shape import Outcome, Shape, is_served, listed_names, sse
 from zmqinfer.gateway.api.validate import (
     ChatRequest,
     CompletionRequest,
@@ -181,7 +181,8 @@ def _model_card(app: web.Application) -> dict[str, Any]:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app)]})
+    return web.json_response({"object": "list", "data": [
+        _model_card(request.app) | {"id": name} for name in listed_names(request.app)]})
 
 
 async def model(request: web.Request) -> web.Response:

@@ -171,6 +171,13 @@ def is_served(app: web.Application, name: str) -> bool:
                                                 for pattern in app[ALIASES])
 
 
+def listed_names(app: web.Application) -> list[str]:
+    """What model listings show: the served model's id, then the aliases that are plain names
+    (a glob names no model a client could pick)."""
+    plain = [a for a in app[ALIASES] if not any(c in a for c in "*?[")]
+    return list(dict.fromkeys([app[BACKEND].model_id, *plain]))
+
+
 def model_name(app: web.Application, requested: Any) -> str:
     """The name an answer echoes: the one asked for when it is served (an alias included), else
     the served model's id (the gateway serves one model whatever a request names)."""
