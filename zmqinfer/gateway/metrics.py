@@ -128,10 +128,11 @@ class Metrics:
         success = Counter("zmqinfer_request_success", "Count of successfully processed requests.",
                           labels + ["finished_reason"], registry=r)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISHED_REASONS}
-        by_api = Counter("zmqinfer_api_requests", "Count of finished requests by API dialect.",
-                         labels + ["api", "finished_reason"], registry=r)
-        self.by_api = {(api, reason): by_api.labels(model_name, api, reason)
-                       for api in APIS for reason in FINISHED_REASONS}
+        self.by_api = Counter("zmqinfer_api_requests", "Count of finished requests by API dialect.",
+                              labels + ["api", "finished_reason"], registry=r)
+        for api in APIS:  # every series exists from the start, at 0, as success's do
+            for reason in FINISHED_REASONS:
+                self.by_api.labels(model_name, api, reason)
         self.ttft = Histogram("zmqinfer_time_to_first_token_seconds",
                               "Histogram of time to first token in seconds.", labels,
                               buckets=TTFT_BUCKETS, registry=r).labels(model_name)
@@ -236,7 +237,7 @@ class RequestTimer:
             return
         m = self._m
         m.success[reason].inc()
-        m.by_api[self._api, reason].inc()
+        m.by_api.labels(m.model_name, self._api, reason).inc()
         m.e2e.observe(time.monotonic() - self.arrived)
         m.generation_hist.observe(self.tokens)
 
