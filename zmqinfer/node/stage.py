@@ -29,21 +29,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from zmqinfer.model.shards import load_shard_model
+from zmqinfer.node.families import ModelDriver, flat, refusal
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
 
-# Families whose inner model is exactly embed -> layers -> norm (checked against mlx-lm 0.32).
-# Others (gemma scales its embedding, MoE/SSM hybrids keep other caches) are refused, not guessed.
-SUPPORTED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # A sequence whose cache has not been touched for this long is freed even if its Release never
 # came (a gateway that died mid-request): KV caches must not leak. Long enough for any step.
@@ -70,7 +65,7 @@ class _Group:
 
     order: list[SeqId] = field(default_factory=list)
     offsets: dict[SeqId, int] = field(default_factory=dict)
-    layers: list[BatchKVCache] | None = None
+    layers: list[Any] | None = None
     last_used: float = field(default_factory=time.monotonic)
 
     def keep(self, seqs: list[SeqId]) -> None:
@@ -92,64 +87,56 @@ class Stage:
     def __init__(self, model_path: Path, start: int, end: int) -> None:
         # Only the weight files holding this range are opened (all of them for an unsharded model).
         model, config = load_shard_model(Path(model_path), start, end)
-        family = config.get("model_type", "?")
-        if family not in SUPPORTED_FAMILIES:
-            raise StageError(f"model family {family!r} is not supported for pipeline splitting "
-                             f"(supported: {', '.join(sorted(SUPPORTED_FAMILIES))})")
-        inner = model.model
-        n_layers = len(inner.layers)
-        if not 0 <= start < end <= n_layers:
-            raise StageError(f"layer range [{start}, {end}) is outside the model's {n_layers} layers")
-        self.start, self.end, self.n_layers = start, end, n_layers
-        self.is_first, self.is_last = start == 0, end == n_layers
-        self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
-        if any(getattr(l, "use_sliding", False) for l in inner.layers):
-            raise StageError("sliding-window attention layers are not supported yet")
-
-        self.layers = inner.layers[start:end]
-        # Each is None on the stages that do not hold it (only the first embeds, the last norms
-        # and projects to the vocabulary; a tied last stage holds the embedding for its head).
-        self.embed: nn.Module | None = (inner.embed_tokens if self.is_first or (self.is_last and self.tied)
-                                        else None)
-        self.norm: nn.Module | None = inner.norm if self.is_last else None
-        self.head: Callable[[mx.array], mx.array] | None = None
-        if self.is_last:
-            self.head = inner.embed_tokens.as_linear if self.tied else model.lm_head
-        # Drop every other module so their lazy weights are never evaluated (never read).
-        kept = nn.Module()
-        kept.layers = self.layers
-        if self.embed is not None:
-            kept.embed = self.embed
-        if self.norm is not None:
-            kept.norm = self.norm
-        if self.is_last and not self.tied:
-            kept.lm_head = model.lm_head
-        self._kept = kept
-        mx.eval(kept.parameters())
-        self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(kept.parameters())))
-        self.hidden_size = int(config["hidden_size"])
+        self.family = str(config.get("model_type", "?"))
+        if (why := refusal(self.family)) is not None:
+            raise StageError(why)
+        try:
+            self._driver = ModelDriver(model, config, start, end)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        d = self._driver
+        self.start, self.end, self.n_layers = start, end, d.n_layers
+        self.is_first, self.is_last, self.tied = d.is_first, d.is_last, d.tied
+        if not d.batchable:  # mlx-lm's BatchGenerator cannot batch it either
+            raise StageError(f"model family {self.family!r}: its cache kinds cannot be batched by mlx-lm")
+        # Everything the model's own forward still reaches on this stage; the other layers, and
+        # the embedding, norm and head of other stages, were swapped out: never evaluated (read).
+        mx.eval(model.parameters())
+        self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())))
+        self.hidden_size = d.width
         if self.hidden_size > MAX_HIDDEN_SIZE:  # its prefill chunks would not fit a data frame
             raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
                              " (zmqinfer/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
-        self.vocab_size = int(config["vocab_size"])
+        self.vocab_size = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
         # What flows between stages: the dtype the layers compute in (an embedding's output and
-        # each layer's residual stream share it, as its first norm's weight does).
-        self.hidden_dtype = str(self.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or self.hidden_size // heads)
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        act = inner.norm.weight.dtype.size if hasattr(inner, "norm") else 4
-        # One token's K and V over this stage's layers: what a KV budget in bytes divides by.
-        self.kv_bytes_per_token = 2 * kv_heads * head_dim * act * len(self.layers)
+        # each layer's residual stream share it, as a norm's weight does).
+        self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")
+        # One token's cache over this stage's layers: what a KV budget in bytes divides by.
+        self.kv_bytes_per_token = self._measure_kv_per_token()
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
 
+    def _measure_kv_per_token(self) -> int:
+        """Bytes one more token adds to this stage's caches, measured on a one-token forward:
+        each attention cache's bytes per position it holds (a sliding window's counted as if it
+        never stopped: an upper bound; an SSM state does not grow with tokens)."""
+        caches = self._new_cache()
+        h = mx.zeros((1, 1, self.hidden_size), dtype=self._driver.dtype)
+        self._driver.run(mx.zeros((1, 1), dtype=mx.int32), h, caches, last_only=True)
+        mx.eval([c.state for c in caches])
+        per = 0.0
+        for c in (x for c in caches for x in flat(c)):
+            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
+                per += (keys.nbytes + values.nbytes) / keys.shape[2]
+        return max(1, int(per))
+
     # ---- KV caches --------------------------------------------------------------------------
 
     def _new_cache(self) -> list[Any]:
-        return [KVCache() for _ in self.layers]
+        return self._driver.new_caches()
 
     def kv_tokens(self) -> int:
         """Token positions held in KV caches, a group counted padded to its longest member."""
@@ -222,23 +209,18 @@ class Stage:
         """
         n = tokens.shape[0]
         cache = self._cache_for(seq, start, n)
-        if self.embed is not None and self.is_first:
-            h = self.embed(tokens[None])
-        else:
-            if hidden is None or hidden.shape != (n, self.hidden_size):
-                raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
-                                 f" does not match {n} tokens x {self.hidden_size}")
-            h = hidden[None]
-        mask = create_attention_mask(h, cache.layers[0])
-        for layer, c in zip(self.layers, cache.layers):
-            h = layer(h, mask, cache=c)
+        if not self.is_first and (hidden is None or hidden.shape != (n, self.hidden_size)):
+            raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {n} tokens x {self.hidden_size}")
+        ids = tokens[None] if self.is_first else mx.zeros((1, n), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[None], cache.layers, want_logits)
         cache.offset += n
         if not self.is_last:
-            return h[0]
-        if not want_logits:
+            return out[0]
+        if not want_logits:  # the logits stay an unevaluated graph: the head never runs
             mx.eval([c.state for c in cache.layers])
-            return mx.zeros((0,), dtype=h.dtype)
-        return self._logits(h[:, -1:, :])
+            return mx.zeros((0,), dtype=self._driver.dtype)
+        return out[:, -1, :]
 
     def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
                       hidden: list[mx.array] | None) -> list[mx.array]:
@@ -262,28 +244,37 @@ class Stage:
         if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{MAX_SEQUENCES} sequences")
+        # Right-padded, as mlx-lm's BatchGenerator prefills: each cache kind is told the real
+        # lengths (an SSM state stops at its own; attention caches roll the padding to the left
+        # when finalized), then each sequence's own cache is extracted.
         width = max(lengths)
         pads = [width - n for n in lengths]
-        if self.embed is not None and self.is_first:
-            ids = mx.stack([mx.concatenate([mx.zeros((p,), dtype=mx.int32), t.astype(mx.int32)])
+        if self.is_first:
+            ids = mx.stack([mx.concatenate([t.astype(mx.int32), mx.zeros((p,), dtype=mx.int32)])
                             for p, t in zip(pads, tokens)])
-            h = self.embed(ids)
+            h = None
         else:
             if hidden is None or any(x.shape != (n, self.hidden_size) for x, n in zip(hidden, lengths)):
                 raise StageError(f"sequences {seqs}: hidden states do not match their chunks' "
                                  f"{lengths} tokens x {self.hidden_size}")
-            h = mx.stack([mx.concatenate([mx.zeros((p, self.hidden_size), dtype=x.dtype), x])
+            ids = mx.zeros((len(seqs), width), dtype=mx.int32)
+            h = mx.stack([mx.concatenate([x, mx.zeros((p, self.hidden_size), dtype=x.dtype)])
                           for p, x in zip(pads, hidden)])
-        batch = [BatchKVCache(pads) for _ in self.layers]
-        mask = create_attention_mask(h, batch[0])
-        for layer, bc in zip(self.layers, batch):
-            h = layer(h, mask, cache=bc)
+        fresh = [self._new_cache() for _ in seqs]
+        batch = [type(cs[0]).merge(list(cs)) for cs in zip(*fresh)]
+        if max(pads) > 0:
+            for bc in batch:
+                bc.prepare(lengths=lengths, right_padding=pads)
+        out = self._driver.run(ids, h, batch, last_only=False)
+        if max(pads) > 0:
+            for bc in batch:
+                bc.finalize()
         for i, (seq, n) in enumerate(zip(seqs, lengths)):
             self._caches[seq] = _SeqCache([bc.extract(i) for bc in batch], offset=n)
         if self.is_last:
             mx.eval([c.state for seq in seqs for c in self._caches[seq].layers])
-            return [mx.zeros((0,), dtype=h.dtype) for _ in seqs]
-        return [h[i, p:] for i, p in enumerate(pads)]
+            return [mx.zeros((0,), dtype=self._driver.dtype) for _ in seqs]
+        return [out[i, :n] for i, n in enumerate(lengths)]
 
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:
@@ -304,18 +295,14 @@ class Stage:
                 held = c.offset if c is not None else 0
             if held != start:
                 raise StageError(f"sequence {seq}: decode at position {start}, cache holds {held}")
-        if self.embed is not None and self.is_first:
-            h = self.embed(tokens[:, None])
-        else:
-            if hidden is None or hidden.shape != (len(seqs), self.hidden_size):
-                raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
-                                 f" does not match {len(seqs)} sequences x {self.hidden_size}")
-            h = hidden[:, None, :]
+        if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
+            raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {len(seqs)} sequences x {self.hidden_size}")
         g.keep([s for s in g.order if s in set(seqs)])
         for seq in joining:  # merge each newcomer's prefill cache into the group's batch cache
             own = self._caches.pop(seq, None)
             layers = own.layers if own is not None else self._new_cache()
-            merged = [BatchKVCache.merge([c]) for c in layers]
+            merged = [type(c).merge([c]) for c in layers]
             if g.layers is None:
                 g.layers = merged
             else:
@@ -326,16 +313,8 @@ class Stage:
         g.keep(list(seqs))
         g.last_used = time.monotonic()
         assert g.layers is not None
-        mask = create_attention_mask(h, g.layers[0])
-        for layer, bc in zip(self.layers, g.layers):
-            h = layer(h, mask, cache=bc)
+        ids = tokens[:, None] if self.is_first else mx.zeros((len(seqs), 1), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[:, None, :], g.layers, True)
         for seq in seqs:
             g.offsets[seq] += 1
-        if not self.is_last:
-            return h[:, 0, :]
-        return self._logits(h)
-
-    def _logits(self, h: mx.array) -> mx.array:
-        """[B, T, hidden] -> the last position's logits [B, vocab] (last stage only)."""
-        assert self.head is not None and self.norm is not None
-        return self.head(self.norm(h))[:, -1, :]
+        return out[:, -1, :]
