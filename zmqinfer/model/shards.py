@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, read_config
+from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, layer_count, read_config
 from zmqinfer.model.size import ModelSize
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
@@ -63,7 +63,7 @@ def shard_weight_files(model: Path | str, start: int, end: int, n_layers: int | 
     if n_layers is None:
         config_dir = path.parent if path.is_file() else path
         config = read_config(config_dir)
-        n_layers = int(config["num_hidden_layers"])
+        n_layers = layer_count(config)
     if tied is None:
         tied = not any(name.startswith("lm_head.") for name in weight_map)
     if not 0 <= start < end <= n_layers:
@@ -96,7 +96,7 @@ def fetch_shard(repo_id: str, start: int, end: int | None, *, revision: str | No
 
     meta = download(_META_PATTERNS, "the config, tokenizer and weight index")
     if end is None:
-        end = int(read_config(meta)["num_hidden_layers"])
+        end = layer_count(read_config(meta))
     weights = (shard_weight_files(meta, start, end) if (meta / WEIGHT_INDEX).is_file()
                else ["model*.safetensors"])
     return download([*_META_PATTERNS, *weights], f"{', '.join(weights)} (layers [{start}, {end}))")
@@ -116,7 +116,7 @@ def load_shard_model(path: Path, start: int, end: int) -> tuple[Any, dict[str, A
 
     path = Path(path)
     config = read_config(path)
-    n = int(config["num_hidden_layers"])
+    n = layer_count(config)
     weight_map = _weight_map(path)
     lo, hi = min(max(start, 0), n), min(max(end, 0), n)
     if weight_map is None:
@@ -146,7 +146,7 @@ def model_size(path: Path) -> ModelSize:
     """ring.ModelSize of a local model, from the safetensors headers alone (no weights read)."""
     path = Path(path)
     config = read_config(path)
-    n = int(config["num_hidden_layers"])
+    n = layer_count(config)
     layers: dict[int, int] = {}
     parts = {"embed": 0, "head": 0, "shared": 0}
     dtypes: dict[str, str] = {}

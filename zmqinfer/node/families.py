@@ -221,8 +221,10 @@ class ModelDriver:
         self._io = _IO()
         embed_name = _embedding_name(inner)
         real_embed = getattr(inner, embed_name)
+        # Tied: the head is the embedding (gemma's always is, and has no lm_head to say so).
         self.tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-                         or config.get("tie_word_embeddings", False))
+                         or config.get("tie_word_embeddings", False)
+                         or not isinstance(getattr(model, "lm_head", None), nn.Module))
         self.templates = make_prompt_cache(model)  # the model's own cache kinds, one per slot
         slot_of = self._slots(inner, n)
         own = [s for i in range(start, end) if (s := slot_of[i]) is not None]

@@ -34,6 +34,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from zmqinfer.model.resolve import read_config
 from zmqinfer.model.shards import load_shard_model
 from zmqinfer.node.families import ModelDriver, flat, refusal
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
@@ -85,11 +86,12 @@ class _Group:
 
 class Stage:
     def __init__(self, model_path: Path, start: int, end: int) -> None:
-        # Only the weight files holding this range are opened (all of them for an unsharded model).
-        model, config = load_shard_model(Path(model_path), start, end)
-        self.family = str(config.get("model_type", "?"))
+        # Refused by name before a weight is opened.
+        self.family = str(read_config(Path(model_path)).get("model_type", "?"))
         if (why := refusal(self.family)) is not None:
             raise StageError(why)
+        # Only the weight files holding this range are opened (all of them for an unsharded model).
+        model, config = load_shard_model(Path(model_path), start, end)
         try:
             self._driver = ModelDriver(model, config, start, end)
         except ValueError as exc:
@@ -108,7 +110,7 @@ class Stage:
             raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
                              " (zmqinfer/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
-        self.vocab_size = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+        self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)
         # What flows between stages: the dtype the layers compute in (an embedding's output and
         # each layer's residual stream share it, as a norm's weight does).
         self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")

@@ -1,0 +1,109 @@
+"""Every family the ring serves, split into stages by the real Stage code, against the unsplit
+mlx-lm model: one sequence token- and logit-exact, batched (prefilled as one batch, decoded as
+one group) to float rounding. Families not proven here are refused at load, by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from tests.families import (CONFIGS, PROMPT, PROMPTS, agree, make_family_model, reference,
+                            run_batched, run_split, vocab_of)
+from zmqinfer.node.families import EXACT_FAMILIES, REFUSED_FAMILIES
+from zmqinfer.node.stage import Stage, StageError
+from zmqinfer.protocol.wire import SeqId
+
+STEPS = 8
+# mlx-lm's MODEL_REMAPPING loads these as another family's code: built from that family's config.
+ALIASES = {"mistral": "llama"}
+TESTED = sorted(EXACT_FAMILIES)
+
+
+def bounds(n: int, k: int) -> list[int]:
+    """n layers cut into k near-equal stages."""
+    return [round(i * n / k) for i in range(k + 1)]
+
+
+def build(tmp: Path, family: str, **kw: object) -> Path:
+    base = ALIASES.get(family, family)
+    return make_family_model(tmp / family, base, model_type=family, **kw) if base != family \
+        else make_family_model(tmp / family, family, **kw)
+
+
+def assert_split_exact(path: Path, cut: list[int]) -> None:
+    prompt = [x % vocab_of(path) for x in PROMPT]
+    ref_tokens, ref_logits = reference(path, prompt, STEPS)
+    stages = [Stage(path, a, b) for a, b in zip(cut, cut[1:])]
+    tokens, logits = run_split(stages, SeqId(1), prompt, STEPS)
+    assert tokens == ref_tokens, f"cut {cut}"
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        assert mx.array_equal(a, b).item(), f"cut {cut}: logits differ at step {i}"
+
+
+def assert_batched_agrees(path: Path, cut: list[int]) -> None:
+    prompts = [[x % vocab_of(path) for x in p] for p in PROMPTS]
+    refs = [reference(path, p, STEPS)[1] for p in prompts]
+    got = run_batched([Stage(path, a, b) for a, b in zip(cut, cut[1:])], prompts, STEPS)
+    for i, logits in got.items():
+        assert len(logits) >= STEPS // 2
+        for k, (a, b) in enumerate(zip(logits, refs[i])):
+            assert (why := agree(a, b)) is None, f"sequence {i} step {k}: {why}"
+
+
+@pytest.fixture(scope="module", params=TESTED)
+def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("fam"), request.param)
+
+
+def n_layers(path: Path) -> int:
+    return Stage(path, 0, 1).n_layers
+
+
+def test_split_into_two_and_three_stages_is_exact(family_model: Path) -> None:
+    n = n_layers(family_model)
+    for k in (2, 3):
+        if n >= k:
+            assert_split_exact(family_model, bounds(n, k))
+
+
+def test_batched_prefill_and_decode_agree_with_alone(family_model: Path) -> None:
+    n = n_layers(family_model)
+    assert_batched_agrees(family_model, bounds(n, min(n, 3)))
+
+
+def test_every_family_tested_is_served_or_refused_with_a_reason() -> None:
+    assert set(CONFIGS) <= EXACT_FAMILIES | set(REFUSED_FAMILIES)
+    assert EXACT_FAMILIES <= set(CONFIGS) | set(ALIASES)  # each served family is proven above
+    assert not EXACT_FAMILIES & set(REFUSED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(set(REFUSED_FAMILIES) & set(CONFIGS))[:8] + ["no_such_family"])
+def test_a_family_not_proven_is_refused_at_load_by_name(tmp_path: Path, family: str) -> None:
+    # Refused from config.json alone, before a weight is opened (there are none here).
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS.get(family, {}), "model_type": family}))
+    with pytest.raises(StageError, match=f"model family '{family}' is not served"):
+        Stage(tmp_path, 0, 1)
+
+
+@pytest.mark.parametrize("family,bits,mixed", [("qwen3", 8, False), ("qwen3", 4, False),
+                                               ("llama", 4, True), ("qwen3_moe", 4, False),
+                                               ("mixtral", 8, False), ("gemma3_text", 4, False)])
+def test_quantized_models_split_exactly(tmp_path: Path, family: str, bits: int, mixed: bool) -> None:
+    path = build(tmp_path, family, bits=bits, mixed=mixed)
+    q = json.loads((path / "config.json").read_text())["quantization"]
+    assert q["bits"] == bits and (not mixed or any(isinstance(v, dict) and v.get("bits") == 8 for v in q.values()))
+    n = n_layers(path)
+    assert_split_exact(path, bounds(n, 3))
+    assert_batched_agrees(path, bounds(n, 3))
+
+
+def test_the_seed_deployment_28_layer_8_bit_qwen3_split_10_9_9(tmp_path: Path) -> None:
+    path = make_family_model(tmp_path / "seed", "qwen3", bits=8, num_hidden_layers=28, hidden_size=64,
+                             intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, vocab_size=512)
+    assert n_layers(path) == 28
+    assert_split_exact(path, [0, 10, 19, 28])
+    assert_batched_agrees(path, [0, 10, 19, 28])
