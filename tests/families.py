@@ -63,11 +63,13 @@ def make_family_model(dest: Path, family: str, *, bits: int | None = None, mixed
     """A tiny random `family` model at `dest`, quantized to `bits` (mlx affine, group 32) if
     given; `mixed`: mlx-community's mixed recipe shape, the first and last layers at 8 bits and
     the rest at `bits`, recorded per layer in config.json as mlx_lm.convert writes it."""
-    config = small({**CONFIGS[family], **overrides})
+    config = {**small(CONFIGS[family]), **overrides}
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
-    config.setdefault("vocab_size", model.args.vocab_size)  # some families default it
+    args = model.args if hasattr(model, "args") else args_cls.from_dict(config)
+    text = getattr(args, "text_config", None) or {}
+    config.setdefault("vocab_size", getattr(args, "vocab_size", None) or text["vocab_size"])  # defaults
     # Default inits give near-uniform logits; scale them up so greedy picks are far from ties.
     weights = {k: v * 4 if v.ndim == 2 and mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}
@@ -130,14 +132,17 @@ def run_split(stages: list[Any], seq: SeqId, prompt: list[int], steps: int) -> t
     return tokens, logits
 
 
-def run_batched(stages: list[Any], prompts: list[list[int]], steps: int) -> dict[int, list[mx.array]]:
+def run_batched(stages: list[Any], prompts: list[list[int]], steps: int,
+                forced: list[list[int]]) -> dict[int, list[mx.array]]:
     """All prompts prefilled as one batch (prefill_batch), then decoded as one group, one
-    leaving half-way: each sequence's logits per step."""
+    leaving half-way: each sequence's logits per step. Each is fed `forced[i]` (the unsplit
+    model's greedy tokens), so a near-tie picked the other way cannot move later steps."""
     seqs = [SeqId(100 + i) for i in range(len(prompts))]
-    heads = [p[:-1] for p in prompts]
+    # A one-token prompt has nothing to prefill: it joins the group with an empty cache.
+    pre = [i for i, p in enumerate(prompts) if len(p) > 1]
     h: list[mx.array] | None = None
     for st in stages:
-        h = st.prefill_batch(seqs, [mx.array(x, dtype=mx.int32) for x in heads], h)
+        h = st.prefill_batch([seqs[i] for i in pre], [mx.array(prompts[i][:-1], dtype=mx.int32) for i in pre], h)
     members = list(range(len(prompts)))
     toks = {i: p[-1] for i, p in enumerate(prompts)}
     pos = {i: len(p) - 1 for i, p in enumerate(prompts)}
@@ -154,16 +159,19 @@ def run_batched(stages: list[Any], prompts: list[list[int]], steps: int) -> dict
         assert out is not None
         for j, i in enumerate(members):
             got[i].append(out[j:j + 1])
-            toks[i], pos[i] = int(mx.argmax(out[j]).item()), pos[i] + 1
+            toks[i], pos[i] = forced[i][k], pos[i] + 1
     return got
 
 
 def agree(a: mx.array, b: mx.array) -> str | None:
-    """Why logits `a` (batched) are not `b` (alone) to float rounding, or None: within 1e-4
-    relative, and the greedy pick unmoved unless two candidates are within that rounding."""
+    """Why logits `a` (batched) are not `b` (alone) to float rounding, or None: within 1e-3
+    relative, and the greedy pick unmoved unless two candidates are within that rounding.
+    Looser than test_stage's 1e-4: a batch's matmul shapes change OpenBLAS's summation order,
+    and some families' random tiny models amplify it (granite: 1.6e-4 under pytest, 0 alone);
+    a real batching mistake moves logits by whole units (0.4 to 21 in the ones seen)."""
     diff = mx.max(mx.abs(a - b)).item()
-    if diff > 1e-4 * max(1.0, mx.max(mx.abs(b)).item()):
-        return f"logits differ by {diff}"
+    if diff > 1e-3 * max(1.0, mx.max(mx.abs(b)).item()):
+        return f"logits differ by {diff} (largest {mx.max(mx.abs(b)).item():.1f})"
     top2 = mx.sort(b[0])[-2:].tolist()
     if top2[1] - top2[0] > 10 * diff and mx.argmax(a).item() != mx.argmax(b).item():
         return "the greedy pick moved"

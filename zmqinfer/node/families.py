@@ -35,14 +35,62 @@ from mlx_lm.models.cache import CacheList, make_prompt_cache
 # Split against the unsplit mlx-lm model, token- and logit-exact (single sequence) and batched
 # to float rounding, by tests/unit/node/test_families.py on tiny random models from mlx-lm's own
 # ModelArgs (mlx-lm 0.32). "mistral" loads as llama (mlx-lm's MODEL_REMAPPING).
-EXACT_FAMILIES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+EXACT_FAMILIES: frozenset[str] = frozenset({
+    "Klear", "afmoe", "apertus", "baichuan_m1", "bailing_moe", "cohere", "cohere2", "deepseek",
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe", "exaone4",
+    "exaone_moe", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe",
+    "glm4_moe_lite", "gpt_oss", "granite", "granitemoe", "granitemoehybrid", "helium",
+    "hunyuan_v1_dense", "internlm2", "internlm3", "kimi_linear", "laguna", "lfm2", "lfm2_moe",
+    "lille-130m", "llama", "llama4_text", "longcat_flash", "mamba", "mamba2", "mimo",
+    "mimo_v2_flash", "minicpm", "minimax", "ministral3", "mistral", "mixtral", "nemotron",
+    "nemotron_h", "olmo2", "olmo3", "olmoe", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_5",
+    "qwen3_5_moe", "qwen3_moe", "qwen3_next", "recurrent_gemma", "smollm3", "stablelm",
+    "starcoder2", "step3p5", "telechat3", "youtu_llm"
+})
 
 # Families tried and refused, with why (what a user sees when a node refuses to load one).
-REFUSED_FAMILIES: dict[str, str] = {}
+_NOT_A_LIST = "its layers are not a `layers` list (mlx-lm names them otherwise)"
+_CROSS = ("its layers pass more than the hidden state between them (shared KV or extra state), "
+          "which a cut between layers would drop")
+_DIFFERS = "split, its output differs from the unsplit model's (state shared across layers)"
+_EMBED = "its embedding is not one token embedding (per-token inputs only the first stage sees)"
+_SLOW = ("exact in a one-off run, but its tiny model from mlx-lm's tests takes 40-60 s on CPU: "
+         "not proven in the suite")
+_WRAP = "a multimodal wrapper with no text-only tiny model in mlx-lm's tests to prove it on"
+_SHRINK = "mlx-lm's test config for it is full-size and does not shrink to a test's size: not proven"
+REFUSED_FAMILIES: dict[str, str] = {
+    "afm7": _NOT_A_LIST,
+    "bailing_moe_linear": _DIFFERS,
+    "bitnet": "its kernels need Metal: mlx's CPU build cannot run it",
+    "dbrx": _NOT_A_LIST,
+    "exaone": _NOT_A_LIST,
+    "gemma3n": _WRAP,
+    "gemma4_text": _CROSS,
+    "gpt2": _NOT_A_LIST,
+    "gpt_bigcode": _NOT_A_LIST,
+    "gpt_neox": _NOT_A_LIST,
+    "hunyuan": _CROSS,
+    "iquestloopcoder": _DIFFERS,
+    "jamba": _SLOW,
+    "llama4": _WRAP + "; its chunked-attention cache cannot be batched by mlx-lm",
+    "longcat_flash_ngram": _EMBED,
+    "nanochat": _NOT_A_LIST,
+    "openelm": _SLOW,
+    "phi3small": "its tiny model crashes mlx's CPU build (segfault): not proven",
+    "plamo": _SHRINK,
+    "plamo2": _EMBED,
+    "qwen": _SHRINK,
+    "rwkv7": _CROSS,
+    "seed_oss": "its model code reads the embedding's weights on every stage",
+}
 
-_INNER_NAMES = ("model", "backbone", "transformer", "language_model")
+# Families whose recurrent layers run their state over a right-padded batch's padding in mlx-lm
+# 0.32 (they ignore the cache's lengths): their first chunks are prefilled one sequence at a
+# time; their decode, which has no padding, is batched.
+SOLO_PREFILL: frozenset[str] = frozenset({"mamba", "nemotron_h", "jamba"})
+
 _FINAL_NORM_NAMES = ("norm", "norm_f", "final_layernorm", "ln_f", "final_norm")
-_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "hidden_dim", "dim")
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "hidden_dim", "model_dim", "dim")
 
 
 def refusal(family: str) -> str | None:
@@ -180,10 +228,16 @@ class _Identity(nn.Module):
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    for name in _INNER_NAMES:
-        inner = getattr(model, name, None)
-        if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), list):
-            return inner
+    """The module that owns the layer list the model's `layers` names (nested in a wrapper for
+    some families: qwen3_5's language_model.model)."""
+    layers = getattr(model, "layers", None)
+    owners = [m for _, m in model.named_modules() if isinstance(m.get("layers"), list)]
+    for module in owners:  # the owner of that very list, else (a pipeline's view of it) its length
+        if module.get("layers") is layers:
+            return cast(nn.Module, module)
+    for module in owners:
+        if layers is not None and len(module["layers"]) == len(layers):
+            return cast(nn.Module, module)
     raise ValueError("the model has no inner module with a list of layers")
 
 

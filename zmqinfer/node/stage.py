@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.shards import load_shard_model
-from zmqinfer.node.families import ModelDriver, flat, refusal
+from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
 
@@ -246,6 +246,9 @@ class Stage:
         if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{MAX_SEQUENCES} sequences")
+        if self.family in SOLO_PREFILL:
+            return [self.forward(seq, 0, t, None if hidden is None else hidden[i], want_logits=False)
+                    for i, (seq, t) in enumerate(zip(seqs, tokens))]
         # Right-padded, as mlx-lm's BatchGenerator prefills: each cache kind is told the real
         # lengths (an SSM state stops at its own; attention caches roll the padding to the left
         # when finalized), then each sequence's own cache is extracted.
