@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,3 +177,18 @@ def agree(a: mx.array, b: mx.array) -> str | None:
     if top2[1] - top2[0] > 10 * diff and mx.argmax(a).item() != mx.argmax(b).item():
         return "the greedy pick moved"
     return None
+
+
+def with_tokenizer(dest: Path, model_dir: Path, family: str, **kw: Any) -> Path:
+    """A tiny random `family` model (make_family_model's keywords) that speaks the embedded
+    model's tokenizer (its vocabulary size, chat template and EOS ids), so a gateway can serve
+    it over HTTP: real requests through a real ring, with a tiny model's compute."""
+    src = json.loads((model_dir / "config.json").read_text())
+    made = make_family_model(dest, family, vocab_size=src["vocab_size"], **kw)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, made / f.name)
+    cfg = json.loads((made / "config.json").read_text())
+    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
+    (made / "config.json").write_text(json.dumps(cfg))
+    return made
