@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, layer_count, read_config
-from zmqinfer.model.size import ModelSize
+from zmqinfer.model.size import ModelSize, kv_bytes_per_layer_token
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
 # Everything of a hub model except its weights (mlx_lm.utils.sharded_load fetches the same).
@@ -169,11 +169,9 @@ def model_size(path: Path) -> ModelSize:
                 parts["shared"] += nbytes
     if not layers:
         raise ValueError(f"{path}: no layer weights found in model*.safetensors")
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     # The KV cache has the activations' dtype, which a norm weight (never quantized) shows.
-    act = 4 if dtypes.get("model.norm.weight") == "F32" else 2
+    norms = [d for name, d in dtypes.items() if "norm" in name and name.endswith(".weight")]
+    act = 4 if (dtypes.get("model.norm.weight") or (norms[0] if norms else "")) == "F32" else 2
     return ModelSize(n_layers=n, layer_bytes=max(layers.values()), embed_bytes=parts["embed"],
                      head_bytes=parts["head"], tied=not any(k.startswith("lm_head.") for k in dtypes),
-                     shared_bytes=parts["shared"], kv_bytes_per_token=2 * kv_heads * head_dim * act)
+                     shared_bytes=parts["shared"], kv_bytes_per_token=kv_bytes_per_layer_token(config, act))
