@@ -1,6 +1,6 @@
 """Issue 19: families beyond the dense four, served by a real 3-node ring (`zmqinfer up`,
 real processes and sockets) through the real gateway and the real `openai` client: an MoE, a
-sliding-window model, a hybrid (attention + SSM) and a 4-bit MoE. Each tiny random model speaks
+sliding-window model, a hybrid (attention + SSM), a 4-bit MoE and a pure SSM (mamba2). Each tiny random model speaks
 the embedded model's tokenizer. Alone, a request's text equals single-process mlx-lm's greedy
 output; several at once (batched prefill and decode) equal it too (these models have no
 near-ties: their weights are scaled up); and kill -9 of the middle node mid-stream on the MoE and
@@ -31,10 +31,13 @@ RINGS: list[tuple[str, dict[str, Any], bool]] = [  # family, model keywords, kil
     ("gemma3_text", {"sliding_window": 16}, False),  # windows far shorter than each sequence
     ("granitemoehybrid", {"mamba_d_head": 32}, True),  # transformers checks heads x dim = 2 x width
     ("qwen3_moe", {"bits": 4}, False),
+    # SSM only: no per-token KV for placement. (transformers, loading the tokenizer, validates
+    # the config: float step limits, heads x head_dim = 2 x width.)
+    ("mamba2", {"time_step_limit": [0.01, 10.0], "head_dim": 32}, False),
 ]
 
 
-@pytest.mark.parametrize("family,kw,kill", RINGS, ids=[f"{f}{'-4bit' if k else ''}" for f, k, _ in RINGS])
+@pytest.mark.parametrize("family,kw,kill", RINGS, ids=[f"{f}{'-4bit' if k.get('bits') else ''}" for f, k, _ in RINGS])
 def test_a_family_served_by_a_ring_equals_mlx_lm(model_dir: Path, tmp_path: Path, family: str,
                                                   kw: dict[str, Any], kill: bool) -> None:
     path = with_tokenizer(tmp_path / family, model_dir, family, **kw)
