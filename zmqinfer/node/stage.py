@@ -115,25 +115,31 @@ class Stage:
         # each layer's residual stream share it, as a norm's weight does).
         self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")
         # One token's cache over this stage's layers: what a KV budget in bytes divides by.
-        self.kv_bytes_per_token = self._measure_kv_per_token()
+        self.kv_bytes_per_token, state_bytes = self._measure_caches()
+        # A recurrent (SSM) state costs the same for any length: counted, per sequence, as the
+        # tokens of KV it weighs, so a node's KV budget also bounds how many states it holds.
+        self.state_tokens = -(-state_bytes // self.kv_bytes_per_token)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
 
-    def _measure_kv_per_token(self) -> int:
-        """Bytes one more token adds to this stage's caches, measured on a one-token forward:
-        each attention cache's bytes per position it holds (a sliding window's counted as if it
-        never stopped: an upper bound; an SSM state does not grow with tokens)."""
+    def _measure_caches(self) -> tuple[int, int]:
+        """(bytes one more token adds to this stage's caches, bytes of one sequence's fixed
+        state), measured on a one-token forward: each attention cache's bytes per position it
+        holds (a sliding window's counted as if it never stopped: an upper bound), and the
+        recurrent states' bytes (SSM, conv), which do not grow with tokens."""
         caches = self._new_cache()
         h = mx.zeros((1, 1, self.hidden_size), dtype=self._driver.dtype)
         self._driver.run(mx.zeros((1, 1), dtype=mx.int32), h, caches, last_only=True)
         mx.eval([c.state for c in caches])
-        per = 0.0
+        per, state = 0.0, 0
         for c in (x for c in caches for x in flat(c)):
             keys, values = getattr(c, "keys", None), getattr(c, "values", None)
             if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
                 per += (keys.nbytes + values.nbytes) / keys.shape[2]
-        return max(1, int(per))
+            else:
+                state += int(getattr(c, "nbytes", 0))
+        return max(1, int(per)), state
 
     # ---- KV caches --------------------------------------------------------------------------
 
@@ -145,12 +151,13 @@ class Stage:
         own = sum(c.offset for c in self._caches.values())
         return own + sum(len(g.order) * max(g.offsets.values(), default=0) for g in self._groups.values())
 
-    def _check_room(self, seq: SeqId, length: int) -> None:
-        """A new sequence is refused (not the process killed) when the stage is full."""
+    def _check_room(self, seq: SeqId, length: int, new: int = 1) -> None:
+        """`new` sequences (`length` tokens in all) are refused (not the process killed) when
+        the stage is full."""
         if len(self.seq_ids) >= MAX_SEQUENCES:
             raise StageError(f"sequence {seq}: this stage already holds {MAX_SEQUENCES} sequences")
-        held = self.kv_tokens()
-        if self.max_kv_tokens is not None and held + length > self.max_kv_tokens:
+        held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
+        if self.max_kv_tokens is not None and held + length + new * self.state_tokens > self.max_kv_tokens:
             raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
                              "held under this node's memory limit)")
 
@@ -242,7 +249,7 @@ class Stage:
         for seq in seqs:
             if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
                 raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
-        self._check_room(seqs[0], sum(lengths))
+        self._check_room(seqs[0], sum(lengths), new=len(seqs))
         if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{MAX_SEQUENCES} sequences")

@@ -108,3 +108,20 @@ def test_the_seed_deployment_28_layer_8_bit_qwen3_split_10_9_9(tmp_path: Path) -
     assert n_layers(path) == 28
     assert_split_exact(path, [0, 10, 19, 28])
     assert_batched_agrees(path, [0, 10, 19, 28])
+
+
+def test_an_ssm_state_counts_against_the_kv_budget(tmp_path: Path) -> None:
+    """A recurrent state does not grow with tokens but does with sequences: a node's KV budget
+    bounds how many it holds. (Attention-only families hold none.)"""
+    stage = Stage(build(tmp_path, "mamba2"), 0, 2)
+    assert stage.state_tokens > 0
+    assert Stage(build(tmp_path, "qwen3"), 0, 2).state_tokens == 0
+    stage.max_kv_tokens = 3 * (stage.state_tokens + 4)  # three 4-token prompts, no more
+    for i in range(3):
+        stage.forward(SeqId(i), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
+    with pytest.raises(StageError, match="KV cache full"):
+        stage.forward(SeqId(9), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
+    with pytest.raises(StageError, match="KV cache full"):
+        stage.prefill_batch([SeqId(10), SeqId(11)], [mx.array([1], dtype=mx.int32)] * 2, None)
+    stage.release([SeqId(0)])
+    stage.forward(SeqId(9), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
