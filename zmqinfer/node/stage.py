@@ -1,27 +1,31 @@
-"""One node's slice of the model: layers [start, end), their KV caches per sequence, the forward.
+"""One node's slice of the model: layers [start, end), their caches per sequence, the forward.
 
 The first stage also owns the token embedding; the last owns the final norm and the head (and
-the embedding again when the head is tied to it). Everything else is dropped before a single
-weight is read: mlx-lm loads lazily, so weights that nobody references are never read from disk
-and a node's memory is its shard plus its KV caches, never the whole model.
+the embedding again when the head is tied to it). Everything else is swapped out before a single
+weight is read: mlx-lm loads lazily, so weights that nobody evaluates are never read from disk
+and a node's memory is its shard plus its caches, never the whole model.
 
-The forward mirrors mlx-lm's own `LlamaModel.__call__` (embed -> layers with the causal mask ->
-norm -> head) operation for operation, so a split ring computes bit-identical logits to the
-unsplit model. Only the mlx thread may touch a Stage.
+The forward is the model's own: `families.ModelDriver` runs mlx-lm's `Model.__call__` with the
+other stages' layers passing their input through, so every family's masks, embedding scale,
+norm, head and soft-capping are its own and a split ring computes bit-identical logits to the
+unsplit model (tests/unit/node/test_families.py). Families not proven so are refused at load,
+by name. Only the mlx thread may touch a Stage.
 
-Two kinds of work, with two kinds of KV cache:
-* `forward`: one chunk of one sequence (prefill), on that sequence's own KVCache.
-* `prefill_batch`: the first chunks of several new sequences in one forward, left-padded into a
-  BatchKVCache as mlx-lm's `batch_generate` prefills, then split into each sequence's own
-  KVCache. Its hidden states agree with prefilling each alone to float rounding (as a group's
-  decode does); a sequence alone goes through `forward`, bit-identical to mlx-lm.
+Caches are the model's own kinds (`make_cache`: KV, rotating, SSM arrays, lists of them), one
+per cache slot of the stage's layers. Three kinds of work:
+* `forward`: one chunk of one sequence (prefill), on that sequence's own caches.
+* `prefill_batch`: the first chunks of several new sequences in one forward, right-padded into
+  merged batch caches told each length, as mlx-lm's `BatchGenerator` prefills, then extracted
+  into each sequence's own. Its hidden states agree with prefilling each alone to float
+  rounding (as a group's decode does); a sequence alone goes through `forward`, bit-identical
+  to mlx-lm. (Families whose recurrent layers ignore the lengths prefill one by one.)
 * `decode`: one new token for each sequence of a micro-batch group, all at once: the group keeps
-  one left-padded mlx-lm BatchKVCache per layer, so the weights are read once for the whole
-  group. A sequence joins its group on its first decode step (its prefill cache is merged in)
-  and leaves when it is released or stops appearing in the group's steps. A group computes
-  each sequence's logits to float rounding of decoding it alone: bit-identical with mlx's
-  bundled BLAS, ~1e-6 apart with OpenBLAS (whose kernels depend on the batch size), which can
-  only move a greedy pick between two near-tied tokens.
+  one merged (left-padded) batch cache per slot, so the weights are read once for the whole
+  group. A sequence joins its group on its first decode step (its prefill caches are merged in
+  with each kind's `merge`/`extend`) and leaves (`filter`) when it is released or stops
+  appearing in the group's steps. A group computes each sequence's logits to float rounding of
+  decoding it alone: bit-identical with mlx's bundled BLAS, ~1e-6 apart with OpenBLAS (whose
+  kernels depend on the batch size), which can only move a greedy pick between near-tied tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class _SeqCache:
 
 @dataclass
 class _Group:
-    """A micro-batch's sequences in batch order, with one BatchKVCache per layer."""
+    """A micro-batch's sequences in batch order, with one merged batch cache per cache slot."""
 
     order: list[SeqId] = field(default_factory=list)
     offsets: dict[SeqId, int] = field(default_factory=dict)
