@@ -36,20 +36,20 @@ from mlx_lm.models.cache import CacheList, make_prompt_cache
 # to float rounding, by tests/unit/node/test_families.py on tiny random models from mlx-lm's own
 # ModelArgs (mlx-lm 0.32). "mistral" loads as llama (mlx-lm's MODEL_REMAPPING).
 EXACT_FAMILIES: frozenset[str] = frozenset({
-    "Klear", "afmoe", "apertus", "baichuan_m1", "bailing_moe", "cohere", "cohere2", "deepseek",
-    "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe", "exaone4",
-    "exaone_moe", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe",
-    "glm4_moe_lite", "gpt_oss", "granite", "granitemoe", "granitemoehybrid", "helium",
-    "hunyuan_v1_dense", "internlm2", "internlm3", "kimi_linear", "laguna", "lfm2", "lfm2_moe",
-    "lille-130m", "llama", "llama4_text", "longcat_flash", "mamba", "mamba2", "mimo",
-    "mimo_v2_flash", "minicpm", "minimax", "ministral3", "mistral", "mixtral", "nemotron",
-    "nemotron_h", "olmo2", "olmo3", "olmoe", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_5",
-    "qwen3_5_moe", "qwen3_moe", "qwen3_next", "recurrent_gemma", "smollm3", "stablelm",
-    "starcoder2", "step3p5", "telechat3", "youtu_llm"
+    "Klear", "afmoe", "apertus", "baichuan_m1", "bailing_moe", "cohere", "cohere2", "dbrx",
+    "deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe",
+    "exaone", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm",
+    "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_neox", "gpt_oss", "granite", "granitemoe",
+    "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "internlm3", "kimi_linear",
+    "laguna", "lfm2", "lfm2_moe", "lille-130m", "llama", "llama4_text", "longcat_flash", "mamba",
+    "mamba2", "mimo", "mimo_v2_flash", "minicpm", "minimax", "ministral3", "mistral", "mixtral",
+    "nanochat", "nemotron", "nemotron_h", "olmo2", "olmo3", "olmoe", "phi3", "qwen2", "qwen2_moe",
+    "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "recurrent_gemma", "smollm3",
+    "stablelm", "starcoder2", "step3p5", "telechat3", "youtu_llm"
 })
 
 # Families tried and refused, with why (what a user sees when a node refuses to load one).
-_NOT_A_LIST = "its layers are not a `layers` list (mlx-lm names them otherwise)"
+_NOT_A_LIST = "its layers are not one list the model's code iterates"
 _CROSS = ("its layers pass more than the hidden state between them (shared KV or extra state), "
           "which a cut between layers would drop")
 _DIFFERS = "split, its output differs from the unsplit model's (state shared across layers)"
@@ -62,19 +62,14 @@ REFUSED_FAMILIES: dict[str, str] = {
     "afm7": _NOT_A_LIST,
     "bailing_moe_linear": _DIFFERS,
     "bitnet": "its kernels need Metal: mlx's CPU build cannot run it",
-    "dbrx": _NOT_A_LIST,
-    "exaone": _NOT_A_LIST,
     "gemma3n": _WRAP,
     "gemma4_text": _CROSS,
-    "gpt2": _NOT_A_LIST,
-    "gpt_bigcode": _NOT_A_LIST,
-    "gpt_neox": _NOT_A_LIST,
+    "gpt_bigcode": "batched, its model code takes a cache's offset for one number: mlx-lm cannot batch it",
     "hunyuan": _CROSS,
     "iquestloopcoder": _DIFFERS,
     "jamba": _SLOW,
     "llama4": _WRAP + "; its chunked-attention cache cannot be batched by mlx-lm",
     "longcat_flash_ngram": _EMBED,
-    "nanochat": _NOT_A_LIST,
     "openelm": _SLOW,
     "phi3small": "its tiny model crashes mlx's CPU build (segfault): not proven",
     "plamo": _SHRINK,
@@ -227,17 +222,21 @@ class _Identity(nn.Module):
         return x
 
 
-def _inner(model: nn.Module) -> nn.Module:
+# What families call their list of layers (gpt2's h, dbrx's blocks).
+_LAYER_LISTS = ("layers", "h", "blocks")
+
+
+def _inner(model: nn.Module) -> tuple[nn.Module, str]:
     """The module that owns the layer list the model's `layers` names (nested in a wrapper for
-    some families: qwen3_5's language_model.model)."""
+    some families: qwen3_5's language_model.model), and that list's attribute name."""
     layers = getattr(model, "layers", None)
-    owners = [m for _, m in model.named_modules() if isinstance(m.get("layers"), list)]
-    for module in owners:  # the owner of that very list, else (a pipeline's view of it) its length
-        if module.get("layers") is layers:
-            return cast(nn.Module, module)
-    for module in owners:
-        if layers is not None and len(module["layers"]) == len(layers):
-            return cast(nn.Module, module)
+    owners = [(m, k) for _, m in model.named_modules() for k in _LAYER_LISTS if isinstance(m.get(k), list)]
+    for module, key in owners:  # the owner of that very list, else (a pipeline's view of it) its length
+        if module.get(key) is layers:
+            return cast(nn.Module, module), key
+    for module, key in owners:
+        if layers is None or len(module[key]) == len(layers):
+            return cast(nn.Module, module), key
     raise ValueError("the model has no inner module with a list of layers")
 
 
@@ -264,14 +263,14 @@ class ModelDriver:
 
     def __init__(self, model: nn.Module, config: dict[str, Any], start: int, end: int) -> None:
         self.model = model
-        inner = _inner(model)
-        n = len(inner.layers)
+        inner, self._key = _inner(model)
+        n = len(inner[self._key])
         if not 0 <= start < end <= n:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {n} layers")
         self.n_layers, self.start, self.end = n, start, end
         self.is_first, self.is_last = start == 0, end == n
         self.width = hidden_size(config)
-        self.dtype = _layer_dtype(inner.layers[start])
+        self.dtype = _layer_dtype(inner[self._key][start])
         self._io = _IO()
         embed_name = _embedding_name(inner)
         real_embed = getattr(inner, embed_name)
@@ -289,8 +288,8 @@ class ModelDriver:
         mine = {s: k for k, s in enumerate(self.own_slots)}
         self._alias: list[int | None] = [mine.get(s, kinds.get(_kind(t))) for s, t in enumerate(self.templates)]
         self._spare = make_prompt_cache(model)
-        inner.layers = [_Held(l, self._io, i == start, i == end - 1) if start <= i < end else _Skip(l)
-                        for i, l in enumerate(inner.layers)]
+        setattr(inner, self._key, [_Held(l, self._io, i == start, i == end - 1) if start <= i < end
+                                   else _Skip(l) for i, l in enumerate(inner[self._key])])
         if not self.is_first:
             setattr(inner, embed_name, _Stub(self.width, self.dtype,
                                              real_embed if self.is_last and self.tied else None))
@@ -304,13 +303,13 @@ class ModelDriver:
 
     def _slots(self, inner: nn.Module, n: int) -> list[int | None]:
         """Each layer's cache slot, read from a dry run of the model's own `__call__`."""
-        layers = inner.layers
+        layers = inner[self._key]
         self._io.seen = [[] for _ in range(n)]
-        inner.layers = [_Recorder(l, i, self._io) for i, l in enumerate(layers)]
+        setattr(inner, self._key, [_Recorder(l, i, self._io) for i, l in enumerate(layers)])
         try:
             self.model(mx.zeros((1, 1), dtype=mx.int32), cache=self.templates)  # lazy: nothing runs
         finally:
-            inner.layers = layers
+            setattr(inner, self._key, layers)
         where = {id(c): s for s, c in enumerate(self.templates)}
         slots: list[int | None] = []
         for seen in self._io.seen:
