@@ -20,7 +20,7 @@ from typing import Any
 from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, layer_count, read_config
 from zmqinfer.model.size import ModelSize, kv_bytes_per_layer_token
 
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # mlx-lm's rule, and gpt2's h, dbrx's blocks
 # Everything of a hub model except its weights (mlx_lm.utils.sharded_load fetches the same).
 _META_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
                   "*.jsonl", "*.jinja"]
@@ -170,8 +170,10 @@ def model_size(path: Path) -> ModelSize:
     if not layers:
         raise ValueError(f"{path}: no layer weights found in model*.safetensors")
     # The KV cache has the activations' dtype, which a norm weight (never quantized) shows.
-    norms = [d for name, d in dtypes.items() if "norm" in name and name.endswith(".weight")]
-    act = 4 if (dtypes.get("model.norm.weight") or (norms[0] if norms else "")) == "F32" else 2
+    # (gpt2 calls its norms ln_1, ln_f; failing any norm, the floats most tensors have.)
+    norms = [d for name, d in dtypes.items() if ("norm" in name or ".ln_" in name) and name.endswith(".weight")]
+    floats = [d for d in dtypes.values() if d in ("F32", "F16", "BF16")]
+    act = 4 if (norms[0] if norms else max(set(floats), key=floats.count, default="")) == "F32" else 2
     return ModelSize(n_layers=n, layer_bytes=max(layers.values()), embed_bytes=parts["embed"],
                      head_bytes=parts["head"], tied=not any(k.startswith("lm_head.") for k in dtypes),
                      shared_bytes=parts["shared"], kv_bytes_per_token=kv_bytes_per_layer_token(config, act))
