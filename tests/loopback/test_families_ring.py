@@ -1,6 +1,7 @@
 """Issue 19: families beyond the dense four, served by a real 3-node ring (`zmqinfer up`,
 real processes and sockets) through the real gateway and the real `openai` client: an MoE, a
-sliding-window model, a hybrid (attention + SSM), a 4-bit MoE and a pure SSM (mamba2). Each tiny random model speaks
+sliding-window model, a hybrid (attention + SSM), a 4-bit MoE, a pure SSM (mamba2), gpt_oss and
+deepseek_v3. Each tiny random model speaks
 the embedded model's tokenizer. Alone, a request's text equals single-process mlx-lm's greedy
 output; several at once (batched prefill and decode) equal it too (these models have no
 near-ties: their weights are scaled up); and kill -9 of the middle node mid-stream on the MoE and
@@ -31,6 +32,8 @@ RINGS: list[tuple[str, dict[str, Any], bool]] = [  # family, model keywords, kil
     ("gemma3_text", {"sliding_window": 16}, False),  # windows far shorter than each sequence
     ("granitemoehybrid", {"mamba_d_head": 32}, True),  # transformers checks heads x dim = 2 x width
     ("qwen3_moe", {"bits": 4}, False),
+    ("gpt_oss", {}, False),  # attention sinks, alternating sliding and full layers
+    ("deepseek_v3", {}, False),  # latent attention, dense first layers before the MoE ones
     # SSM only: no per-token KV for placement. (transformers, loading the tokenizer, validates
     # the config: float step limits, heads x head_dim = 2 x width.)
     ("mamba2", {"time_step_limit": [0.01, 10.0], "head_dim": 32}, False),
