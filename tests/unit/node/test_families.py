@@ -125,3 +125,14 @@ def test_an_ssm_state_counts_against_the_kv_budget(tmp_path: Path) -> None:
         stage.prefill_batch([SeqId(10), SeqId(11)], [mx.array([1], dtype=mx.int32)] * 2, None)
     stage.release([SeqId(0)])
     stage.forward(SeqId(9), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
+
+
+def test_a_stage_of_layers_without_caches_nemotron_h_mlp_layers(tmp_path: Path) -> None:
+    """nemotron_h's MLP layers ("-") have no cache slot: a stage of only those holds no cache,
+    and the cache slots of the others are found by what the model hands each layer."""
+    path = make_family_model(tmp_path / "nh", "nemotron_h", num_hidden_layers=6,
+                             hybrid_override_pattern=["*", "-", "-", "M", "-", "*"])
+    cut = [0, 1, 3, 6]
+    assert [len(Stage(path, a, b)._driver.own_slots) for a, b in zip(cut, cut[1:])] == [1, 0, 2]
+    assert_split_exact(path, cut)
+    assert_batched_agrees(path, cut)
