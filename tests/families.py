@@ -53,9 +53,10 @@ def small(config: dict[str, Any]) -> dict[str, Any]:
                 c[k] = min(c[k], 4) if 4 % min(c[k], 4) == 0 else 4
     if isinstance(c.get("vocab_size"), int) and c["vocab_size"] > 1000:
         c["vocab_size"] = 1000
-    n = c.get("num_hidden_layers")
-    if isinstance(n, int) and n > 6 and not any(isinstance(v, list) and len(v) == n for v in c.values()):
-        c["num_hidden_layers"] = 6
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        n = c.get(key)
+        if isinstance(n, int) and n > 6 and not any(isinstance(v, list) and len(v) == n for v in c.values()):
+            c[key] = 6
     return c
 
 

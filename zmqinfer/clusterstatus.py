@@ -99,6 +99,7 @@ class ModelInfo(TypedDict):
     context_length: int | None
     params_total: int
     params_active: int | None  # per token, for a mixture of experts; None for a dense model
+    batching: str  # "batched", or "one sequence at a time" for a family mlx-lm cannot batch
 
 
 class ClusterStatus(TypedDict):

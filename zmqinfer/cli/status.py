@@ -154,8 +154,9 @@ def model_summary(info: ModelInfo) -> str:
     act = info.get("params_active")
     active = f" ({count(act)} active)" if act else ""
     ctx = f"context {info['context_length']}" if info.get("context_length") else "context unknown"
+    alone = ", one sequence at a time" if info.get("batching") == "one sequence at a time" else ""
     return (f"{info['family']}, {info['quantization']}, {ctx}, "
-            f"{count(info['params_total'])} parameters{active}")
+            f"{count(info['params_total'])} parameters{active}{alone}")
 
 
 def _model_line(st: ClusterStatus) -> list[str]:

@@ -12,6 +12,10 @@ from typing import Any
 from zmqinfer.clusterstatus import ModelInfo
 from zmqinfer.model.resolve import read_config
 
+# Families mlx-lm cannot batch (its code takes a cache's offset for one number): every node runs
+# each sequence alone (node/stage.py), and status says so.
+ONE_AT_A_TIME: frozenset[str] = frozenset({"gpt_bigcode"})
+
 # Where families keep their routed experts (mlx-lm stacks them: switch_mlp, gpt_oss's experts);
 # a shared expert runs for every token.
 _EXPERT_MARKS = (".switch_mlp.", ".experts.", ".block_sparse_moe.switch", ".feed_forward.experts")
@@ -69,4 +73,5 @@ def model_info(path: Path) -> ModelInfo:
     active = total - experts + experts * top_k // n_exp if experts and n_exp and top_k else None
     context = _first_int(config, ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"))
     return {"family": str(config.get("model_type", "?")), "quantization": quantization(config),
-            "context_length": context, "params_total": total, "params_active": active}
+            "context_length": context, "params_total": total, "params_active": active,
+            "batching": "one sequence at a time" if config.get("model_type") in ONE_AT_A_TIME else "batched"}

@@ -39,13 +39,14 @@ EXACT_FAMILIES: frozenset[str] = frozenset({
     "Klear", "afmoe", "apertus", "baichuan_m1", "bailing_moe", "cohere", "cohere2", "dbrx",
     "deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5", "ernie4_5_moe",
     "exaone", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm",
-    "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_neox", "gpt_oss", "granite", "granitemoe",
-    "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "internlm3", "kimi_linear",
-    "laguna", "lfm2", "lfm2_moe", "lille-130m", "llama", "llama4_text", "longcat_flash", "mamba",
-    "mamba2", "mimo", "mimo_v2_flash", "minicpm", "minimax", "ministral3", "mistral", "mixtral",
-    "nanochat", "nemotron", "nemotron_h", "olmo2", "olmo3", "olmoe", "phi3", "qwen2", "qwen2_moe",
-    "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "recurrent_gemma", "smollm3",
-    "stablelm", "starcoder2", "step3p5", "telechat3", "youtu_llm"
+    "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "granite",
+    "granitemoe", "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "internlm3",
+    "kimi_linear", "laguna", "lfm2", "lfm2_moe", "lille-130m", "llama", "llama4_text",
+    "longcat_flash", "mamba", "mamba2", "mimo", "mimo_v2_flash", "minicpm", "minimax",
+    "ministral3", "mistral", "mixtral", "nanochat", "nemotron", "nemotron_h", "olmo2", "olmo3",
+    "olmoe", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe",
+    "qwen3_next", "recurrent_gemma", "smollm3", "stablelm", "starcoder2", "step3p5", "telechat3",
+    "youtu_llm"
 })
 
 # Families tried and refused, with why (what a user sees when a node refuses to load one).
@@ -64,7 +65,6 @@ REFUSED_FAMILIES: dict[str, str] = {
     "bitnet": "its kernels need Metal: mlx's CPU build cannot run it",
     "gemma3n": _WRAP,
     "gemma4_text": _CROSS,
-    "gpt_bigcode": "batched, its model code takes a cache's offset for one number: mlx-lm cannot batch it",
     "hunyuan": _CROSS,
     "iquestloopcoder": _DIFFERS,
     "jamba": _SLOW,

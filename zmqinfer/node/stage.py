@@ -39,6 +39,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from zmqinfer.model.resolve import read_config
+from zmqinfer.model.facts import ONE_AT_A_TIME
 from zmqinfer.model.shards import load_shard_model
 from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
@@ -103,8 +104,8 @@ class Stage:
         d = self._driver
         self.start, self.end, self.n_layers = start, end, d.n_layers
         self.is_first, self.is_last, self.tied = d.is_first, d.is_last, d.tied
-        if not d.batchable:  # mlx-lm's BatchGenerator cannot batch it either
-            raise StageError(f"model family {self.family!r}: its cache kinds cannot be batched by mlx-lm")
+        # mlx-lm cannot batch it (its cache kinds, or its code): each sequence runs alone.
+        self.solo = self.family in ONE_AT_A_TIME or not d.batchable
         # Everything the model's own forward still reaches on this stage; the other layers, and
         # the embedding, norm and head of other stages, were swapped out: never evaluated (read).
         mx.eval(model.parameters())
@@ -257,7 +258,7 @@ class Stage:
         if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{MAX_SEQUENCES} sequences")
-        if self.family in SOLO_PREFILL:
+        if self.family in SOLO_PREFILL or self.solo:
             return [self.forward(seq, 0, t, None if hidden is None else hidden[i], want_logits=False)
                     for i, (seq, t) in enumerate(zip(seqs, tokens))]
         # Right-padded, as mlx-lm's BatchGenerator prefills: each cache kind is told the real
@@ -302,6 +303,8 @@ class Stage:
         missing from `seqs` have left and are dropped. Raises StageError before computing
         anything if a position does not match.
         """
+        if self.solo:
+            return self._decode_each(group, seqs, starts, tokens, hidden)
         g = self._groups.setdefault(group, _Group())
         joining = [s for s in seqs if s not in g.offsets]
         for seq, start in zip(seqs, starts):
@@ -334,3 +337,18 @@ class Stage:
         for seq in seqs:
             g.offsets[seq] += 1
         return out[:, -1, :]
+
+    def _decode_each(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
+                     hidden: mx.array | None) -> mx.array:
+        """`decode` for a family served one sequence at a time: each on its own caches."""
+        for seq, start in zip(seqs, starts):
+            c = self._caches.get(seq)
+            if (c.offset if c is not None else 0) != start:
+                raise StageError(f"sequence {seq}: decode at position {start}, cache holds "
+                                 f"{c.offset if c is not None else 0}")
+        if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
+            raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {len(seqs)} sequences x {self.hidden_size}")
+        return mx.concatenate([self.forward(seq, start, tokens[i:i + 1], None if hidden is None else hidden[i:i + 1],
+                                            want_logits=True) for i, (seq, start) in enumerate(zip(seqs, starts))])
+

@@ -49,3 +49,14 @@ def test_quantized_counts_unpack_to_the_same_parameters(tmp_path: Path) -> None:
         assert info["params_active"] == active, label
     assert model_info(plain)["params_active"] == active
     assert "active)" in model_summary(model_info(plain)) and "qwen3_moe" in model_summary(model_info(plain))
+
+
+def test_a_family_mlx_lm_cannot_batch_says_so_and_runs_alone(tmp_path: Path) -> None:
+    from zmqinfer.node.stage import Stage
+
+    alone = make_family_model(tmp_path / "b", "gpt_bigcode")
+    assert model_info(alone)["batching"] == "one sequence at a time"
+    assert "one sequence at a time" in model_summary(model_info(alone))
+    assert Stage(alone, 0, 1).solo
+    plain = make_family_model(tmp_path / "q", "qwen3")
+    assert model_info(plain)["batching"] == "batched" and not Stage(plain, 0, 1).solo

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zmqinfer.model.facts import ONE_AT_A_TIME
 from zmqinfer.node.families import EXACT_FAMILIES, REFUSED_FAMILIES, SOLO_PREFILL
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "families.md"
@@ -16,7 +17,9 @@ def table() -> str:
     rows = ["| family | served | why / how |", "|---|---|---|"]
     for f in sorted(EXACT_FAMILIES | set(REFUSED_FAMILIES), key=str.lower):
         if f in EXACT_FAMILIES:
-            how = "exact; first chunks prefilled one at a time, decode batched" if f in SOLO_PREFILL else "exact"
+            how = ("exact; one sequence at a time (mlx-lm cannot batch it)" if f in ONE_AT_A_TIME
+                   else "exact; first chunks prefilled one at a time, decode batched" if f in SOLO_PREFILL
+                   else "exact")
             rows.append(f"| {f} | yes | {how} |")
         else:
             rows.append(f"| {f} | refused | {REFUSED_FAMILIES[f].replace('|', '/')} |")
