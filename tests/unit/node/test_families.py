@@ -136,3 +136,29 @@ def test_a_stage_of_layers_without_caches_nemotron_h_mlp_layers(tmp_path: Path) 
     assert [len(Stage(path, a, b)._driver.own_slots) for a, b in zip(cut, cut[1:])] == [1, 0, 2]
     assert_split_exact(path, cut)
     assert_batched_agrees(path, cut)
+
+
+@pytest.mark.parametrize("family,kw", [("ministral3", {}), ("gemma3_text", {"sliding_window": 8}),
+                                       ("qwen3_next", {}), ("mamba2", {})])
+def test_a_prompt_prefilled_in_chunks_longer_than_the_window(tmp_path: Path, family: str,
+                                                              kw: dict[str, object]) -> None:
+    """The gateway prefills a long prompt chunk by chunk; sliding windows (8 positions here)
+    shorter than a chunk keep what the unsplit model's one-chunk prefill keeps: the same
+    tokens, logits to float rounding (other chunk shapes change OpenBLAS's summation order and
+    an SSM's scan order; with mlx's bundled BLAS the attention families are bit-identical)."""
+    path = build(tmp_path, family, **kw)
+    prompt = [(x * 7 + 3) % vocab_of(path) for x in range(40)]
+    tokens, logits = reference(path, prompt, 6)
+    stages = [Stage(path, 0, 2), Stage(path, 2, n_layers(path))]
+    for a, b in ((0, 13), (13, 29), (29, len(prompt) - 1)):
+        h = None
+        for st in stages:
+            h = st.forward(SeqId(1), a, mx.array(prompt[a:b], dtype=mx.int32), h, want_logits=False)
+    y, pos = prompt[-1], len(prompt) - 1
+    for k in range(6):
+        h = None
+        for st in stages:
+            h = st.forward(SeqId(1), pos, mx.array([y], dtype=mx.int32), h, want_logits=True)
+        assert (why := agree(h, logits[k])) is None, f"step {k}: {why}"
+        assert int(mx.argmax(h).item()) == tokens[k], f"step {k}"
+        y, pos = tokens[k], pos + 1
