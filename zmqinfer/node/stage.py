@@ -104,8 +104,12 @@ class Stage:
         d = self._driver
         self.start, self.end, self.n_layers = start, end, d.n_layers
         self.is_first, self.is_last, self.tied = d.is_first, d.is_last, d.tied
-        # mlx-lm cannot batch it (its cache kinds, or its code): each sequence runs alone.
-        self.solo = self.family in ONE_AT_A_TIME or not d.batchable
+        # mlx-lm cannot batch it (its code, or its cache kinds): each sequence runs alone. The
+        # list is one (model/facts.py) so that status, which reads no weights, says the same.
+        self.solo = self.family in ONE_AT_A_TIME
+        if not d.batchable and not self.solo:
+            raise StageError(f"model family {self.family!r}: mlx-lm cannot batch its cache kinds "
+                             "(a family served one sequence at a time is listed in model/facts.py)")
         # Everything the model's own forward still reaches on this stage; the other layers, and
         # the embedding, norm and head of other stages, were swapped out: never evaluated (read).
         mx.eval(model.parameters())
