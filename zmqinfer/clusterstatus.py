@@ -91,6 +91,17 @@ class SecurityStatus(TypedDict):
     api: NotRequired[ApiAuthStatus]
 
 
+class ModelInfo(TypedDict):
+    """The served model (model/facts.py)."""
+
+    family: str  # config.json's model_type
+    quantization: str  # "8-bit", "4-bit (mixed: 4, 8)", or the weights' dtype
+    context_length: int | None
+    params_total: int
+    params_active: int | None  # per token, for a mixture of experts; None for a dense model
+    batching: str  # "batched", or "one sequence at a time" for a family mlx-lm cannot batch
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
@@ -110,6 +121,7 @@ class ClusterStatus(TypedDict):
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]
+    model_info: NotRequired[ModelInfo]
 
 
 class NodePing(TypedDict):

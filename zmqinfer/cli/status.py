@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from zmqinfer.mdns.discovery import Discovered
 
-from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, NodeStatus
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, ModelInfo, NodeStatus
 from zmqinfer.config import DEFAULT_API_PORT, ConfigError
 
 PIPE_WIDTH = 200  # status table width when stdout is not a terminal (a row is ~130 characters)
@@ -143,7 +143,27 @@ def status_view(st: ClusterStatus) -> RenderableType:
                   layers, health, beat, (n.get("device") or "-").split(" (")[0],
                   _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
                   f"{100 * (n.get('busy_fraction') or 0):.0f}%")
-    return Group(head, t, *_security_lines(st))
+    return Group(head, *_model_line(st), t, *_security_lines(st))
+
+
+def model_summary(info: ModelInfo) -> str:
+    """"qwen3_moe, 4-bit, context 40960, 30.5B parameters (3.3B active)"."""
+    def count(n: int) -> str:
+        return next(f"{n / 10 ** e:.1f}{u}" for e, u in ((12, "T"), (9, "B"), (6, "M"), (3, "K"), (0, ""))
+                    if n >= 10 ** e or e == 0)
+    act = info.get("params_active")
+    active = f" ({count(act)} active)" if act else ""
+    ctx = f"context {info['context_length']}" if info.get("context_length") else "context unknown"
+    alone = ", one sequence at a time" if info.get("batching") == "one sequence at a time" else ""
+    return (f"{info['family']}, {info['quantization']}, {ctx}, "
+            f"{count(info['params_total'])} parameters{active}{alone}")
+
+
+def _model_line(st: ClusterStatus) -> list[str]:
+    from rich.markup import escape
+
+    info = st.get("model_info")
+    return [] if info is None else [escape(model_summary(info))]  # absent from an older gateway
 
 
 def _security_lines(st: ClusterStatus) -> list[str]:

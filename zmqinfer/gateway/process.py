@@ -43,7 +43,8 @@ from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.gateway.status import PING_TIMEOUT_S, ClusterView
 from zmqinfer.liveness import HEARTBEAT_INTERVAL_S, Liveness
-from zmqinfer.model.resolve import model_fingerprint, read_config
+from zmqinfer.model.resolve import layer_count, model_fingerprint, read_config
+from zmqinfer.model.facts import model_info
 from zmqinfer.model.shards import model_size
 from zmqinfer.protocol import sockets
 from zmqinfer.protocol.codec import encode
@@ -82,7 +83,7 @@ class Gateway:
         self.model_id = model_id or model  # the name clients see in /v1/models
         self.guard = guard or ApiGuard.from_keys({})
         cfg = read_config(model_path)
-        self.n_layers = int(cfg["num_hidden_layers"])
+        self.n_layers = layer_count(cfg)
         self.context_length = int(cfg.get("max_position_embeddings", 4096))
         self.fingerprint = model_fingerprint(model_path)
         self.tokenizer: TokenizerWrapper = load_tokenizer(model_path)
@@ -115,6 +116,7 @@ class Gateway:
         self.cluster = ClusterView(self.model_id, self.n_layers, self.ring, self.members, self.scheduler,
                                    self.planner, self.guard, self.auth, self.send_control,
                                    lambda: self.metrics.throughput())
+        self.cluster.model_info = model_info(model_path)
         self.metrics = Metrics(self.model_id, self.cluster.status, self.context_length)
         self.scheduler.on_queued = self.metrics.on_queued
         # The API's backend: the scheduler generates, the cluster view reports.

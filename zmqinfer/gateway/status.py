@@ -19,6 +19,7 @@ import zmq
 from zmqinfer.clusterstatus import (
     ClusterPing,
     ClusterStatus,
+    ModelInfo,
     NodePing,
     SecurityStatus,
     Throughput,
@@ -49,6 +50,7 @@ class ClusterView:
         self.ring, self.members, self.scheduler, self.planner = ring, members, scheduler, planner
         self.guard, self.auth = guard, auth
         self._send_control, self._throughput = send_control, throughput
+        self.model_info: ModelInfo | None = None  # set by the gateway from the model's files
         self._nonces = itertools.count(1)
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._probes: dict[int, asyncio.Future[float]] = {}
@@ -77,7 +79,8 @@ class ClusterView:
                 "throughput": self._throughput(),
                 "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
                 "decode_steps": s.decode_steps, "queued_requests": s.queued, "kv_tokens": ring.kv_tokens,
-                "replans": planner.history[-5:], "nodes": nodes, "security": security}
+                "replans": planner.history[-5:], "nodes": nodes, "security": security,
+                **({"model_info": self.model_info} if self.model_info is not None else {})}  # type: ignore[typeddict-item]
 
     async def ping(self) -> ClusterPing:
         async def one(name: NodeId) -> NodePing:

@@ -56,6 +56,19 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+# What families call their layer count in config.json (mlx-lm's ModelArgs for each).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "num_layers", "n_layer", "num_transformer_layers")
+
+
+def layer_count(config: dict[str, Any]) -> int:
+    """A config's number of transformer layers, under whichever name its family uses."""
+    for src in (config, config.get("text_config") or {}):
+        for key in _LAYER_COUNT_KEYS:
+            if isinstance(src.get(key), int):
+                return int(src[key])
+    raise KeyError("config.json names no layer count (num_hidden_layers)")
+
+
 def cache_root() -> Path:
     """Where zmqinfer keeps converted models: ``$ZMQINFER_CACHE`` or ``~/.cache/zmqinfer``."""
     return Path(os.environ.get("ZMQINFER_CACHE") or "~/.cache/zmqinfer").expanduser()

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, read_config
-from zmqinfer.model.size import ModelSize
+from zmqinfer.model.resolve import WEIGHT_INDEX, ModelNotFound, layer_count, read_config
+from zmqinfer.model.size import ModelSize, kv_bytes_per_layer_token
 
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx-lm's own rule in sharded_load
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # mlx-lm's rule, and gpt2's h, dbrx's blocks
 # Everything of a hub model except its weights (mlx_lm.utils.sharded_load fetches the same).
 _META_PATTERNS = ["*.json", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
                   "*.jsonl", "*.jinja"]
@@ -63,7 +63,7 @@ def shard_weight_files(model: Path | str, start: int, end: int, n_layers: int | 
     if n_layers is None:
         config_dir = path.parent if path.is_file() else path
         config = read_config(config_dir)
-        n_layers = int(config["num_hidden_layers"])
+        n_layers = layer_count(config)
     if tied is None:
         tied = not any(name.startswith("lm_head.") for name in weight_map)
     if not 0 <= start < end <= n_layers:
@@ -96,7 +96,7 @@ def fetch_shard(repo_id: str, start: int, end: int | None, *, revision: str | No
 
     meta = download(_META_PATTERNS, "the config, tokenizer and weight index")
     if end is None:
-        end = int(read_config(meta)["num_hidden_layers"])
+        end = layer_count(read_config(meta))
     weights = (shard_weight_files(meta, start, end) if (meta / WEIGHT_INDEX).is_file()
                else ["model*.safetensors"])
     return download([*_META_PATTERNS, *weights], f"{', '.join(weights)} (layers [{start}, {end}))")
@@ -116,7 +116,7 @@ def load_shard_model(path: Path, start: int, end: int) -> tuple[Any, dict[str, A
 
     path = Path(path)
     config = read_config(path)
-    n = int(config["num_hidden_layers"])
+    n = layer_count(config)
     weight_map = _weight_map(path)
     lo, hi = min(max(start, 0), n), min(max(end, 0), n)
     if weight_map is None:
@@ -146,7 +146,7 @@ def model_size(path: Path) -> ModelSize:
     """ring.ModelSize of a local model, from the safetensors headers alone (no weights read)."""
     path = Path(path)
     config = read_config(path)
-    n = int(config["num_hidden_layers"])
+    n = layer_count(config)
     layers: dict[int, int] = {}
     parts = {"embed": 0, "head": 0, "shared": 0}
     dtypes: dict[str, str] = {}
@@ -169,11 +169,11 @@ def model_size(path: Path) -> ModelSize:
                 parts["shared"] += nbytes
     if not layers:
         raise ValueError(f"{path}: no layer weights found in model*.safetensors")
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     # The KV cache has the activations' dtype, which a norm weight (never quantized) shows.
-    act = 4 if dtypes.get("model.norm.weight") == "F32" else 2
+    # (gpt2 calls its norms ln_1, ln_f; failing any norm, the floats most tensors have.)
+    norms = [d for name, d in dtypes.items() if ("norm" in name or ".ln_" in name) and name.endswith(".weight")]
+    floats = [d for d in dtypes.values() if d in ("F32", "F16", "BF16")]
+    act = 4 if (norms[0] if norms else max(set(floats), key=floats.count, default="")) == "F32" else 2
     return ModelSize(n_layers=n, layer_bytes=max(layers.values()), embed_bytes=parts["embed"],
                      head_bytes=parts["head"], tied=not any(k.startswith("lm_head.") for k in dtypes),
-                     shared_bytes=parts["shared"], kv_bytes_per_token=2 * kv_heads * head_dim * act)
+                     shared_bytes=parts["shared"], kv_bytes_per_token=kv_bytes_per_layer_token(config, act))

@@ -4,6 +4,7 @@ KV cache really costs beside its tokens (the gateway's budget and a node's own c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # mlx-lm's KVCache and BatchKVCache grow in steps of this many positions (cache.step).
 KV_STEP = 256
@@ -38,3 +39,31 @@ class ModelSize:
         if last:
             extra += self.head_bytes + (self.embed_bytes if self.tied and not first else 0)
         return extra + n * (self.layer_bytes + kv_tokens * self.kv_bytes_per_token)
+
+
+def _first(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for src in (config, config.get("text_config") or {}):
+        for k in keys:
+            if isinstance(src.get(k), int) and src[k] > 0:
+                return int(src[k])
+    return None
+
+
+def kv_bytes_per_layer_token(config: dict[str, Any], act: int) -> int:
+    """One token's K+V, averaged over the layers, from config.json under each family's names.
+    A family with no attention heads (mamba, mamba2) holds a constant SSM state: 0 per token.
+    A hybrid's per-layer list (layer_types, hybrid_override_pattern) counts its attention layers
+    only. A sliding-window layer is counted as if its window never stopped it: an upper bound."""
+    # Attention heads only: mamba2's num_heads are its SSM's.
+    heads = _first(config, ("num_attention_heads", "n_head"))
+    if heads is None:
+        return 0
+    kv_heads = _first(config, ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_head_kv")) or heads
+    width = _first(config, ("hidden_size", "d_model", "n_embd", "hidden_dim", "dim")) or 0
+    head_dim = _first(config, ("head_dim",)) or width // heads
+    per_layer = 2 * kv_heads * head_dim * act
+    kinds = config.get("layer_types") or config.get("hybrid_override_pattern")
+    if isinstance(kinds, (list, str)) and kinds:
+        attention = sum(1 for k in kinds if "attention" in str(k) or str(k) == "*")
+        return per_layer * attention // len(kinds)
+    return per_layer

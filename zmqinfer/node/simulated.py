@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from zmqinfer.model.resolve import read_config
+from zmqinfer.model.resolve import layer_count, read_config
 from zmqinfer.protocol.wire import SeqId
 
 # Simulated tokens stay clear of the low ids, where tokenizers keep EOS and other specials.
@@ -57,7 +57,7 @@ class SimulatedStage:
 
     def __init__(self, model_path: Path, start: int, end: int, cost: SimulatedCost) -> None:
         config = read_config(model_path)
-        n_layers = int(config["num_hidden_layers"])
+        n_layers = layer_count(config)
         if not 0 <= start < end <= n_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {n_layers} layers")
         self.start, self.end, self.cost = start, end, cost

@@ -1,27 +1,31 @@
-"""One node's slice of the model: layers [start, end), their KV caches per sequence, the forward.
+"""One node's slice of the model: layers [start, end), their caches per sequence, the forward.
 
 The first stage also owns the token embedding; the last owns the final norm and the head (and
-the embedding again when the head is tied to it). Everything else is dropped before a single
-weight is read: mlx-lm loads lazily, so weights that nobody references are never read from disk
-and a node's memory is its shard plus its KV caches, never the whole model.
+the embedding again when the head is tied to it). Everything else is swapped out before a single
+weight is read: mlx-lm loads lazily, so weights that nobody evaluates are never read from disk
+and a node's memory is its shard plus its caches, never the whole model.
 
-The forward mirrors mlx-lm's own `LlamaModel.__call__` (embed -> layers with the causal mask ->
-norm -> head) operation for operation, so a split ring computes bit-identical logits to the
-unsplit model. Only the mlx thread may touch a Stage.
+The forward is the model's own: `families.ModelDriver` runs mlx-lm's `Model.__call__` with the
+other stages' layers passing their input through, so every family's masks, embedding scale,
+norm, head and soft-capping are its own and a split ring computes bit-identical logits to the
+unsplit model (tests/unit/node/test_families.py). Families not proven so are refused at load,
+by name. Only the mlx thread may touch a Stage.
 
-Two kinds of work, with two kinds of KV cache:
-* `forward`: one chunk of one sequence (prefill), on that sequence's own KVCache.
-* `prefill_batch`: the first chunks of several new sequences in one forward, left-padded into a
-  BatchKVCache as mlx-lm's `batch_generate` prefills, then split into each sequence's own
-  KVCache. Its hidden states agree with prefilling each alone to float rounding (as a group's
-  decode does); a sequence alone goes through `forward`, bit-identical to mlx-lm.
+Caches are the model's own kinds (`make_cache`: KV, rotating, SSM arrays, lists of them), one
+per cache slot of the stage's layers. Three kinds of work:
+* `forward`: one chunk of one sequence (prefill), on that sequence's own caches.
+* `prefill_batch`: the first chunks of several new sequences in one forward, right-padded into
+  merged batch caches told each length, as mlx-lm's `BatchGenerator` prefills, then extracted
+  into each sequence's own. Its hidden states agree with prefilling each alone to float
+  rounding (as a group's decode does); a sequence alone goes through `forward`, bit-identical
+  to mlx-lm. (Families whose recurrent layers ignore the lengths prefill one by one.)
 * `decode`: one new token for each sequence of a micro-batch group, all at once: the group keeps
-  one left-padded mlx-lm BatchKVCache per layer, so the weights are read once for the whole
-  group. A sequence joins its group on its first decode step (its prefill cache is merged in)
-  and leaves when it is released or stops appearing in the group's steps. A group computes
-  each sequence's logits to float rounding of decoding it alone: bit-identical with mlx's
-  bundled BLAS, ~1e-6 apart with OpenBLAS (whose kernels depend on the batch size), which can
-  only move a greedy pick between two near-tied tokens.
+  one merged (left-padded) batch cache per slot, so the weights are read once for the whole
+  group. A sequence joins its group on its first decode step (its prefill caches are merged in
+  with each kind's `merge`/`extend`) and leaves (`filter`) when it is released or stops
+  appearing in the group's steps. A group computes each sequence's logits to float rounding of
+  decoding it alone: bit-identical with mlx's bundled BLAS, ~1e-6 apart with OpenBLAS (whose
+  kernels depend on the batch size), which can only move a greedy pick between near-tied tokens.
 """
 
 from __future__ import annotations
@@ -29,21 +33,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from zmqinfer.model.resolve import read_config
+from zmqinfer.model.facts import ONE_AT_A_TIME
 from zmqinfer.model.shards import load_shard_model
+from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
 
-# Families whose inner model is exactly embed -> layers -> norm (checked against mlx-lm 0.32).
-# Others (gemma scales its embedding, MoE/SSM hybrids keep other caches) are refused, not guessed.
-SUPPORTED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # A sequence whose cache has not been touched for this long is freed even if its Release never
 # came (a gateway that died mid-request): KV caches must not leak. Long enough for any step.
@@ -66,11 +67,11 @@ class _SeqCache:
 
 @dataclass
 class _Group:
-    """A micro-batch's sequences in batch order, with one BatchKVCache per layer."""
+    """A micro-batch's sequences in batch order, with one merged batch cache per cache slot."""
 
     order: list[SeqId] = field(default_factory=list)
     offsets: dict[SeqId, int] = field(default_factory=dict)
-    layers: list[BatchKVCache] | None = None
+    layers: list[Any] | None = None
     last_used: float = field(default_factory=time.monotonic)
 
     def keep(self, seqs: list[SeqId]) -> None:
@@ -90,78 +91,82 @@ class _Group:
 
 class Stage:
     def __init__(self, model_path: Path, start: int, end: int) -> None:
+        # Refused by name before a weight is opened.
+        self.family = str(read_config(Path(model_path)).get("model_type", "?"))
+        if (why := refusal(self.family)) is not None:
+            raise StageError(why)
         # Only the weight files holding this range are opened (all of them for an unsharded model).
         model, config = load_shard_model(Path(model_path), start, end)
-        family = config.get("model_type", "?")
-        if family not in SUPPORTED_FAMILIES:
-            raise StageError(f"model family {family!r} is not supported for pipeline splitting "
-                             f"(supported: {', '.join(sorted(SUPPORTED_FAMILIES))})")
-        inner = model.model
-        n_layers = len(inner.layers)
-        if not 0 <= start < end <= n_layers:
-            raise StageError(f"layer range [{start}, {end}) is outside the model's {n_layers} layers")
-        self.start, self.end, self.n_layers = start, end, n_layers
-        self.is_first, self.is_last = start == 0, end == n_layers
-        self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
-        if any(getattr(l, "use_sliding", False) for l in inner.layers):
-            raise StageError("sliding-window attention layers are not supported yet")
-
-        self.layers = inner.layers[start:end]
-        # Each is None on the stages that do not hold it (only the first embeds, the last norms
-        # and projects to the vocabulary; a tied last stage holds the embedding for its head).
-        self.embed: nn.Module | None = (inner.embed_tokens if self.is_first or (self.is_last and self.tied)
-                                        else None)
-        self.norm: nn.Module | None = inner.norm if self.is_last else None
-        self.head: Callable[[mx.array], mx.array] | None = None
-        if self.is_last:
-            self.head = inner.embed_tokens.as_linear if self.tied else model.lm_head
-        # Drop every other module so their lazy weights are never evaluated (never read).
-        kept = nn.Module()
-        kept.layers = self.layers
-        if self.embed is not None:
-            kept.embed = self.embed
-        if self.norm is not None:
-            kept.norm = self.norm
-        if self.is_last and not self.tied:
-            kept.lm_head = model.lm_head
-        self._kept = kept
-        mx.eval(kept.parameters())
-        self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(kept.parameters())))
-        self.hidden_size = int(config["hidden_size"])
+        try:
+            self._driver = ModelDriver(model, config, start, end)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        d = self._driver
+        self.start, self.end, self.n_layers = start, end, d.n_layers
+        self.is_first, self.is_last, self.tied = d.is_first, d.is_last, d.tied
+        # mlx-lm cannot batch it (its code, or its cache kinds): each sequence runs alone. The
+        # list is one (model/facts.py) so that status, which reads no weights, says the same.
+        self.solo = self.family in ONE_AT_A_TIME
+        if not d.batchable and not self.solo:
+            raise StageError(f"model family {self.family!r}: mlx-lm cannot batch its cache kinds "
+                             "(a family served one sequence at a time is listed in model/facts.py)")
+        # Everything the model's own forward still reaches on this stage; the other layers, and
+        # the embedding, norm and head of other stages, were swapped out: never evaluated (read).
+        mx.eval(model.parameters())
+        self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())))
+        self.hidden_size = d.width
         if self.hidden_size > MAX_HIDDEN_SIZE:  # its prefill chunks would not fit a data frame
             raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
                              " (zmqinfer/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
-        self.vocab_size = int(config["vocab_size"])
+        self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)
         # What flows between stages: the dtype the layers compute in (an embedding's output and
-        # each layer's residual stream share it, as its first norm's weight does).
-        self.hidden_dtype = str(self.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or self.hidden_size // heads)
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        act = inner.norm.weight.dtype.size if hasattr(inner, "norm") else 4
-        # One token's K and V over this stage's layers: what a KV budget in bytes divides by.
-        self.kv_bytes_per_token = 2 * kv_heads * head_dim * act * len(self.layers)
+        # each layer's residual stream share it, as a norm's weight does).
+        self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")
+        # One token's cache over this stage's layers: what a KV budget in bytes divides by.
+        self.kv_bytes_per_token, state_bytes = self._measure_caches()
+        # A recurrent (SSM) state costs the same for any length: counted, per sequence, as the
+        # tokens of KV it weighs, so a node's KV budget also bounds how many states it holds.
+        self.state_tokens = -(-state_bytes // self.kv_bytes_per_token)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
 
+    def _measure_caches(self) -> tuple[int, int]:
+        """(bytes one more token adds to this stage's caches, bytes of one sequence's fixed
+        state), measured on a one-token forward: each attention cache's bytes per position it
+        holds (a sliding window's counted as if it never stopped: an upper bound), and the
+        recurrent states' bytes (SSM, conv), which do not grow with tokens."""
+        caches = self._new_cache()
+        h = mx.zeros((1, 1, self.hidden_size), dtype=self._driver.dtype)
+        self._driver.run(mx.zeros((1, 1), dtype=mx.int32), h, caches, last_only=True)
+        mx.eval([c.state for c in caches])
+        per, state = 0.0, 0
+        for c in (x for c in caches for x in flat(c)):
+            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
+                per += (keys.nbytes + values.nbytes) / keys.shape[2]
+            else:
+                state += int(getattr(c, "nbytes", 0))
+        return max(1, int(per)), state
+
     # ---- KV caches --------------------------------------------------------------------------
 
     def _new_cache(self) -> list[Any]:
-        return [KVCache() for _ in self.layers]
+        return self._driver.new_caches()
 
     def kv_tokens(self) -> int:
         """Token positions held in KV caches, a group counted padded to its longest member."""
         own = sum(c.offset for c in self._caches.values())
         return own + sum(len(g.order) * max(g.offsets.values(), default=0) for g in self._groups.values())
 
-    def _check_room(self, seq: SeqId, length: int) -> None:
-        """A new sequence is refused (not the process killed) when the stage is full."""
+    def _check_room(self, seq: SeqId, length: int, new: int = 1) -> None:
+        """`new` sequences (`length` tokens in all) are refused (not the process killed) when
+        the stage is full."""
         if len(self.seq_ids) >= MAX_SEQUENCES:
             raise StageError(f"sequence {seq}: this stage already holds {MAX_SEQUENCES} sequences")
-        held = self.kv_tokens()
-        if self.max_kv_tokens is not None and held + length > self.max_kv_tokens:
+        held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
+        if self.max_kv_tokens is not None and held + length + new * self.state_tokens > self.max_kv_tokens:
             raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
                              "held under this node's memory limit)")
 
@@ -222,23 +227,18 @@ class Stage:
         """
         n = tokens.shape[0]
         cache = self._cache_for(seq, start, n)
-        if self.embed is not None and self.is_first:
-            h = self.embed(tokens[None])
-        else:
-            if hidden is None or hidden.shape != (n, self.hidden_size):
-                raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
-                                 f" does not match {n} tokens x {self.hidden_size}")
-            h = hidden[None]
-        mask = create_attention_mask(h, cache.layers[0])
-        for layer, c in zip(self.layers, cache.layers):
-            h = layer(h, mask, cache=c)
+        if not self.is_first and (hidden is None or hidden.shape != (n, self.hidden_size)):
+            raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {n} tokens x {self.hidden_size}")
+        ids = tokens[None] if self.is_first else mx.zeros((1, n), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[None], cache.layers, want_logits)
         cache.offset += n
         if not self.is_last:
-            return h[0]
-        if not want_logits:
+            return out[0]
+        if not want_logits:  # the logits stay an unevaluated graph: the head never runs
             mx.eval([c.state for c in cache.layers])
-            return mx.zeros((0,), dtype=h.dtype)
-        return self._logits(h[:, -1:, :])
+            return mx.zeros((0,), dtype=self._driver.dtype)
+        return out[:, -1, :]
 
     def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
                       hidden: list[mx.array] | None) -> list[mx.array]:
@@ -258,32 +258,44 @@ class Stage:
         for seq in seqs:
             if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
                 raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
-        self._check_room(seqs[0], sum(lengths))
+        self._check_room(seqs[0], sum(lengths), new=len(seqs))
         if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{MAX_SEQUENCES} sequences")
+        if self.family in SOLO_PREFILL or self.solo:
+            return [self.forward(seq, 0, t, None if hidden is None else hidden[i], want_logits=False)
+                    for i, (seq, t) in enumerate(zip(seqs, tokens))]
+        # Right-padded, as mlx-lm's BatchGenerator prefills: each cache kind is told the real
+        # lengths (an SSM state stops at its own; attention caches roll the padding to the left
+        # when finalized), then each sequence's own cache is extracted.
         width = max(lengths)
         pads = [width - n for n in lengths]
-        if self.embed is not None and self.is_first:
-            ids = mx.stack([mx.concatenate([mx.zeros((p,), dtype=mx.int32), t.astype(mx.int32)])
+        if self.is_first:
+            ids = mx.stack([mx.concatenate([t.astype(mx.int32), mx.zeros((p,), dtype=mx.int32)])
                             for p, t in zip(pads, tokens)])
-            h = self.embed(ids)
+            h = None
         else:
             if hidden is None or any(x.shape != (n, self.hidden_size) for x, n in zip(hidden, lengths)):
                 raise StageError(f"sequences {seqs}: hidden states do not match their chunks' "
                                  f"{lengths} tokens x {self.hidden_size}")
-            h = mx.stack([mx.concatenate([mx.zeros((p, self.hidden_size), dtype=x.dtype), x])
+            ids = mx.zeros((len(seqs), width), dtype=mx.int32)
+            h = mx.stack([mx.concatenate([x, mx.zeros((p, self.hidden_size), dtype=x.dtype)])
                           for p, x in zip(pads, hidden)])
-        batch = [BatchKVCache(pads) for _ in self.layers]
-        mask = create_attention_mask(h, batch[0])
-        for layer, bc in zip(self.layers, batch):
-            h = layer(h, mask, cache=bc)
+        fresh = [self._new_cache() for _ in seqs]
+        batch = [type(cs[0]).merge(list(cs)) for cs in zip(*fresh)]
+        if max(pads) > 0:
+            for bc in batch:
+                bc.prepare(lengths=lengths, right_padding=pads)
+        out = self._driver.run(ids, h, batch, last_only=False)
+        if max(pads) > 0:
+            for bc in batch:
+                bc.finalize()
         for i, (seq, n) in enumerate(zip(seqs, lengths)):
             self._caches[seq] = _SeqCache([bc.extract(i) for bc in batch], offset=n)
         if self.is_last:
             mx.eval([c.state for seq in seqs for c in self._caches[seq].layers])
-            return [mx.zeros((0,), dtype=h.dtype) for _ in seqs]
-        return [h[i, p:] for i, p in enumerate(pads)]
+            return [mx.zeros((0,), dtype=self._driver.dtype) for _ in seqs]
+        return [out[i, :n] for i, n in enumerate(lengths)]
 
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:
@@ -295,6 +307,8 @@ class Stage:
         missing from `seqs` have left and are dropped. Raises StageError before computing
         anything if a position does not match.
         """
+        if self.solo:
+            return self._decode_each(group, seqs, starts, tokens, hidden)
         g = self._groups.setdefault(group, _Group())
         joining = [s for s in seqs if s not in g.offsets]
         for seq, start in zip(seqs, starts):
@@ -304,18 +318,14 @@ class Stage:
                 held = c.offset if c is not None else 0
             if held != start:
                 raise StageError(f"sequence {seq}: decode at position {start}, cache holds {held}")
-        if self.embed is not None and self.is_first:
-            h = self.embed(tokens[:, None])
-        else:
-            if hidden is None or hidden.shape != (len(seqs), self.hidden_size):
-                raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
-                                 f" does not match {len(seqs)} sequences x {self.hidden_size}")
-            h = hidden[:, None, :]
+        if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
+            raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {len(seqs)} sequences x {self.hidden_size}")
         g.keep([s for s in g.order if s in set(seqs)])
         for seq in joining:  # merge each newcomer's prefill cache into the group's batch cache
             own = self._caches.pop(seq, None)
             layers = own.layers if own is not None else self._new_cache()
-            merged = [BatchKVCache.merge([c]) for c in layers]
+            merged = [type(c).merge([c]) for c in layers]
             if g.layers is None:
                 g.layers = merged
             else:
@@ -326,16 +336,23 @@ class Stage:
         g.keep(list(seqs))
         g.last_used = time.monotonic()
         assert g.layers is not None
-        mask = create_attention_mask(h, g.layers[0])
-        for layer, bc in zip(self.layers, g.layers):
-            h = layer(h, mask, cache=bc)
+        ids = tokens[:, None] if self.is_first else mx.zeros((len(seqs), 1), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[:, None, :], g.layers, True)
         for seq in seqs:
             g.offsets[seq] += 1
-        if not self.is_last:
-            return h[:, 0, :]
-        return self._logits(h)
+        return out[:, -1, :]
 
-    def _logits(self, h: mx.array) -> mx.array:
-        """[B, T, hidden] -> the last position's logits [B, vocab] (last stage only)."""
-        assert self.head is not None and self.norm is not None
-        return self.head(self.norm(h))[:, -1, :]
+    def _decode_each(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
+                     hidden: mx.array | None) -> mx.array:
+        """`decode` for a family served one sequence at a time: each on its own caches."""
+        for seq, start in zip(seqs, starts):
+            c = self._caches.get(seq)
+            if (c.offset if c is not None else 0) != start:
+                raise StageError(f"sequence {seq}: decode at position {start}, cache holds "
+                                 f"{c.offset if c is not None else 0}")
+        if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
+            raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {len(seqs)} sequences x {self.hidden_size}")
+        return mx.concatenate([self.forward(seq, start, tokens[i:i + 1], None if hidden is None else hidden[i:i + 1],
+                                            want_logits=True) for i, (seq, start) in enumerate(zip(seqs, starts))])
+
