@@ -26,6 +26,10 @@ DEFAULT_DATA_PORT = 8110
 # Node ids and mDNS host names, as nodes.toml, the command line and zeroconf ads accept them
 # (always with fullmatch). A node id also names its mDNS service: 63 bytes is a DNS label's limit.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# A model alias ([gateway] aliases): a name a client hard-codes ("claude-sonnet-4-5") or a glob
+# of them ("claude-*"), answered by the served model. Plain name characters, `*` and `?` only.
+MODEL_ALIAS = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._:/*?-]{0,127}")
+MAX_ALIASES = 64  # a table longer than this is a mistake, and each request scans it
 LOCAL_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+local")  # no final dot
 
 
@@ -40,6 +44,7 @@ class GatewaySpec:
     port: int = DEFAULT_API_PORT
     control_port: int = DEFAULT_CONTROL_PORT
     result_port: int = DEFAULT_RESULT_PORT
+    aliases: tuple[str, ...] = ()  # model names (globs) answered by the served model
 
 
 @dataclass(frozen=True)
@@ -92,13 +97,14 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
         model = _typed(model, str, source, "model")
     gw = data.get("gateway", {})
     _typed(gw, dict, source, "gateway")
-    _only(gw, {"address", "bind", "port", "control_port", "result_port"}, source, "gateway.")
+    _only(gw, {"address", "bind", "port", "control_port", "result_port", "aliases"}, source, "gateway.")
     gateway = GatewaySpec(
         address=_ip(gw.get("address", "127.0.0.1"), source, "gateway.address"),
         bind=_ip(gw.get("bind", "0.0.0.0"), source, "gateway.bind"),
         port=_port(gw.get("port", DEFAULT_API_PORT), source, "gateway.port"),
         control_port=_port(gw.get("control_port", DEFAULT_CONTROL_PORT), source, "gateway.control_port"),
         result_port=_port(gw.get("result_port", DEFAULT_RESULT_PORT), source, "gateway.result_port"),
+        aliases=_aliases(gw.get("aliases", []), source),
     )
     if len({gateway.port, gateway.control_port, gateway.result_port}) != 3:
         raise ConfigError(f"{source}: gateway.port, control_port and result_port must differ")
@@ -201,6 +207,17 @@ def parse_layer_counts(text: str, n_nodes: int) -> list[int]:
     if any(c < 1 for c in counts):
         raise ConfigError(f"--layers {text!r}: every node needs at least one layer")
     return counts
+
+
+def _aliases(value: Any, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ALIASES:
+        raise ConfigError(f"{source}: gateway.aliases must be a list of at most {MAX_ALIASES} model"
+                          " names or globs, e.g. [\"claude-*\"]")
+    for i, a in enumerate(value):
+        if not isinstance(a, str) or not MODEL_ALIAS.fullmatch(a):
+            raise ConfigError(f"{source}: gateway.aliases[{i}] must be a model name or glob (letters,"
+                              f" digits, . _ : / - and * ?; at most 128 characters), got {str(a)[:40]!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def _only(d: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:

@@ -27,7 +27,9 @@ MAX_EXAMPLES = 15  # per operation (8) and mode (2); most operations have fewer 
 MAX_GENERATED = 3  # tokens per generated request: validation is the point, not generation
 SCHEMATHESIS_DEADLINE_S = 75.0  # per generation mode
 QUESTION = "What is the capital of France?"
-WITH_BODIES = {"POST /v1/chat/completions", "POST /v1/completions"}
+WITH_BODIES = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/messages",
+               "POST /v1/messages/count_tokens", "POST /v1/responses", "POST /api/chat",
+               "POST /api/generate", "POST /api/show"}
 _seen: dict[int, int] = {}
 _took: dict[str, float] = {}
 
@@ -44,27 +46,45 @@ def before(cluster: LocalCluster) -> str:
     return greedy(cluster)
 
 
-def bounded(body: Any) -> None:
+def bounded(path: str, body: Any) -> None:
     """Keep a generated request's generation short: cap (or set) its token budget."""
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or path.endswith(("/count_tokens", "/show")):  # generates nothing
         return
-    for name in ("max_tokens", "max_completion_tokens"):
+    if path.startswith("/api/"):  # Ollama: options.num_predict, where -1 and -2 mean "no limit"
+        options = body.get("options")
+        if not isinstance(options, dict):
+            options = body["options"] = {} if options is None else options
+        if isinstance(options, dict) and not (type(options.get("num_predict")) is int
+                                              and 0 <= options["num_predict"] <= MAX_GENERATED):
+            options["num_predict"] = MAX_GENERATED
+        return
+    budget = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    for name in (budget, "max_completion_tokens"):
         if type(body.get(name)) is int and body[name] > MAX_GENERATED:
             body[name] = MAX_GENERATED
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = MAX_GENERATED
+    if body.get(budget) is None and body.get("max_completion_tokens") is None:
+        body[budget] = MAX_GENERATED
+
+
+def error_keys(path: str, body: Any) -> bool:
+    """`body` is the error object of `path`'s dialect (gateway/api/refusal.py)."""
+    if path.startswith("/v1/messages"):  # Anthropic
+        return body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    if path.startswith("/api/"):  # Ollama
+        return set(body) == {"error"} and isinstance(body["error"], str)
+    return set(body["error"]) == {"message", "type", "param", "code"}  # OpenAI, Responses
 
 
 def check_one(case: Any, cluster: LocalCluster) -> None:
-    bounded(case.body)
+    bounded(case.path, case.body)
     response = case.call(base_url=cluster.url, timeout=120)
     _seen[response.status_code] = _seen.get(response.status_code, 0) + 1
     assert response.status_code < 500 or response.status_code == 503, (
         f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}")
-    if response.status_code >= 400:  # every error is OpenAI's JSON error object
+    if response.status_code >= 400:  # every error is its dialect's JSON error object
         ctype = response.headers.get("content-type", [""])[0]  # schemathesis: lower-case keys, lists
         assert ctype.startswith("application/json"), response.text[:200]
-        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert error_keys(case.path, response.json()), response.text[:300]
         assert "Traceback" not in response.text
     case.validate_response(response, checks=[status_code_conformance, content_type_conformance])
 

@@ -9,6 +9,9 @@ with vLLM's meanings and histogram buckets (vllm/v1/metrics/loggers.py):
       zmqinfer_inter_token_latency_seconds, zmqinfer_e2e_request_latency_seconds,
       zmqinfer_request_queue_time_seconds, zmqinfer_request_prompt_tokens,
       zmqinfer_request_generation_tokens
+    request level, labels model_name and api (the dialect: openai, anthropic, responses, ollama)
+      zmqinfer_api_requests_total{api,finished_reason}: vLLM has no dialects, so its series stay
+      as they are and this one says who asked
     live, read from /cluster/status at scrape time (`_Live`, a custom Collector)
       zmqinfer_num_requests_running / _waiting, zmqinfer_ring_* (epoch, re-plans, replays,
       micro-batches in flight, stale-epoch drops), zmqinfer_node_*{node} from the heartbeats
@@ -51,6 +54,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISHED_REASONS = ("stop", "length", "abort")  # vLLM's FinishReason; abort = client went away
+APIS = ("openai", "anthropic", "responses", "ollama")  # the dialects the API speaks
 # The dashboard's "now": tokens per second over this many seconds. Long enough to smooth one
 # request's steps, short enough that `top` shows a burst ending within a few refreshes.
 THROUGHPUT_WINDOW_S = 5.0
@@ -124,6 +128,11 @@ class Metrics:
         success = Counter("zmqinfer_request_success", "Count of successfully processed requests.",
                           labels + ["finished_reason"], registry=r)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISHED_REASONS}
+        self.by_api = Counter("zmqinfer_api_requests", "Count of finished requests by API dialect.",
+                              labels + ["api", "finished_reason"], registry=r)
+        for api in APIS:  # every series exists from the start, at 0, as success's do
+            for reason in FINISHED_REASONS:
+                self.by_api.labels(model_name, api, reason)
         self.ttft = Histogram("zmqinfer_time_to_first_token_seconds",
                               "Histogram of time to first token in seconds.", labels,
                               buckets=TTFT_BUCKETS, registry=r).labels(model_name)
@@ -149,9 +158,9 @@ class Metrics:
         self._prompted = _Window()
         self._ttfts = _Window()
 
-    def timer(self) -> RequestTimer:
-        """Start timing one request now (its arrival)."""
-        return RequestTimer(self)
+    def timer(self, api: str = "openai") -> RequestTimer:
+        """Start timing one request of dialect `api` (one of APIS) now (its arrival)."""
+        return RequestTimer(self, api)
 
     def on_queued(self, seconds: float) -> None:
         self.queue.observe(seconds)
@@ -198,8 +207,9 @@ class RequestTimer:
     """One request's observations; the API wraps its sample stream with `stream()` and calls
     `finish()` exactly once, in a `finally`."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, api: str = "openai") -> None:
         self._m = metrics
+        self._api = api
         self.arrived = time.monotonic()
         self._last: float | None = None  # when the latest token came
         self.tokens = 0
@@ -227,6 +237,7 @@ class RequestTimer:
             return
         m = self._m
         m.success[reason].inc()
+        m.by_api.labels(m.model_name, self._api, reason).inc()
         m.e2e.observe(time.monotonic() - self.arrived)
         m.generation_hist.observe(self.tokens)
 

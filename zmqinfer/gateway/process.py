@@ -126,7 +126,8 @@ class Gateway:
     # ---- loops ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        runner = web.AppRunner(make_app(self.backend, guard=self.guard, metrics=self.metrics),
+        runner = web.AppRunner(make_app(self.backend, guard=self.guard, metrics=self.metrics,
+                                        aliases=self.spec.aliases),
                                handler_cancellation=True)
         await runner.setup()
         directory = None

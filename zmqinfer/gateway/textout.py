@@ -41,7 +41,7 @@ from mlx_lm.tokenizer_utils import (
 
 from zmqinfer.protocol.wire import Sample
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,22 @@ class LogprobEntry:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call as it streams: id and name on its first piece, then argument text."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Delta:
     text: str
     logprobs: tuple[LogprobEntry, ...] = ()
     finish_reason: FinishReason | None = None
+    reasoning: str = ""  # text inside the model's <think>...</think>
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,6 +142,7 @@ class TextStream:
         self._entries: list[tuple[LogprobEntry, int]] = []
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.stop_string: str | None = None  # the stop string that ended it (Anthropic says which)
 
     def add(self, sample: Sample) -> Delta:
         if self.finish_reason is not None:
@@ -173,10 +186,11 @@ class TextStream:
         self._decoded += len(segment)
         pending = self._pending + segment
         base = self._decoded - len(pending)  # decoded offset of pending[0]
-        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
+        cut, hit = min(((i, s) for s in self._stop if (i := pending.find(s)) >= 0), default=(-1, ""))
         if cut >= 0:
             self._pending = ""
             self.finish_reason = "stop"
+            self.stop_string = hit
             return Delta(pending[:cut], self._release(base + cut, starts_before=True), "stop")
         if final is not None:
             self._pending = ""

@@ -113,8 +113,9 @@ class SleepGuard:
     the heartbeats (a beat skipped is a node declared dead). While a call is in flight, beats
     only skip the update; the next free beat catches up."""
 
-    def __init__(self, enabled: bool, log: Any, backend: Backend | None = None) -> None:
-        self.enabled, self.log = enabled, log
+    def __init__(self, enabled: bool, log: Any, backend: Backend | None = None, *,
+                 close_timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        self.enabled, self.log, self.close_timeout_s = enabled, log, close_timeout_s
         self.awake = Awake(backend or WakepyBackend(), log)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleep")
         self._pending: Future[None] | None = None
@@ -126,9 +127,10 @@ class SleepGuard:
     async def close(self) -> None:
         try:
             if self.enabled:
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                async with asyncio.timeout(self.close_timeout_s):
                     await asyncio.wrap_future(self._thread.submit(self.awake.close))
         except TimeoutError:
-            self.log.warning("the no-idle-sleep assertion did not release in time", timeout_s=CLOSE_TIMEOUT_S)
+            self.log.warning("the no-idle-sleep assertion did not release in time",
+                             timeout_s=self.close_timeout_s)
         finally:
             self._thread.shutdown(wait=False)

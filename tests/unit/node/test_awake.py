@@ -10,7 +10,6 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from zmqinfer.node import awake as sleep
 from zmqinfer.node.awake import (
     IDLE_RELEASE_S,
     RETRY_S,
@@ -165,17 +164,16 @@ async def test_a_hung_backend_never_holds_up_the_beat() -> None:
         await guard.close()
 
 
-async def test_close_gives_up_on_a_stuck_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sleep, "CLOSE_TIMEOUT_S", 0.2)
+async def test_close_gives_up_on_a_stuck_release() -> None:
     b = Stuck()
     b.go.set()
-    guard = SleepGuard(True, structlog.get_logger(), backend=b)
+    guard = SleepGuard(True, structlog.get_logger(), backend=b, close_timeout_s=0.2)
     guard.update(True)
     settle(guard)
     b.go.clear()  # now release hangs
     try:
         with capture_logs() as logs:
-            async with asyncio.timeout(5):  # close itself returns after CLOSE_TIMEOUT_S
+            async with asyncio.timeout(5):  # close itself returns after close_timeout_s
                 await guard.close()
         assert any("did not release in time" in e["event"] for e in logs)
     finally:

@@ -16,7 +16,7 @@ def test_shipped_nodes_toml_is_valid() -> None:
     assert [n.name for n in cfg.nodes] == ["mini1", "mini2", "mini3"]
     assert [n.layers for n in cfg.nodes] == [10, 9, 9]
     assert cfg.model == "mlx-community/Qwen3-1.7B-8bit"
-    assert cfg.gateway.port == 8100
+    assert cfg.gateway.port == 8100 and cfg.gateway.aliases == ("claude-*",)
 
 
 def test_minimal_config_gets_defaults() -> None:
@@ -39,6 +39,12 @@ def test_minimal_config_gets_defaults() -> None:
     ({"gateway": {"port": 8100, "control_port": 8100}}, "must differ"),
     ({"gateway": {"adress": "1.2.3.4"}}, r"gateway.adress"),
     ({"api": {"keys": [""]}}, "api.keys"),
+    # model aliases: a list of names or globs, each checked, and not too many
+    ({"gateway": {"aliases": "claude-*"}}, r"gateway.aliases must be a list"),
+    ({"gateway": {"aliases": ["claude-*", "bad name"]}}, r"gateway.aliases\[1\] must be a model name"),
+    ({"gateway": {"aliases": [5]}}, r"gateway.aliases\[0\]"),
+    ({"gateway": {"aliases": ["x" * 129]}}, r"gateway.aliases\[0\]"),
+    ({"gateway": {"aliases": [f"m{i}" for i in range(65)]}}, r"at most 64"),
     ({"model": 5}, "model must be str"),
     # host: a .local name for zeroconf, never anything the system resolver would need
     ({"node": [{"name": "a", "host": "mini2.example.com"}]}, r"node\[0\].host 'mini2.example.com' is not a .local"),

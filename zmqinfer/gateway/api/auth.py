@@ -1,7 +1,8 @@
 """Who may use the HTTP API: `Authorization: Bearer` keys, or protected mode, as one middleware.
 
-* With keys, every route but /health (and /metrics when `metrics_open`) needs one of them: 401
-  in OpenAI's error shape otherwise. New routes are guarded without doing anything.
+* With keys, every route but /health (and /metrics when `metrics_open`) needs one of them, sent
+  as `Authorization: Bearer` or `x-api-key` (Anthropic's header): 401 in the request's dialect's
+  error shape otherwise. New routes are guarded without doing anything.
 * Keys are kept only as SHA-256 digests and compared in constant time against every digest, so
   timing tells neither a key nor which one matched. Each has a name, which is what logs and
   /cluster/status show; a key itself never appears in a log line or a reply.
@@ -125,9 +126,20 @@ def is_loopback(remote: str | None) -> bool:
     return ip is not None and ip.is_loopback
 
 
+def presented_key(request: web.Request) -> str:
+    """The key a request carries: `Authorization: Bearer <key>` (OpenAI, Ollama) or, as
+    Anthropic's clients send it, `x-api-key: <key>`; "" for none."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
 def middleware(guard: ApiGuard,
-               error: Callable[[int, str, str], web.StreamResponse]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The aiohttp middleware for `guard`; `error(status, message, code)` shapes the refusal."""
+               error: Callable[[web.Request, int, str, str], web.StreamResponse]
+               ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The aiohttp middleware for `guard`; `error(request, status, message, code)` shapes the
+    refusal (in the request's dialect)."""
 
     @web.middleware
     async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -140,17 +152,16 @@ def middleware(guard: ApiGuard,
                 return await handler(request)
             guard._refuse()
             log.warning("protected mode refused a client", peer=request.remote, path=path)
-            return error(403, "protected mode: this gateway has no API keys configured, so it answers "
+            return error(request, 403, "protected mode: this gateway has no API keys configured, so it answers "
                               "loopback clients only. Set a key ([api] keys or key_file in nodes.toml, "
                               "--api-key-file, or ZMQINFER_API_KEY) and send 'Authorization: Bearer <key>', "
                               "or start the gateway with --no-auth to serve everyone", "protected_mode")
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        name = guard.match(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        name = guard.match(token) if (token := presented_key(request)) else None
         if name is None:
             guard._refuse()
             log.info("refused: missing or invalid API key", peer=request.remote, path=path)
-            return error(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                         "invalid_api_key")
+            return error(request, 401, "missing or invalid API key: send 'Authorization: Bearer"
+                         " <key>' (or 'x-api-key: <key>')", "invalid_api_key")
         request[KEY_NAME] = name
         return await handler(request)
 

@@ -81,6 +81,7 @@ ADMISSION = web.AppKey("admission", Admission)
 STARTED = web.AppKey("started", int)  # "created" of /v1/models
 REQUEST_ID = web.RequestKey("request_id", str)
 LOG: web.RequestKey[Any] = web.RequestKey("log")  # structlog bound logger
+API = web.RequestKey("api", str)  # the dialect a request speaks (metrics' `api` label); default openai
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

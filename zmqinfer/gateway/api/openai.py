@@ -2,10 +2,12 @@
 and OpenAI's response objects (chat.completion(.chunk), text_completion).
 
 A request goes: body (read under its deadline, before it takes a slot) -> validate.py's frozen
-request -> prompt.py's token ids and budget -> `backend.generate` -> textout.py's deltas -> the
-shapes below, whole or as SSE. A streamed response only starts (headers sent) once the first
-token is back, so an unavailable ring is still a plain 503 rather than an error event; a ring
-error after the stream started becomes a `data: {"error": ...}` event that ends the stream (no
+request -> prompt.py's token ids and budget -> `backend.generate` -> textout.py's deltas -> a
+shape (shape.py: the ones below, or another dialect's), whole or streamed. `complete` is that
+path, shared by every dialect (anthropic.py, responses.py and ollama.py translate into it). A
+streamed response only starts (headers sent) once the first token is back, so an unavailable
+ring is still a plain 503 rather than an error event; a ring error after the stream started
+becomes the shape's error event (here `data: {"error": ...}`) that ends the stream (no
 [DONE]). The handler's `aclosing` around the generation stops it when the client disconnects.
 """
 
@@ -23,6 +25,7 @@ from zmqinfer.gateway.api import auth
 from zmqinfer.gateway.api.fields import parse_body
 from zmqinfer.gateway.api.http import (
     ADMISSION,
+    API,
     BACKEND,
     LOG,
     REQUEST_ID,
@@ -35,6 +38,7 @@ from zmqinfer.gateway.api.http import (
     ring_error,
     send_event,
 )
+from zmqinfer.gateway.api.shape import Outcome, Shape, is_served, listed_names, sse
 from zmqinfer.gateway.api.validate import (
     ChatRequest,
     CompletionRequest,
@@ -44,7 +48,7 @@ from zmqinfer.gateway.api.validate import (
 )
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
 from zmqinfer.gateway.metrics import METRICS
-from zmqinfer.gateway.prompt import Plan, plan
+from zmqinfer.gateway.prompt import plan
 from zmqinfer.gateway.textout import (
     Delta,
     LogprobEntry,
@@ -67,7 +71,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with admitted(request):
         req = parse_chat(parse_body(raw))
         shape = ChatShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
-        return await _complete(request, req, shape)
+        return await complete(request, req, shape)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -75,13 +79,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with admitted(request):
         req = parse_completion(parse_body(raw))
         shape = CompletionShape(request[REQUEST_ID], request.app[BACKEND].model_id, req.options)
-        return await _complete(request, req, shape)
+        return await complete(request, req, shape)
 
 
-async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
-                    shape: ChatShape | CompletionShape) -> web.StreamResponse:
+async def complete(request: web.Request, req: ChatRequest | CompletionRequest,
+                   shape: Shape) -> web.StreamResponse:
+    """Run `req` on the ring and answer in `shape`'s dialect (shape.py), whole or streamed.
+    Every dialect's generating route ends here: one path for limits, metrics, logs, errors."""
     backend, log = request.app[BACKEND], request[LOG]
-    timer = request.app[METRICS].timer()  # from arrival, as vLLM times TTFT and e2e
+    api = request.get(API, "openai")  # which dialect: a label of the metrics, a field of the logs
+    timer = request.app[METRICS].timer(api)  # from arrival, as vLLM times TTFT and e2e
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
     opts = req.options
@@ -89,16 +96,18 @@ async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
                       logprobs=opts.logprobs is not None,
                       keep_leading_space=isinstance(req, CompletionRequest))
     log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream,
-             api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
+             api=api, api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
     started = time.monotonic()
     generation = timer.stream(backend.generate(list(p.prompt), opts.sampling, p.max_tokens,
                                                request[REQUEST_ID]), len(p.prompt))
+    outcome = Outcome(prompt_tokens=len(p.prompt))
     aborted = False
     try:
         async with contextlib.aclosing(generation) as samples:
             if opts.stream:
-                return await _stream(request, samples, text, shape, opts, p)
-            return await _collect(samples, text, shape, p)
+                return await _stream(request, samples, text, shape, outcome)
+            await _run(samples, text, outcome, None)
+            return web.json_response(shape.body(outcome))
     except asyncio.CancelledError:
         aborted = True
         log.info("client disconnected", completion_tokens=text.completion_tokens)
@@ -109,59 +118,50 @@ async def _complete(request: web.Request, req: ChatRequest | CompletionRequest,
                  seconds=round(time.monotonic() - started, 3))
 
 
-async def _run(samples: AsyncIterator[Sample], text: TextStream,
-               emit: Callable[[Delta], Awaitable[None]]) -> None:
-    """Feed samples through `text` until it reports a finish reason, emitting every delta."""
+async def _run(samples: AsyncIterator[Sample], text: TextStream, outcome: Outcome,
+               emit: Callable[[Delta], Awaitable[None]] | None) -> None:
+    """Feed samples through `text` until it reports a finish reason, gathering every delta into
+    `outcome` and emitting it (streams)."""
+
+    async def step(delta: Delta) -> None:
+        outcome.add(delta)
+        outcome.completion_tokens = text.completion_tokens
+        outcome.stop_sequence = text.stop_string
+        if emit is not None:
+            await emit(delta)
+
     async for sample in samples:
         delta = text.add(sample)
-        await emit(delta)
+        await step(delta)
         if delta.finish_reason is not None:
             return  # stop string, EOS or max_tokens: the caller's aclosing ends the generation
-    await emit(text.finish())
-
-
-async def _collect(samples: AsyncIterator[Sample], text: TextStream,
-                   shape: ChatShape | CompletionShape, p: Plan) -> web.Response:
-    pieces: list[str] = []
-    entries: list[LogprobEntry] = []
-
-    async def emit(delta: Delta) -> None:
-        pieces.append(delta.text)
-        entries.extend(delta.logprobs)
-
-    await _run(samples, text, emit)
-    return web.json_response(shape.body("".join(pieces), entries, text.finish_reason,
-                                        _usage(p, text)))
+    await step(text.finish())
 
 
 async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: TextStream,
-                  shape: ChatShape | CompletionShape, opts: Options,
-                  p: Plan) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
+                  shape: Shape, outcome: Outcome) -> web.StreamResponse:
+    response = web.StreamResponse(headers=shape.headers)
     timeout = request.app[ADMISSION].write_timeout
 
-    async def send(payload: dict[str, Any] | bytes) -> None:
-        await send_event(request, response, payload, timeout)
+    async def send(frames: list[bytes]) -> None:
+        for frame in frames:
+            await send_event(request, response, frame, timeout)
 
     async def emit(delta: Delta) -> None:
         if not response.prepared:  # first token: only now is success certain enough to say 200
             await response.prepare(request)
-            for chunk in shape.start():
-                await send(chunk)
-        for chunk in shape.chunks(delta):
-            await send(chunk)
+            await send(shape.start(outcome))
+        await send(shape.chunks(delta))
 
     try:
-        await _run(samples, text, emit)
-        if opts.include_usage:
-            await send(shape.usage_chunk(_usage(p, text)))
-        await send(b"data: [DONE]\n\n")
+        await _run(samples, text, outcome, emit)
+        await send(shape.finish(outcome))
     except (RingUnavailable, RingTimeout, StepNotSent) as e:
         if not response.prepared:
             raise  # still time for a proper status code
         status, body = ring_error(e)
         request[LOG].warning("ring error mid-stream", status=status, error=str(e))
-        await send(body)
+        await send([shape.error(status, body)])
     except SlowClient as e:  # cut off: its slot and its sequence are freed now
         request[LOG].warning("client stopped reading the stream", error=str(e))
         return response
@@ -170,11 +170,6 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
         return response
     await response.write_eof()
     return response
-
-
-def _usage(p: Plan, text: TextStream) -> dict[str, int]:
-    return {"prompt_tokens": len(p.prompt), "completion_tokens": text.completion_tokens,
-            "total_tokens": len(p.prompt) + text.completion_tokens}
 
 
 # ---- models, health, cluster ------------------------------------------------------------------
@@ -186,15 +181,16 @@ def _model_card(app: web.Application) -> dict[str, Any]:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app)]})
+    return web.json_response({"object": "list", "data": [
+        _model_card(request.app) | {"id": name} for name in listed_names(request.app)]})
 
 
 async def model(request: web.Request) -> web.Response:
     wanted = request.match_info["model_id"]
-    if wanted != request.app[BACKEND].model_id:
+    if not is_served(request.app, wanted):  # the served model's id, or an alias of it
         return error(404, f"model {wanted!r} not found; this server serves"
                       f" {request.app[BACKEND].model_id!r}", param="model", code="model_not_found")
-    return web.json_response(_model_card(request.app))
+    return web.json_response(_model_card(request.app) | {"id": wanted})
 
 
 # ---- OpenAI's response objects ---------------------------------------------------------------
@@ -203,31 +199,38 @@ async def model(request: web.Request) -> web.Response:
 class ChatShape:
     """chat.completion and chat.completion.chunk objects."""
 
+    headers = SSE_HEADERS
+
     def __init__(self, request_id: str, model_id: str, opts: Options) -> None:
         self._head = {"id": "chatcmpl-" + request_id.removeprefix("req-"),
                       "created": int(time.time()), "model": model_id}
         self._logprobs = opts.logprobs is not None
+        self._include_usage = opts.include_usage
 
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(entries) if self._logprobs else None,
-                  "finish_reason": finish}
-        return self._head | {"object": "chat.completion", "choices": [choice], "usage": usage}
+    def body(self, outcome: Outcome) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text},
+                  "logprobs": chat_logprobs(outcome.entries) if self._logprobs else None,
+                  "finish_reason": outcome.finish_reason}
+        return self._head | {"object": "chat.completion", "choices": [choice],
+                             "usage": outcome.usage()}
 
-    def start(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, (), None)]
+    def start(self, outcome: Outcome) -> list[bytes]:
+        return [sse(self._chunk({"role": "assistant", "content": ""}, (), None))]
 
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
+    def chunks(self, delta: Delta) -> list[bytes]:
         out = []
         if delta.text or delta.logprobs:
-            out.append(self._chunk({"content": delta.text}, delta.logprobs, None))
+            out.append(sse(self._chunk({"content": delta.text}, delta.logprobs, None)))
         if delta.finish_reason is not None:
-            out.append(self._chunk({}, (), delta.finish_reason))
+            out.append(sse(self._chunk({}, (), delta.finish_reason)))
         return out
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+    def finish(self, outcome: Outcome) -> list[bytes]:
+        return _finish(self._head | {"object": "chat.completion.chunk", "choices": [],
+                                     "usage": outcome.usage()}, self._include_usage)
+
+    def error(self, status: int, body: dict[str, Any]) -> bytes:
+        return sse(body)  # no [DONE] after it: the stream ended badly
 
     def _chunk(self, delta: dict[str, Any], entries: tuple[LogprobEntry, ...],
                finish: str | None) -> dict[str, Any]:
@@ -240,29 +243,40 @@ class ChatShape:
 class CompletionShape:
     """text_completion objects (streamed chunks have the same object name)."""
 
+    headers = SSE_HEADERS
+
     def __init__(self, request_id: str, model_id: str, opts: Options) -> None:
         self._head = {"id": "cmpl-" + request_id.removeprefix("req-"),
                       "object": "text_completion", "created": int(time.time()), "model": model_id}
         self._logprobs = opts.logprobs is not None
+        self._include_usage = opts.include_usage
 
-    def body(self, text: str, entries: list[LogprobEntry], finish: str | None,
-             usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [self._choice(text, entries, finish)], "usage": usage}
+    def body(self, outcome: Outcome) -> dict[str, Any]:
+        return self._head | {"choices": [self._choice(outcome.text, outcome.entries,
+                                                      outcome.finish_reason)],
+                             "usage": outcome.usage()}
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, outcome: Outcome) -> list[bytes]:
         return []  # legacy completions have no role chunk
 
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
+    def chunks(self, delta: Delta) -> list[bytes]:
         if not (delta.text or delta.logprobs or delta.finish_reason):
             return []
-        return [self._head | {"choices": [self._choice(delta.text, delta.logprobs,
-                                                       delta.finish_reason)]}]
+        return [sse(self._head | {"choices": [self._choice(delta.text, delta.logprobs,
+                                                           delta.finish_reason)]})]
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._head | {"choices": [], "usage": usage}
+    def finish(self, outcome: Outcome) -> list[bytes]:
+        return _finish(self._head | {"choices": [], "usage": outcome.usage()}, self._include_usage)
+
+    def error(self, status: int, body: dict[str, Any]) -> bytes:
+        return sse(body)
 
     def _choice(self, text: str, entries: tuple[LogprobEntry, ...] | list[LogprobEntry],
                 finish: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text,
                 "logprobs": completion_logprobs(entries) if self._logprobs else None,
                 "finish_reason": finish}
+
+
+def _finish(usage_chunk: dict[str, Any], include_usage: bool) -> list[bytes]:
+    return ([sse(usage_chunk)] if include_usage else []) + [b"data: [DONE]\n\n"]

@@ -1,4 +1,5 @@
-"""GET /openapi.json: an OpenAPI 3 description of the routes api.py implements.
+"""GET /openapi.json: an OpenAPI 3 description of the API's routes (the other dialects' request
+schemas are openapi_dialects.py's).
 
 Static: the request bodies carry the same ranges validate.py enforces (built from its constants,
 so the two cannot drift), and every route lists the errors it can answer with, 503 included.
@@ -12,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from zmqinfer.gateway.api import openapi_dialects as dialects
 from zmqinfer.gateway.api.fields import MAX_INTEGER
 from zmqinfer.gateway.api.validate import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -99,24 +101,37 @@ _WHY = {
 }
 
 
-def _errors(*codes: str) -> dict[str, Any]:
-    return {c: {"description": _WHY[c], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _errors(*codes: str, error: str = "Error") -> dict[str, Any]:
+    return {c: {"description": _WHY[c], "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}}
             for c in codes}
 
 
-def _generate(schema: str, summary: str) -> dict[str, Any]:
-    ok = {"description": "The completion (JSON), or with stream: true a server-sent event stream",
+def _generate(schema: str, summary: str, *, error: str = "Error",
+              stream: str = "text/event-stream") -> dict[str, Any]:
+    ok = {"description": "The completion (JSON), or with stream: true a stream",
           "content": {"application/json": {"schema": {"type": "object"}},
-                      "text/event-stream": {"schema": {"type": "string"}}}}
+                      stream: {"schema": {"type": "string"}}}}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
-        "responses": {"200": ok} | _errors("400", "401", "408", "413", "429", "500", "503", "504")}}
+        "responses": {"200": ok} | _errors("400", "401", "408", "413", "429", "500", "503", "504",
+                                          error=error)}}
 
 
-def _get(summary: str, *errors: str, content: str = "application/json") -> dict[str, Any]:
+def _post(schema: str, summary: str, *more: str, error: str) -> dict[str, Any]:
+    """A POST that answers JSON and generates nothing (count_tokens, Ollama's show)."""
+    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {"200": ok} | _errors("400", "401", "408", "413", "429", "500", *more,
+                                          error=error)}}
+
+
+def _get(summary: str, *errors: str, content: str = "application/json",
+         error: str = "Error") -> dict[str, Any]:
     body = {"type": "object"} if content == "application/json" else {"type": "string"}
     return {"get": {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": {content: {"schema": body}}}} | _errors("401", *errors)}}
+        "200": {"description": "OK", "content": {content: {"schema": body}}}}
+        | _errors("401", *errors, error=error)}}
 
 
 SPEC: dict[str, Any] = {
@@ -126,6 +141,20 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/v1/chat/completions": _generate("ChatRequest", "Chat completion"),
         "/v1/completions": _generate("CompletionRequest", "Legacy text completion"),
+        "/v1/messages": _generate("AnthropicMessagesRequest", "Anthropic Messages",
+                                  error="AnthropicError"),
+        "/v1/messages/count_tokens": _post("AnthropicCountRequest", "Anthropic: count a prompt's"
+                                           " tokens", error="AnthropicError"),
+        "/v1/responses": _generate("ResponsesRequest", "OpenAI Responses (stateless)"),
+        "/api/chat": _generate("OllamaChatRequest", "Ollama chat", error="OllamaError",
+                               stream="application/x-ndjson"),
+        "/api/generate": _generate("OllamaGenerateRequest", "Ollama generate", error="OllamaError",
+                                   stream="application/x-ndjson"),
+        "/api/show": _post("OllamaShowRequest", "Ollama: describe a model", "404",
+                           error="OllamaError"),
+        "/api/tags": _get("Ollama: the models served", error="OllamaError"),
+        "/api/ps": _get("Ollama: the models loaded", error="OllamaError"),
+        "/api/version": _get("Ollama: the API version these routes follow", error="OllamaError"),
         "/v1/models": _get("The served model"),
         "/v1/models/{model_id}": {"get": {
             "summary": "One model", "parameters": [{"name": "model_id", "in": "path", "required": True,
@@ -144,7 +173,8 @@ SPEC: dict[str, Any] = {
         "/": _get("The live status page", content="text/html"),
         "/chat": _get("A minimal chat that streams from the API", content="text/html"),
     },
-    "components": {"schemas": {"ChatRequest": _CHAT, "CompletionRequest": _COMPLETION, "Error": _ERROR}},
+    "components": {"schemas": {"ChatRequest": _CHAT, "CompletionRequest": _COMPLETION, "Error": _ERROR}
+                   | dialects.SCHEMAS},
 }
 
 

@@ -1,5 +1,6 @@
-"""The HTTP API as one aiohttp app: the dialects' routes (openai.py) beside the gateway's own
-(/health, /cluster/status, /cluster/ping, /openapi.json, /metrics, the status page and chat).
+"""The HTTP API as one aiohttp app: the dialects' routes (openai.py, anthropic.py, responses.py,
+ollama.py and ollama_models.py) beside the gateway's own (/health, /cluster/status,
+/cluster/ping, /openapi.json, /metrics, the status page and chat).
 
 Contract:
 * `make_app(backend, api_keys=..., max_concurrent=...)` builds the app. Run it with
@@ -12,7 +13,8 @@ Contract:
 * Errors raised before a stream starts are shaped here (`_frame`): RequestError -> its status
   (400, 408, 429), the ring's errors -> 503/504/500 (http.ring_error), Overloaded -> 429 with
   Retry-After, bodies over MAX_BODY_BYTES -> 413, anything else -> 500 with no details (the log
-  has the traceback).
+  has the traceback); each in the error body of the request's dialect (refusal.py).
+* The other dialects' generating routes are given `openai.complete` (shape.py says why).
 * Every response carries `x-request-id`; the same id goes to `backend.generate` and every log line.
 """
 
@@ -24,7 +26,15 @@ import time
 import structlog
 from aiohttp import web
 
-from zmqinfer.gateway.api import auth, openai, pages
+from zmqinfer.gateway.api import (
+    anthropic,
+    auth,
+    ollama,
+    ollama_models,
+    openai,
+    pages,
+    responses,
+)
 from zmqinfer.gateway.api.auth import ApiGuard
 from zmqinfer.gateway.api.fields import RequestError
 from zmqinfer.gateway.api.http import (
@@ -40,11 +50,11 @@ from zmqinfer.gateway.api.http import (
     Admission,
     Backend,
     Handler,
-    error,
-    error_body,
     ring_error,
 )
 from zmqinfer.gateway.api.openapi import openapi
+from zmqinfer.gateway.api.refusal import refuse
+from zmqinfer.gateway.api.shape import ALIASES
 from zmqinfer.gateway.errors import (
     RETRY_AFTER_S,
     Overloaded,
@@ -58,19 +68,27 @@ from zmqinfer.gateway.metrics import METRICS, Metrics, serve_metrics
 def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
              max_concurrent: int = DEFAULT_MAX_CONCURRENT, body_timeout: float = BODY_READ_TIMEOUT_S,
              write_timeout: float = SSE_WRITE_TIMEOUT_S, metrics: Metrics | None = None,
-             guard: ApiGuard | None = None) -> web.Application:
+             guard: ApiGuard | None = None, aliases: tuple[str, ...] = ()) -> web.Application:
     """The API over `backend`; serve it with `web.AppRunner(app, handler_cancellation=True)`.
     `metrics`: the series to record into (the gateway's own; by default a fresh set).
-    `guard` (auth.py) decides who may call it; `api_keys` is shorthand for a guard of those keys."""
+    `guard` (auth.py) decides who may call it; `api_keys` is shorthand for a guard of those keys.
+    `aliases`: model names (globs) the served model answers to ([gateway] aliases)."""
     guard = guard or ApiGuard.from_keys({f"key:{i}": k for i, k in enumerate(sorted(api_keys), 1)})
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[_frame, auth.middleware(guard, lambda st, msg, code: error(st, msg, code=code))])
+                          middlewares=[_frame, auth.middleware(
+                              guard, lambda rq, st, msg, code: refuse(rq, st, msg, code=code))])
     app[BACKEND] = backend
     app[ADMISSION] = Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
     app[STARTED] = int(time.time())
     app[METRICS] = metrics or Metrics(backend.model_id, backend.cluster_status, backend.context_length)
     app.on_response_prepare.append(_add_request_id)
+    app[ALIASES] = aliases
     openai.add_routes(app.router)
+    # The other dialects translate into the chat path and end in openai.complete (shape.py).
+    anthropic.add_routes(app.router, openai.complete)
+    responses.add_routes(app.router, openai.complete)
+    ollama.add_routes(app.router, openai.complete)
+    ollama_models.add_routes(app.router)
     app.router.add_get("/health", health)
     app.router.add_get("/cluster/status", cluster_status)
     app.router.add_post("/cluster/ping", cluster_ping)
@@ -82,7 +100,8 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
 
 @web.middleware
 async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id and OpenAI-shaped errors for everything raised before a stream starts."""
+    """Request id and errors in the request's dialect (refusal.py) for everything raised
+    before a stream starts."""
     request_id = f"req-{secrets.token_hex(12)}"
     request[REQUEST_ID] = request_id
     request[LOG] = structlog.get_logger().bind(request_id=request_id)
@@ -90,11 +109,11 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except Overloaded as e:  # the admission queue is full: the client may retry, and when
         request[LOG].info("request refused", status=429, error=str(e))
-        return web.json_response(error_body(str(e), type="rate_limit_error", code="rate_limit_exceeded"),
-                                 status=429, headers={"Retry-After": str(e.retry_after)})
+        return refuse(request, 429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                      headers={"Retry-After": str(e.retry_after)})
     except RequestError as e:
         request[LOG].info("request refused", status=e.status, error=e.message)
-        response = error(e.status, e.message, param=e.param, code=e.code)
+        response = refuse(request, e.status, e.message, param=e.param, code=e.code)
         if e.status == 429:
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         if e.status == 408:
@@ -103,19 +122,20 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (RingUnavailable, RingTimeout, StepNotSent) as e:
         status, body = ring_error(e)
         request[LOG].warning("ring error", status=status, error=str(e))
-        return web.json_response(body, status=status)
+        return refuse(request, status, body["error"]["message"], type=body["error"]["type"],
+                      code=body["error"]["code"])
     except web.HTTPException as e:  # 404, 405, 413 from aiohttp itself: same shape as ours
         if e.status < 400:
             raise
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         message = (f"the request body is too large ({e.text})" if e.status == 413
                    else f"{request.method} {request.path}: {e.reason}")
-        return web.json_response(error_body(message, code=e.reason.lower().replace(" ", "_")),
-                                 status=e.status, headers=allow)
-    except Exception:  # a bug must cost this request a 500 in OpenAI's shape, never a traceback
+        return refuse(request, e.status, message, code=e.reason.lower().replace(" ", "_"),
+                      headers=allow)
+    except Exception:  # a bug must cost this request a 500 in its dialect, never a traceback
         request[LOG].exception("internal error")
-        return error(500, f"internal error (request {request_id}); the server log has the details",
-                      type="server_error", code="internal_error")
+        return refuse(request, 500, f"internal error (request {request_id}); the server log has"
+                      " the details", type="server_error", code="internal_error")
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
