@@ -19,6 +19,7 @@ import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from zmqinfer.clusterstatus import PrefixCacheStatus
 from zmqinfer.gateway.sequences import Seq
 from zmqinfer.protocol.wire import Keep, SeqId
 
@@ -90,6 +91,13 @@ class PrefixCache:
     @property
     def pending(self) -> bool:
         return bool(self._drop)
+
+    def status(self, bytes_per_token: int) -> PrefixCacheStatus:
+        st = self.stats
+        return {"enabled": self.enabled, "entries": self.entries, "tokens": self.tokens,
+                "bytes": self.tokens * bytes_per_token, "lookups": st.lookups, "hits": st.hits,
+                "hit_rate": round(st.hits / st.lookups, 4) if st.lookups else 0.0,
+                "tokens_saved": st.tokens_saved, "evictions": st.evictions}
 
     # ---- the trie ---------------------------------------------------------------------------
 

@@ -137,3 +137,22 @@ def test_keep_rides_only_with_its_own_release() -> None:
     assert cache.take((SeqId(5),)) == ((), ())
     keep, _ = cache.take((SeqId(1),))
     assert keep == (Keep(SeqId(1), keep[0].prefix, 41),)
+
+
+def test_status_and_the_status_line_report_entries_bytes_and_hit_rate() -> None:
+    from typing import cast
+
+    from zmqinfer.cli.status import prefix_summary
+    from zmqinfer.clusterstatus import ClusterStatus
+
+    cache = PrefixCache()
+    finished(cache, 1, SYSTEM + [1, 2])
+    started(cache, 2, SYSTEM + [1, 2, 3])
+    started(cache, 3, [9] * 50)
+    st = cache.status(bytes_per_token=1000)
+    assert st == {"enabled": True, "entries": 1, "tokens": 41, "bytes": 41000, "lookups": 2, "hits": 1,
+                  "hit_rate": 0.5, "tokens_saved": 41, "evictions": 0}
+    line = prefix_summary(cast(ClusterStatus, {"prefix_cache": st}))
+    assert line == ["prefix cache: 1 entries, 41 tokens, 0 MiB; hit rate 50% (1 of 2), 41 tokens saved, 0 evicted"]
+    off = cast(ClusterStatus, {"prefix_cache": PrefixCache(enabled=False).status(1)})
+    assert prefix_summary(off) == ["prefix cache: off"] and prefix_summary(cast(ClusterStatus, {})) == []
