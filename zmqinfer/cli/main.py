@@ -76,6 +76,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--simulate", metavar="COST", help="passed to each node (see node --help): "
                     "N simulated devices instead of N stages computing")
     _add_api_auth(up)
+    _add_prefix_cache(up)
     up.add_argument("--no-curve", action="store_true", help="plaintext ZeroMQ between the local processes "
                     "(default: CurveZMQ with a throwaway key per process; this is for measuring its cost)")
     up.add_argument("--keys", type=Path, default=None, metavar="DIR", help="keep the ring's cluster directory "
@@ -118,6 +119,7 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gw.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
                     "by size (what the launchd service uses), instead of stderr")
     _add_api_auth(gw)
+    _add_prefix_cache(gw)
     _add_curve(gw)
     gw.set_defaults(func=serve.cmd_gateway)
 
@@ -129,6 +131,12 @@ def _add_api_auth(p: argparse.ArgumentParser) -> None:
                         "loopback clients are answered (protected mode)")
     p.add_argument("--no-auth", action="store_true",
                    help="no API keys and no protected mode: anyone who reaches the port may use the API")
+
+
+def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from its first token: no reuse of cached prompt prefixes "
+                        "across requests (docs/prefix-cache.md)")
 
 
 def _add_curve(p: argparse.ArgumentParser) -> None:
