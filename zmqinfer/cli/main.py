@@ -169,6 +169,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="the pinned comparison's level: the closest measured one (default 16)")
     bench.add_argument("--level-timeout", type=float, default=None,
                        help="seconds a concurrency level may take before it counts as failed (default 300)")
+    bench.add_argument("--conversation-turns", type=int, default=None, help="turns of the prefix cache's "
+                       "conversation, timed with and without the cache (default 10; 0 skips it)")
+    bench.add_argument("--conversation-growth", type=int, default=None,
+                       help="tokens each conversation turn adds (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
     bench.add_argument("--simulate", action="store_true", help="only the simulated devices: a ring of "
                        "--stages nodes that sleep --step-ms per step instead of computing, at c=1 and c=16")
@@ -342,7 +346,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        ("prompt_lengths", ints(args.prompt_lengths, "--prompt-lengths")),
                        ("tokens", args.tokens), ("batch_tokens", args.batch_tokens), ("reps", args.reps),
                        ("batch_reps", args.batch_reps), ("pin", args.pin), ("pin_nodes", args.pin_nodes),
-                       ("pin_concurrency", args.pin_concurrency), ("level_timeout_s", args.level_timeout)):
+                       ("pin_concurrency", args.pin_concurrency), ("level_timeout_s", args.level_timeout),
+                       ("conversation_turns", args.conversation_turns),
+                       ("conversation_growth", args.conversation_growth)):
         if value is not None:
             given[key] = value
     if "batch_tokens" not in given and "tokens" in given:
