@@ -19,15 +19,23 @@ import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import structlog
+
 from zmqinfer.clusterstatus import PrefixCacheStatus
 from zmqinfer.gateway.sequences import Seq
 from zmqinfer.protocol.wire import Keep, SeqId
+
+log = structlog.get_logger()
 
 # Shorter matches are not used: a chat template's first tokens are shared by every conversation,
 # and a hit of a few tokens saves less than the copy costs.
 MIN_PREFIX_TOKENS = 16
 # Prefixes held at most (below a stage's own cap, node/prefixes.py MAX_PREFIXES = 256).
 MAX_ENTRIES = 128
+# Sequences started from a prefix that failed, with none ever finishing, before the cache turns
+# itself off: a ring whose stages cannot keep prefixes (a family with sliding-window or SSM
+# caches, node/prefixes.py) would otherwise cost every hit a failed chunk and a replay.
+FAILURES_BEFORE_OFF = 3
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Stats:
     hits: int = 0  # ... and started from a prefix
     tokens_saved: int = 0  # prompt tokens not prefilled thanks to a hit
     evictions: int = 0
+    started_ok: int = 0  # sequences started from a prefix that finished
+    start_failures: int = 0  # ... that failed (replayed from position 0)
 
 
 class PrefixCache:
@@ -173,11 +183,12 @@ class PrefixCache:
         scope = SCOPE.get() or Scope()
         if not self.enabled or seq.generated < 1 or seq.replays or seq.epoch != epoch or not epoch:
             return
+        self.stats.started_ok += seq.prefix is not None
         tokens = tuple(seq.history[:-1])
         if len(tokens) < MIN_PREFIX_TOKENS:
             return
         path = self._path(scope.key, tokens)
-        if path[-1].ends:  # held already: just used again
+        if path[-1].below:  # held already, alone or inside a longer prefix: nothing new to keep
             for pid in path[-1].ends:
                 self._entries[pid].used = next(self._ticks)
             return
@@ -193,9 +204,18 @@ class PrefixCache:
     def failed(self, seq: Seq) -> None:
         """A sequence that started from a prefix replays: the prefix may be what failed (a stage
         that could not keep it, or evicted it for room), so it is no longer used."""
-        if seq.prefix is not None and seq.prefix in self._entries:
+        if seq.prefix is None:
+            return
+        if seq.prefix in self._entries:
             self._remove(seq.prefix)
         seq.prefix = None
+        self.stats.start_failures += 1
+        if self.stats.start_failures >= FAILURES_BEFORE_OFF and not self.stats.started_ok:
+            log.warning("prefix cache off: the stages hold no prefix they are asked for "
+                        "(a model family whose caches cannot be cut, docs/prefix-cache.md)")
+            self.enabled = False
+            while self.evict_lru():
+                pass
 
     def evict_lru(self) -> bool:
         """Evict the least recently used prefix; False when none is held."""

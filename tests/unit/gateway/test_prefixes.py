@@ -77,6 +77,8 @@ def test_a_conversation_keeps_only_its_longest_turn() -> None:
     assert [k.seq for k in keep] == [2] and len(drop) == 1  # turn 1's was never kept: dropped
     finished(cache, 3, SYSTEM + [1, 2, 3, 4])  # the same tokens again: nothing new
     assert cache.entries == 1 and cache.take((SeqId(3),)) == ((), ())
+    finished(cache, 4, SYSTEM + [1, 2])  # inside the held prefix: nothing new either
+    assert cache.entries == 1 and cache.take((SeqId(4),)) == ((), ())
 
 
 def test_unfinished_or_replayed_sequences_are_not_kept() -> None:
@@ -156,3 +158,30 @@ def test_status_and_the_status_line_report_entries_bytes_and_hit_rate() -> None:
     assert line == ["prefix cache: 1 entries, 41 tokens, 0 MiB; hit rate 50% (1 of 2), 41 tokens saved, 0 evicted"]
     off = cast(ClusterStatus, {"prefix_cache": PrefixCache(enabled=False).status(1)})
     assert prefix_summary(off) == ["prefix cache: off"] and prefix_summary(cast(ClusterStatus, {})) == []
+
+
+def test_a_ring_that_keeps_no_prefix_turns_the_cache_off_after_three_failed_starts() -> None:
+    from zmqinfer.gateway.prefixes import FAILURES_BEFORE_OFF
+
+    cache = PrefixCache()
+    for i in range(FAILURES_BEFORE_OFF):
+        finished(cache, 10 * i + 1, SYSTEM + [i, 1])
+        seq, cached = started(cache, 10 * i + 2, SYSTEM + [i, 1, 2])
+        assert cached == 41 and cache.enabled
+        cache.failed(seq)  # the stage did not hold it (it could not keep it)
+    assert not cache.enabled and cache.entries == 0
+    assert started(cache, 99, SYSTEM + [0, 1, 2])[1] == 0
+
+
+def test_a_cache_that_ever_served_a_start_stays_on_through_failures() -> None:
+    cache = PrefixCache()
+    finished(cache, 1, SYSTEM + [1, 2])
+    seq, _ = started(cache, 2, SYSTEM + [1, 2, 3])
+    seq.generated = 1
+    copy_context().run(lambda: cache.finished(seq, EPOCH))  # it finished: prefixes work here
+    for i in range(5):  # e.g. a stage evicted them for room: each forgotten, the cache stays on
+        finished(cache, 10 * i + 3, SYSTEM + [i, 9])
+        s, cached = started(cache, 10 * i + 4, SYSTEM + [i, 9, 9])
+        assert cached > 0
+        cache.failed(s)
+    assert cache.enabled and cache.stats.started_ok == 1 and cache.stats.start_failures == 5
