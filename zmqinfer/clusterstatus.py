@@ -102,6 +102,20 @@ class ModelInfo(TypedDict):
     batching: str  # "batched", or "one sequence at a time" for a family mlx-lm cannot batch
 
 
+class PrefixCacheStatus(TypedDict):
+    """The gateway's prefix cache (gateway/prefixes.py): what the stages hold for reuse."""
+
+    enabled: bool
+    entries: int  # cached prefixes
+    tokens: int  # token positions they hold (each stage, for its layers)
+    bytes: int  # their KV over the whole model (all stages), estimated from the model's size
+    lookups: int  # requests that looked for a prefix
+    hits: int  # ... and started from one
+    hit_rate: float  # hits / lookups (0 before any)
+    tokens_saved: int  # prompt tokens not prefilled thanks to a hit
+    evictions: int  # prefixes evicted (least recently used) to make room
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
@@ -121,6 +135,7 @@ class ClusterStatus(TypedDict):
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]
+    prefix_cache: NotRequired[PrefixCacheStatus]
     model_info: NotRequired[ModelInfo]
 
 

@@ -45,6 +45,7 @@ class GatewaySpec:
     control_port: int = DEFAULT_CONTROL_PORT
     result_port: int = DEFAULT_RESULT_PORT
     aliases: tuple[str, ...] = ()  # model names (globs) answered by the served model
+    prefix_cache: bool = True  # reuse cached prompt prefixes across requests (--no-prefix-cache)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "zmqinfer", "bench", "--model", str(toy_model),
                         "--nodes", "2", "--concurrency", "1,4",
                         "--tokens", "6", "--prompt-lengths", "16,64", "--reps", "1", "--pin",
-                        "--level-timeout", "60", "--json", str(out)],
+                        "--level-timeout", "60", "--conversation-turns", "3", "--conversation-growth", "24",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(out.read_text())
@@ -50,6 +51,12 @@ def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
             assert "error" not in level, level
             assert level["tps"] > 0 and 0 < level["tokens"] <= int(c) * 6
     ring = rep["rings"][0]
+    # The prefix cache's conversation: every turn timed both ways, the late ones compared.
+    conv = ring["conversation"]
+    assert "error" not in conv, conv.get("error")
+    assert conv["turns"] == 3 and conv["prompt_tokens"][1] - conv["prompt_tokens"][0] == 24
+    assert all(t > 0 for t in conv["with_cache_s"] + conv["without_cache_s"]) and conv["late_speedup"] > 0
+    assert "Conversation (prefix cache)" in r.stdout
     assert [n["layers"] for n in ring["per_node"]] == [[0, 2], [2, 4]]
     assert all(n["shard_bytes"] > 0 and n["rss_bytes"] > n["shard_bytes"] for n in ring["per_node"])
     assert 0 < ring["ping"]["ring_ms"] < 1000 and set(ring["ping"]["control_ms"]) == {"node0", "node1"}

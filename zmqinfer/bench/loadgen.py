@@ -30,6 +30,8 @@ from typing import Any
 import aiohttp
 import psutil
 
+from zmqinfer.bench import conversation
+
 REQUEST_BASE_S = 60.0  # any single request: this much plus REQUEST_PER_TOKEN_S per token asked
 REQUEST_PER_TOKEN_S = 2.0  # a ring slower than 0.5 tok/s for one stream is broken, not slow
 CONTROL_TIMEOUT_S = 15.0  # /cluster/ping waits up to a second per node plus a 5 s probe
@@ -203,6 +205,11 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
                 out["ttft"][length] = {"median_s": statistics.median(firsts[1:]), "runs": firsts[1:]}
             except _FAILURES as e:
                 out["ttft"][length] = {"error": _why(e)}
+        if work.get("conversation"):  # before the batch levels: their prompts would not evict it
+            try:
+                out["conversation"] = await conversation.measure(s, url, work["conversation"], first_token)
+            except _FAILURES as e:
+                out["conversation"] = {"error": _why(e)}
         out["batch"] = {}
         skip = ""
         for c, level in work.get("batch", {}).items():

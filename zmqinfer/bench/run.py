@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from zmqinfer import local
-from zmqinfer.bench import blasinfo, loadgen, server, simulate
+from zmqinfer.bench import blasinfo, conversation, loadgen, server, simulate
 from zmqinfer.bench.report import dig, targets
 from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.local import ONE_BLAS_THREAD
@@ -82,11 +82,13 @@ class Options:
     level_timeout_s: float = 300.0
     server: bool = True  # mlx_lm.server at the same concurrency levels
     simulate: SimOptions | None = SimOptions()  # simulated devices (simulate.py); None: skip
+    conversation_turns: int = 10  # the prefix cache's conversation (bench/conversation.py); 0: skip
+    conversation_growth: int = 300  # tokens each turn adds: 10 turns reach ~3,000
 
 
 # What `--quick` means: every size small enough for a smoke run of well under a minute.
 QUICK = dict(nodes=(2,), concurrency=(1, 4), tokens=8, batch_tokens=8, reps=1, prompt_lengths=(16, 64),
-             pings=3, level_timeout_s=60.0,
+             pings=3, level_timeout_s=60.0, conversation_turns=3, conversation_growth=24,
              simulate=SimOptions(stages=2, step_ms=5, concurrency=4, single_tokens=16, warm_s=0.3, window_s=0.5))
 
 
@@ -106,7 +108,7 @@ def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> di
     tokenizer = load_tokenizer(model_path)
     work = workload(tokenizer, model_path, opts)
     pin_c = str(min(opts.concurrency, key=lambda c: abs(c - opts.pin_concurrency)))
-    pinned_work = {**work, "batch": {pin_c: work["batch"][pin_c]}}
+    pinned_work = {**work, "batch": {pin_c: work["batch"][pin_c]}, "conversation": None}
     report: dict[str, Any] = {"machine": machine(), "options": dataclasses.asdict(opts),
                               "wire": wire_bytes(model_path), "rings": [], "pinned": None, "phases": []}
     report["machine"]["cpu_busy_before_pct"] = _others_load()
@@ -170,7 +172,11 @@ def workload(tokenizer: Any, model_path: Path, opts: Options) -> dict[str, Any]:
     return {"model_path": str(model_path),
             "single": {"prompt": chat(PROMPT), "tokens": opts.tokens, "reps": opts.reps},
             "ttft": {str(n): [exact(n, 1000 * n + r) for r in range(opts.reps + 1)] for n in opts.prompt_lengths},
-            "batch": batch}
+            "batch": batch,
+            # A conversation growing by `conversation_growth` tokens a turn (bench/conversation.py).
+            "conversation": {"turns": conversation.turns(
+                chat(PROMPT), lambda t: exact(opts.conversation_growth, 7000 + t), opts.conversation_turns)}
+            if opts.conversation_turns else None}
 
 
 def run_baseline(work: dict[str, Any], where: Path, cpu: int | None = None) -> dict[str, Any]:

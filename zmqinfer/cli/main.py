@@ -76,6 +76,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--simulate", metavar="COST", help="passed to each node (see node --help): "
                     "N simulated devices instead of N stages computing")
     _add_api_auth(up)
+    _add_prefix_cache(up)
     up.add_argument("--no-curve", action="store_true", help="plaintext ZeroMQ between the local processes "
                     "(default: CurveZMQ with a throwaway key per process; this is for measuring its cost)")
     up.add_argument("--keys", type=Path, default=None, metavar="DIR", help="keep the ring's cluster directory "
@@ -118,6 +119,7 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gw.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="JSON lines to PATH, rotated "
                     "by size (what the launchd service uses), instead of stderr")
     _add_api_auth(gw)
+    _add_prefix_cache(gw)
     _add_curve(gw)
     gw.set_defaults(func=serve.cmd_gateway)
 
@@ -129,6 +131,12 @@ def _add_api_auth(p: argparse.ArgumentParser) -> None:
                         "loopback clients are answered (protected mode)")
     p.add_argument("--no-auth", action="store_true",
                    help="no API keys and no protected mode: anyone who reaches the port may use the API")
+
+
+def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from its first token: no reuse of cached prompt prefixes "
+                        "across requests (docs/prefix-cache.md)")
 
 
 def _add_curve(p: argparse.ArgumentParser) -> None:
@@ -161,6 +169,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="the pinned comparison's level: the closest measured one (default 16)")
     bench.add_argument("--level-timeout", type=float, default=None,
                        help="seconds a concurrency level may take before it counts as failed (default 300)")
+    bench.add_argument("--conversation-turns", type=int, default=None, help="turns of the prefix cache's "
+                       "conversation, timed with and without the cache (default 10; 0 skips it)")
+    bench.add_argument("--conversation-growth", type=int, default=None,
+                       help="tokens each conversation turn adds (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
     bench.add_argument("--simulate", action="store_true", help="only the simulated devices: a ring of "
                        "--stages nodes that sleep --step-ms per step instead of computing, at c=1 and c=16")
@@ -334,7 +346,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        ("prompt_lengths", ints(args.prompt_lengths, "--prompt-lengths")),
                        ("tokens", args.tokens), ("batch_tokens", args.batch_tokens), ("reps", args.reps),
                        ("batch_reps", args.batch_reps), ("pin", args.pin), ("pin_nodes", args.pin_nodes),
-                       ("pin_concurrency", args.pin_concurrency), ("level_timeout_s", args.level_timeout)):
+                       ("pin_concurrency", args.pin_concurrency), ("level_timeout_s", args.level_timeout),
+                       ("conversation_turns", args.conversation_turns),
+                       ("conversation_growth", args.conversation_growth)):
         if value is not None:
             given[key] = value
     if "batch_tokens" not in given and "tokens" in given:

@@ -143,7 +143,7 @@ def status_view(st: ClusterStatus) -> RenderableType:
                   layers, health, beat, (n.get("device") or "-").split(" (")[0],
                   _mib(n.get("rss_bytes")), _mib(n.get("shard_bytes")),
                   f"{100 * (n.get('busy_fraction') or 0):.0f}%")
-    return Group(head, *_model_line(st), t, *_security_lines(st))
+    return Group(head, *_model_line(st), t, *_security_lines(st), *prefix_summary(st))
 
 
 def model_summary(info: ModelInfo) -> str:
@@ -164,6 +164,18 @@ def _model_line(st: ClusterStatus) -> list[str]:
 
     info = st.get("model_info")
     return [] if info is None else [escape(model_summary(info))]  # absent from an older gateway
+
+
+def prefix_summary(st: ClusterStatus) -> list[str]:
+    """"prefix cache: 3 entries, 2,410 tokens, 12.3 MiB; hit rate 67% (4 of 6), 1,980 tokens saved"."""
+    pc = st.get("prefix_cache")  # absent from an older gateway
+    if pc is None:
+        return []
+    if not pc["enabled"]:
+        return ["prefix cache: off"]
+    return [f"prefix cache: {pc['entries']} entries, {pc['tokens']:,} tokens, {_mib(pc['bytes'])}; "
+            f"hit rate {100 * pc['hit_rate']:.0f}% ({pc['hits']} of {pc['lookups']}), "
+            f"{pc['tokens_saved']:,} tokens saved, {pc['evictions']} evicted"]
 
 
 def _security_lines(st: ClusterStatus) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Protocol
 from zmqinfer.gateway.errors import RETRY_AFTER_S, Overloaded, RingUnavailable
 from zmqinfer.gateway.sequences import PREFILL_CHUNK, Seq
 from zmqinfer.model.size import kv_positions
-from zmqinfer.protocol.wire import Chunk, SeqId
+from zmqinfer.protocol.wire import Chunk, Epoch, Forward, Release, SeqId
 
 # Micro-batch groups beyond one per device: while one group's tokens travel back through the
 # gateway, the spare keeps the first device busy (README, "Keeping every device busy").
@@ -120,6 +120,14 @@ class PrefillQueue:
 Batch = tuple[list[Seq], tuple[Chunk, ...], list[int]]
 
 
+class Cached(Protocol):
+    """What admission reads of the prefix cache (gateway/prefixes.py)."""
+
+    tokens: int  # KV positions its prefixes hold
+
+    def evict_lru(self) -> bool: ...  # False: nothing left to evict
+
+
 class RingSize(Protocol):
     """What admission reads of the ring (gateway/ring.py)."""
 
@@ -129,11 +137,24 @@ class RingSize(Protocol):
     def kv_tokens(self) -> int | None: ...  # KV the ring can hold (placement.ring_kv_tokens); None: no limit
 
 
+class RingPort(RingSize, Protocol):
+    """What the scheduler needs from the ring (gateway/ring.py): its size, and sending."""
+
+    @property
+    def epoch(self) -> Epoch: ...
+    @property
+    def n_stages(self) -> int: ...
+
+    async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
+    async def send(self, msg: Forward | Release) -> None: ...
+
+
 class Lanes:
-    def __init__(self, ring: RingSize, seqs: Mapping[SeqId, Seq], wake: Callable[[], None]) -> None:
+    def __init__(self, ring: RingSize, seqs: Mapping[SeqId, Seq], wake: Callable[[], None],
+                 cached: Cached | None = None) -> None:
         """`seqs`: the scheduler's live sequences (read here, never changed); `wake`: the pump has
-        something new to decide."""
-        self.ring, self._seqs, self._wake = ring, seqs, wake
+        something new to decide; `cached`: the prefix cache, whose tokens count in the budget."""
+        self.ring, self._seqs, self._wake, self.cached = ring, seqs, wake, cached
         self.groups: dict[int, Group] = {}
         self.prefilling = PrefillQueue()  # waiting for (more) prefill chunks to be sent
         self.waiting: deque[Seq] = deque()  # admitted, waiting for KV room
@@ -165,8 +186,14 @@ class Lanes:
                              and not s.done and s not in self.waiting)
 
     def fits(self, seq: Seq) -> bool:
+        """Cached prefixes give way first: the least recently used are evicted until it fits."""
         budget = self.ring.kv_tokens
-        return budget is None or self._held(seq) + seq.bound <= budget
+        if budget is None:
+            return True
+        held = self._held(seq) + seq.bound
+        while self.cached is not None and held + self.cached.tokens > budget and self.cached.evict_lru():
+            pass
+        return held + (self.cached.tokens if self.cached is not None else 0) <= budget
 
     def admit(self, seq: Seq) -> None:
         """Start it on the ring if the KV budget holds it (and nobody waits before it)."""
@@ -244,8 +271,10 @@ class Lanes:
 
 
 def _chunk(seq: Seq, start: int, length: int, sample: bool) -> Chunk:
-    """A chunk of `seq`; its sampling parameters ride on its first chunk only."""
+    """A chunk of `seq`; its sampling parameters (and the prefix it starts from) ride on its
+    first chunk only."""
     chunk = Chunk(seq=seq.id, start=start, length=length, sample=sample,
-                  params=None if seq.params_sent else seq.params)
+                  params=None if seq.params_sent else seq.params,
+                  prefix=None if seq.params_sent else seq.prefix)
     seq.params_sent = True
     return chunk

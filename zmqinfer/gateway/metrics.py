@@ -308,6 +308,16 @@ class _Live(Collector):
                          ring["micro_batches_in_flight"])
             yield _counter("zmqinfer_ring_stale_epoch_drops", "Results of an older epoch the gateway dropped.",
                            ring["stale_epoch_drops"])
+        if (pc := st.get("prefix_cache")) is not None:  # gateway/prefixes.py
+            yield _gauge("zmqinfer_prefix_cache_entries", "Cached prefixes the stages hold.", pc["entries"])
+            yield _gauge("zmqinfer_prefix_cache_tokens", "Token positions the cached prefixes hold.", pc["tokens"])
+            yield _gauge("zmqinfer_prefix_cache_bytes", "KV bytes of the cached prefixes, all stages.", pc["bytes"])
+            yield _counter("zmqinfer_prefix_cache_lookups", "Requests that looked for a cached prefix.", pc["lookups"])
+            yield _counter("zmqinfer_prefix_cache_hits", "Requests that started from a cached prefix.", pc["hits"])
+            yield _counter("zmqinfer_prefix_cache_tokens_saved", "Prompt tokens not prefilled thanks to a hit.",
+                           pc["tokens_saved"])
+            yield _counter("zmqinfer_prefix_cache_evictions", "Cached prefixes evicted to make room.",
+                           pc["evictions"])
         yield from _node_series(nodes)
 
 

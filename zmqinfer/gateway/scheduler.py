@@ -39,12 +39,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import AsyncGenerator, Callable, Protocol
+from typing import AsyncGenerator, Callable
 
 import structlog
 
-from zmqinfer.gateway.admission import Batch, Lanes, RingSize, seq_bound
+from zmqinfer.gateway.admission import Batch, Lanes, RingPort, seq_bound
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
+from zmqinfer.gateway.prefixes import PrefixCache
 from zmqinfer.gateway.sequences import PAUSED, Paused, Seq, Step, StepBook
 from zmqinfer.protocol.codec import tokens_to_wire
 from zmqinfer.protocol.wire import (
@@ -82,22 +83,10 @@ MAX_REPLAYS = 3
 MAX_QUEUED = 32
 
 
-class RingPort(RingSize, Protocol):
-    """What the scheduler needs from the ring (gateway/ring.py)."""
-
-    @property
-    def epoch(self) -> Epoch: ...
-    @property
-    def n_stages(self) -> int: ...
-
-    async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
-    async def send(self, msg: Forward | Release) -> None: ...
-
-
 class Scheduler:
     def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float = STEP_TIMEOUT_S,
                  prefill_s_per_token: float = PREFILL_S_PER_TOKEN, max_queued: int = MAX_QUEUED,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefix_cache: bool = True) -> None:
         self.ring, self.eos_ids = ring, eos_ids
         self.step_timeout_s, self.prefill_s_per_token, self.max_queued = step_timeout_s, prefill_s_per_token, max_queued
         self._clock = clock
@@ -105,7 +94,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._steps = itertools.count(1)
         self._wake = asyncio.Event()
-        self._lanes = Lanes(ring, self._seqs, self._wake.set)  # admission, prefill, groups
+        self.prefixes = PrefixCache(prefix_cache)  # what the stages hold for new prompts to reuse
+        self._lanes = Lanes(ring, self._seqs, self._wake.set, self.prefixes)  # admission, prefill, groups
         self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
         self._parked: list[Seq] = []
@@ -163,6 +153,7 @@ class Scheduler:
                   bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
         self._lanes.check(seq, self.max_queued)
         seq.restart(self.ring.epoch)
+        self.prefixes.start(seq)
         seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:
@@ -200,6 +191,7 @@ class Scheduler:
         return max(seq.deadline, self._progress_at + self.step_timeout_s)
 
     def _end(self, seq: Seq) -> None:
+        self.prefixes.finished(seq, self.ring.epoch)
         seq.done = True
         self._seqs.pop(seq.id, None)
         self._lanes.leave(seq)
@@ -274,6 +266,7 @@ class Scheduler:
         if seq.done or seq.epoch != self.ring.epoch or seq in self._parked:
             return
         seq.replays += 1
+        self.prefixes.failed(seq)
         self._lanes.leave(seq)
         self._releases.append((seq.epoch, seq.id))
         if seq.replays > MAX_REPLAYS:
@@ -329,6 +322,7 @@ class Scheduler:
         self._forget_ring()
 
     def _forget_ring(self) -> None:
+        self.prefixes.forget_all()
         self._lanes.clear()
         self._steps_out = StepBook()
         for seq in self._seqs.values():
@@ -384,11 +378,12 @@ class Scheduler:
     def _decide(self) -> list[tuple[Forward | Release, list[Seq]]]:
         out: list[tuple[Forward | Release, list[Seq]]] = []
         epoch = self.ring.epoch
-        if self._releases:
+        if self._releases or self.prefixes.pending:
             batch, self._releases = self._releases, []
             seqs = tuple(s for e, s in batch if e == epoch)  # older rings' caches died with them
-            if seqs:
-                out.append((Release(epoch, seqs), []))
+            keep, drop = self.prefixes.take(seqs)
+            if seqs or drop:
+                out.append((Release(epoch, seqs, keep, drop), []))
         if self._paused:
             return out
         out += [self._send_step(epoch, gid, b) for gid, b in self._lanes.decode_batches()]

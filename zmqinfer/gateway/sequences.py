@@ -46,6 +46,7 @@ class Seq:
     arrived: float = field(default_factory=time.monotonic)  # generate() called: queue time starts
     started: bool = False  # its first message on the current ring has been decided (running)
     queued: bool = True  # never started on any ring yet (queue time not yet observed)
+    prefix: int | None = None  # the cached prefix its first chunk starts from (gateway/prefixes.py)
 
     def start(self) -> float | None:
         """Its next message is decided: it runs on this ring. Seconds since it arrived, the
@@ -56,11 +57,13 @@ class Seq:
         self.queued = False
         return time.monotonic() - self.arrived
 
-    def restart(self, epoch: Epoch) -> None:
+    def restart(self, epoch: Epoch, cached: int = 0) -> None:
         """Start over on a fresh ring: prefill all but the last token of the history (cut as
-        mlx-lm cuts a prompt), which is then the first decode step."""
+        mlx-lm cuts a prompt), which is then the first decode step. `cached`: the first so many
+        come from a cached prefix (the caller names it in `prefix`); a restart uses none."""
         head = self.history[:-1]
-        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(0, len(head), PREFILL_CHUNK))
+        self.prefix = None
+        self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(cached, len(head), PREFILL_CHUNK))
         self.next_token, self.pos = self.history[-1], len(self.history) - 1
         self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False
 

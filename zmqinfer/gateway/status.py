@@ -80,6 +80,7 @@ class ClusterView:
                 "devices": ring.n_devices, "groups": groups(ring.n_devices) if ready else 0,
                 "decode_steps": s.decode_steps, "queued_requests": s.queued, "kv_tokens": ring.kv_tokens,
                 "replans": planner.history[-5:], "nodes": nodes, "security": security,
+                "prefix_cache": s.prefixes.status(planner.size.kv_bytes_per_token * self.n_layers),
                 **({"model_info": self.model_info} if self.model_info is not None else {})}  # type: ignore[typeddict-item]
 
     async def ping(self) -> ClusterPing:

@@ -102,7 +102,7 @@ class DataPlane:
                 if (msg := self._admit(frames)) is None:
                     continue
                 loop = asyncio.get_running_loop()
-                done = (loop.run_in_executor(self._mlx, self.node.worker.release, msg.seqs)
+                done = (loop.run_in_executor(self._mlx, self.node.worker.release, msg.seqs, msg.keep, msg.drop)
                         if isinstance(msg, Release) else loop.run_in_executor(self._mlx, self.node.worker.run, msg))
                 # Waits when QUEUED_STEPS are queued: then the PULL socket fills, and the
                 # previous stage's sends wait in turn (backpressure, never an unbounded queue).

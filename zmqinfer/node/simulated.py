@@ -90,6 +90,15 @@ class SimulatedStage:
         for s in seqs:
             self._offsets.pop(s, None)
 
+    def seed(self, seq: SeqId, prefix: int, start: int) -> None:
+        self._offsets[seq] = start  # a simulated cache holds nothing: any prefix is "held"
+
+    def keep(self, seq: SeqId, prefix: int, length: int) -> bool:
+        return seq in self._offsets
+
+    def drop_prefixes(self, prefixes: tuple[int, ...] | None) -> None:
+        pass
+
     def expire_idle(self, now: float | None = None) -> list[SeqId]:
         return []  # nothing to free: a simulated cache costs no memory
 

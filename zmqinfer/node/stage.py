@@ -42,6 +42,7 @@ from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
 from zmqinfer.model.shards import load_shard_model
 from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
+from zmqinfer.node.prefixes import PrefixStore
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
 
@@ -131,6 +132,7 @@ class Stage:
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
+        self.prefixes = PrefixStore()  # cached prefixes (issue 22): counted in kv_tokens/kv_bytes
 
     def _measure_caches(self) -> tuple[int, int]:
         """(bytes one more token adds to this stage's caches, bytes of one sequence's fixed
@@ -157,7 +159,7 @@ class Stage:
 
     def kv_tokens(self) -> int:
         """Token positions held in KV caches, a group counted padded to its longest member."""
-        own = sum(c.offset for c in self._caches.values())
+        own = sum(c.offset for c in self._caches.values()) + self.prefixes.tokens()
         return own + sum(len(g.order) * max(g.offsets.values(), default=0) for g in self._groups.values())
 
     def _check_room(self, seq: SeqId, length: int, new: int = 1) -> None:
@@ -166,7 +168,11 @@ class Stage:
         if len(self.seq_ids) >= MAX_SEQUENCES:
             raise StageError(f"sequence {seq}: this stage already holds {MAX_SEQUENCES} sequences")
         held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
-        if self.max_kv_tokens is not None and held + length + new * self.state_tokens > self.max_kv_tokens:
+        need = length + new * self.state_tokens
+        # Cached prefixes give way to sequences: the least recently used go first.
+        while self.max_kv_tokens is not None and held + need > self.max_kv_tokens and self.prefixes.evict_one():
+            held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
+        if self.max_kv_tokens is not None and held + need > self.max_kv_tokens:
             raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
                              "held under this node's memory limit)")
 
@@ -182,6 +188,37 @@ class Stage:
             raise StageError(f"sequence {seq}: chunk at position {start}, cache holds {c.offset}")
         c.last_used = time.monotonic()
         return c
+
+    def seed(self, seq: SeqId, prefix: int, start: int) -> None:
+        """Start a new sequence from the first `start` positions of a cached prefix."""
+        if seq in self.seq_ids:
+            raise StageError(f"sequence {seq}: starts from prefix {prefix} but a cache already holds it")
+        layers = self.prefixes.seed(prefix, start)  # taken first: making room may evict it
+        if layers is None:
+            raise StageError(f"sequence {seq}: prefix {prefix} of {start} positions is not held here")
+        self._check_room(seq, start)
+        self._caches[seq] = _SeqCache(layers, offset=start)
+
+    def keep(self, seq: SeqId, prefix: int, length: int) -> bool:
+        """Keep the first `length` positions of a live sequence's caches as `prefix` (its
+        group's batch cache cut out first). False: nothing kept (see node/prefixes.py)."""
+        own = self._caches.get(seq)
+        if own is not None:
+            layers = own.layers
+        else:
+            g = next((g for g in self._groups.values() if seq in g.offsets and g.layers is not None), None)
+            if g is None:
+                return False
+            i = g.order.index(seq)
+            layers = [c.extract(i) for c in g.layers or ()]
+        return self.prefixes.keep(prefix, layers, length)
+
+    def drop_prefixes(self, prefixes: tuple[int, ...] | None) -> None:
+        """Drop these cached prefixes; None: all of them (a new ring starts with none)."""
+        if prefixes is None:
+            self.prefixes.clear()
+        else:
+            self.prefixes.drop(prefixes)
 
     def release(self, seqs: list[SeqId] | tuple[SeqId, ...]) -> None:
         gone = set(seqs)
@@ -211,7 +248,7 @@ class Stage:
     @property
     def kv_bytes(self) -> int:
         """Bytes the KV caches hold (as allocated: mlx-lm grows a cache 256 positions at a time)."""
-        own = sum(c.nbytes for sc in self._caches.values() for c in sc.layers)
+        own = sum(c.nbytes for sc in self._caches.values() for c in sc.layers) + self.prefixes.nbytes
         return own + sum(c.nbytes for g in self._groups.values() for c in g.layers or ())
 
     # ---- forward ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from zmqinfer.node.memory import give_back_memory
 from zmqinfer.node.sampling import SeqSampler, sample_batch
 from zmqinfer.node.stage import StageError
 from zmqinfer.node.tensors import from_wire, to_wire
-from zmqinfer.protocol.wire import Chunk, Forward, Sample, Sampled, SeqId
+from zmqinfer.protocol.wire import Chunk, Forward, Keep, Sample, Sampled, SeqId
 
 Failure = tuple[tuple[SeqId, ...], str]
 
@@ -68,8 +68,12 @@ class Worker:
         self.token_limit, self.fingerprint = shard.token_limit, shard.fingerprint
         self._publish()
 
-    def release(self, seqs: tuple[SeqId, ...]) -> None:
+    def release(self, seqs: tuple[SeqId, ...], keep: tuple[Keep, ...] = (), drop: tuple[int, ...] = ()) -> None:
+        """Free `seqs`, first keeping the prefixes `keep` names, and drop the prefixes `drop`."""
         if self.stage is not None:
+            self.stage.drop_prefixes(drop)
+            for k in keep:
+                self.stage.keep(k.seq, k.prefix, k.length)
             self.stage.release(seqs)
         for s in seqs:
             self.samplers.pop(s, None)
@@ -87,6 +91,7 @@ class Worker:
         """A new epoch: the old ring's sequences are gone, their caches with them."""
         if self.stage is not None:
             self.stage.release(list(self.stage.seq_ids))
+            self.stage.drop_prefixes(None)
         self.samplers.clear()
         self._publish()
 
@@ -136,6 +141,8 @@ class Worker:
             sl = slice(at, at + chunk.length)
             hidden = step.hidden[sl] if step.hidden is not None else None
             try:
+                if chunk.prefix is not None:
+                    self.stage.seed(chunk.seq, chunk.prefix, chunk.start)
                 h = self.stage.forward(chunk.seq, chunk.start, step.tokens[sl], hidden, want_logits=False)
             except StageError as e:
                 self.stage.release((chunk.seq,))  # a sequence out of step is unrecoverable here

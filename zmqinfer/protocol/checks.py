@@ -53,7 +53,10 @@ def check(msg: Message) -> None:
     if isinstance(msg, Forward):
         _check_forward(msg)
     elif isinstance(msg, Release):
-        _need(bool(msg.seqs) and min(msg.seqs) >= 0, k, "seqs must be a non-empty list of ids >= 0")
+        _need(bool(msg.seqs or msg.drop) and min(msg.seqs, default=0) >= 0 and min(msg.drop, default=0) >= 0,
+              k, "seqs and drop must be ids >= 0, not both empty")
+        _need(all(x.seq in msg.seqs and x.prefix >= 0 and x.length >= 1 for x in msg.keep), k,
+              "keep must name released seqs, prefix ids >= 0 and lengths >= 1")
     elif isinstance(msg, Sampled):
         for s in msg.samples:
             _need(s.seq >= 0 and len(s.top) <= MAX_TOP_LOGPROBS, k, "bad sample")
@@ -83,6 +86,8 @@ def _check_forward(msg: Forward) -> None:
             decoding.add(c.seq)
         if c.params is not None:
             _check_params(c.params)
+        _need(c.prefix is None or (c.prefix >= 0 and c.start >= 1), "forward.chunks",
+              "a prefix must be an id >= 0 and its chunk start past 0")
         total += c.length
     _need(total <= MAX_FORWARD_TOKENS, "forward", f"more than {MAX_FORWARD_TOKENS} tokens")
     _need(msg.tokens.dtype == "int32" and msg.tokens.shape == (total,), "forward.tokens",

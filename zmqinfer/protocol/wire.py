@@ -39,7 +39,8 @@ from typing import Any, ClassVar, NewType, Union
 # Heartbeat gained `addresses` (issue 14), the usage fields (steps ... stale_drops) and
 # `refused`. A 1 peer would refuse the new fields (decode refuses unknown fields), and a 2
 # gateway cannot confirm a 1 node's address: they refuse each other by version.
-PROTOCOL_VERSION = b"zmqinfer/2"
+# 3: the prefix cache (issue 22): Chunk gained `prefix`, Release gained `keep` and `drop`.
+PROTOCOL_VERSION = b"zmqinfer/3"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -107,6 +108,9 @@ class Chunk:
     length: int
     sample: bool
     params: SamplingParams | None = None
+    # A sequence's first chunk may start past 0 from a cached prefix (node/prefixes.py): every
+    # stage seeds its cache with that prefix's first `start` positions. None: from its own cache.
+    prefix: int | None = None
 
 
 NO_GROUP = -1  # Forward.group of a message with no decode chunks (a prefill chunk, a probe)
@@ -124,10 +128,24 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """Before `seq`'s caches are freed: keep its first `length` positions as prefix `prefix`."""
+
+    seq: SeqId
+    prefix: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Release:
+    """Free `seqs` (after keeping what `keep` names) and drop the cached prefixes `drop`. It
+    travels the ring in order, so a prefix is held on every stage before any Forward names it."""
+
     KIND: ClassVar[str] = "release"
     epoch: Epoch
     seqs: tuple[SeqId, ...]
+    keep: tuple[Keep, ...] = ()
+    drop: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,8 @@ async def test_chat_non_stream():
     assert (max_tokens, request_id, params.seed) == (50, rid, 3)
     n = len(script())
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n,
-                             "total_tokens": len(prompt) + n}
+                             "total_tokens": len(prompt) + n,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # a scripted backend caches nothing
     # After the EOS sample the API closes the generator rather than waiting for it to end.
     assert len(backend.endings) == 1 and backend.yielded == n - 1
 

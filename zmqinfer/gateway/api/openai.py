@@ -47,6 +47,7 @@ from zmqinfer.gateway.api.validate import (
     parse_completion,
 )
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
+from zmqinfer.gateway import prefixes
 from zmqinfer.gateway.metrics import METRICS
 from zmqinfer.gateway.prompt import plan
 from zmqinfer.gateway.textout import (
@@ -98,9 +99,11 @@ async def complete(request: web.Request, req: ChatRequest | CompletionRequest,
     log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream,
              api=api, api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
     started = time.monotonic()
+    # Whose cached prefixes it may use (its key's, never another's), and how many it did.
+    cache = prefixes.enter(request.get(auth.KEY_NAME))
     generation = timer.stream(backend.generate(list(p.prompt), opts.sampling, p.max_tokens,
                                                request[REQUEST_ID]), len(p.prompt))
-    outcome = Outcome(prompt_tokens=len(p.prompt))
+    outcome = Outcome(prompt_tokens=len(p.prompt), cache=cache)
     aborted = False
     try:
         async with contextlib.aclosing(generation) as samples:

@@ -40,6 +40,7 @@ from aiohttp import web
 from zmqinfer.gateway.api.fields import RequestError, parse_body
 from zmqinfer.gateway.api.http import ADMISSION, API, BACKEND, admitted, read_body
 from zmqinfer.gateway.api.validate import ChatRequest, CompletionRequest, parse_chat
+from zmqinfer.gateway.prefixes import Scope
 from zmqinfer.gateway.textout import Delta, LogprobEntry
 
 NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
@@ -65,6 +66,9 @@ class Outcome:
     finish_reason: str | None = None
     stop_sequence: str | None = None  # the stop string that ended it, if one did
     completion_tokens: int = 0
+    # The request's prefix-cache scope: how many prompt tokens came from a cached prefix, filled
+    # in when its generation starts (gateway/prefixes.py).
+    cache: Scope = field(default_factory=Scope)
     # Pieces, joined when read: appending to one string per token copies it every time.
     _text: list[str] = field(default_factory=list)
     _reasoning: list[str] = field(default_factory=list)
@@ -91,10 +95,11 @@ class Outcome:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         """OpenAI's usage object."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cache.cached_tokens}}
 
 
 class Shape(Protocol):
