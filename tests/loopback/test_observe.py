@@ -107,9 +107,10 @@ def test_metrics_count_what_the_responses_reported(cluster: LocalCluster) -> Non
     assert get(after, "zmqinfer_num_requests_waiting", **req("")) == 0
     assert get(after, "zmqinfer_ring_ready") == 1 and get(after, "zmqinfer_ring_epoch") == st0["epoch"]
 
-    # Every stage computed every prompt token but the last (prefill) and one step per generated
-    # token; a stop string may leave one more step per request in flight. Beats lag up to ~1 s.
-    rows = sum(u.prompt_tokens - 1 + u.completion_tokens for u in usages)
+    # Every stage computed every prompt token but the last (prefill) and those a cached prefix
+    # held (the prefix cache), and one step per generated token; a stop string may leave one
+    # more step per request in flight. Beats lag up to ~1 s.
+    rows = sum(u.prompt_tokens - 1 - _cached(u) + u.completion_tokens for u in usages)
     tokens0 = {n["name"]: n["tokens"] for n in ring_nodes(st0)}
     st = wait("every node's beat to count the traffic",
               lambda: (s := cluster.status()) and all(n["tokens"] - tokens0[n["name"]] >= rows
@@ -317,3 +318,9 @@ async def test_chat_streams_an_answer(cluster: LocalCluster, tmp_path: Path) -> 
     assert chunks > 1
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"screenshot: {shot}")
+
+
+def _cached(usage) -> int:
+    """Prompt tokens a cached prefix supplied (issue 22): no stage computed them again."""
+    details = usage.prompt_tokens_details
+    return (details.cached_tokens or 0) if details is not None else 0
