@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_model, quantize_model
 
+from tests.tiny import speak_tokenizer
 from zmqinfer.protocol.wire import SeqId
 
 CONFIGS: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "family_configs.json").read_text())
@@ -185,11 +185,4 @@ def with_tokenizer(dest: Path, model_dir: Path, family: str, **kw: Any) -> Path:
     model's tokenizer (its vocabulary size, chat template and EOS ids), so a gateway can serve
     it over HTTP: real requests through a real ring, with a tiny model's compute."""
     src = json.loads((model_dir / "config.json").read_text())
-    made = make_family_model(dest, family, vocab_size=src["vocab_size"], **kw)
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
-            shutil.copy(f, made / f.name)
-    cfg = json.loads((made / "config.json").read_text())
-    cfg.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings")})
-    (made / "config.json").write_text(json.dumps(cfg))
-    return made
+    return speak_tokenizer(make_family_model(dest, family, vocab_size=src["vocab_size"], **kw), model_dir)

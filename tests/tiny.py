@@ -53,7 +53,13 @@ def with_real_tokenizer(dest: Path, model_dir: Path, **shape: Any) -> Path:
     embedded model's tokenizer (chat template, EOS ids), so a gateway can template and tokenize
     for it: real HTTP requests without a real model's compute."""
     src = json.loads((model_dir / "config.json").read_text())
-    made = make_tiny_model(dest, "llama", vocab=src["vocab_size"], **shape)
+    return speak_tokenizer(make_tiny_model(dest, "llama", vocab=src["vocab_size"], **shape), model_dir)
+
+
+def speak_tokenizer(made: Path, model_dir: Path) -> Path:
+    """Give the model at `made` the tokenizer files and token ids of the model at `model_dir`
+    (its vocabulary size must already match)."""
+    src = json.loads((model_dir / "config.json").read_text())
     for f in model_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
             shutil.copy(f, made / f.name)
