@@ -71,6 +71,7 @@ class ClusterConfig:
     api_keys: frozenset[str] = frozenset()
     api_key_file: Path | None = None  # [api] key_file, relative to nodes.toml's folder
     metrics_open: bool = False  # [api] metrics_open: /metrics without a key (a Prometheus scraper)
+    cors_origins: tuple[str, ...] = ()  # [api] cors_origins: web pages allowed to call the API
     source: str = "<defaults>"
 
     def node(self, name: str) -> NodeSpec:
@@ -139,7 +140,7 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
     _check_ranges(nodes, source)
     api = data.get("api", {})
     _typed(api, dict, source, "api")
-    _only(api, {"keys", "key_file", "metrics_open"}, source, "api.")
+    _only(api, {"keys", "key_file", "metrics_open", "cors_origins"}, source, "api.")
     keys = api.get("keys", [])
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
         raise ConfigError(f"{source}: api.keys must be a list of non-empty strings")
@@ -147,8 +148,14 @@ def parse_cluster(data: dict[str, Any], source: str) -> ClusterConfig:
     if key_file is not None:
         key_file = Path(source).parent / Path(_typed(key_file, str, source, "api.key_file")).expanduser()
     metrics_open = _typed(api.get("metrics_open", False), bool, source, "api.metrics_open")
+    origins = api.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(
+            isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://"))) for o in origins):
+        raise ConfigError(f"{source}: api.cors_origins must be a list of origins like"
+                          " \"https://app.example.com\" (or \"*\" for any)")
     return ClusterConfig(model=model, gateway=gateway, nodes=tuple(nodes), api_keys=frozenset(keys),
-                         api_key_file=key_file, metrics_open=metrics_open, source=source)
+                         api_key_file=key_file, metrics_open=metrics_open, source=source,
+                         cors_origins=tuple(o.rstrip("/") for o in origins))
 
 
 def _layers(value: Any, source: str, key: str) -> tuple[int | None, tuple[int, int] | None]:

@@ -183,7 +183,8 @@ def test_seeded_sampling_is_reproducible(cluster: Cluster) -> None:
     (dict(messages=[{"role": "user", "content": "hi"}], temperature="hot"), "temperature"),
     (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0), "max_tokens"),
     (dict(messages=[{"role": "user", "content": "hi"}],
-          tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+          tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
     (dict(messages=[{"role": "user", "content": "word " * 9000}]), "context"),
 ])
 def test_bad_inputs_get_400(cluster: Cluster, kwargs, match) -> None:

@@ -59,7 +59,7 @@ def resolve_with_progress(model: str | None) -> Path:
 
 
 def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
-              metrics_open: bool) -> Any:
+              metrics_open: bool, cors_origins: tuple[str, ...] = ()) -> Any:
     """The API's guard from every key source (auth.gather); ConfigError names a bad source."""
     from zmqinfer.gateway.api.auth import ApiGuard, KeyFileError, gather
 
@@ -69,7 +69,8 @@ def api_guard(config_keys: frozenset[str], key_files: list[Path], no_auth: bool,
         raise ConfigError(str(e)) from None
     if named and no_auth:
         raise ConfigError("--no-auth with API keys configured: drop one or the other")
-    return ApiGuard.from_keys(named, no_auth=no_auth, metrics_open=metrics_open)
+    return ApiGuard.from_keys(named, no_auth=no_auth, metrics_open=metrics_open,
+                              cors_origins=cors_origins)
 
 
 def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
@@ -100,7 +101,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     files = [f for f in (cfg.api_key_file, args.api_key_file) if f is not None]
-    guard = api_guard(cfg.api_keys, files, args.no_auth, cfg.metrics_open)
+    guard = api_guard(cfg.api_keys, files, args.no_auth, cfg.metrics_open, cfg.cors_origins)
     keys = curve_keys(args.keys, "gateway", args.no_curve)
     return serve(args.model or cfg.model, gspec, list(cfg.nodes), counts, guard, [],
                   discovery=not args.no_discovery, interfaces=interfaces, log_file=args.log_file, keys=keys)

@@ -233,6 +233,8 @@ class RequestTimer:
         """A finish reason: it succeeded; aborted: its client went away; neither: it failed (a
         ring error), which vLLM's success counter does not count either."""
         reason = finish_reason if finish_reason is not None else ("abort" if aborted else None)
+        if reason == "tool_calls":  # vLLM's labels: a turn that ends in tool calls ended by stop
+            reason = "stop"
         if reason is None:
             return
         m = self._m

@@ -153,7 +153,8 @@ class Scheduler:
                   bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
         self._lanes.check(seq, self.max_queued)
         seq.restart(self.ring.epoch)
-        self.prefixes.start(seq)
+        if params.grammar is None:  # a grammar's matcher is rebuilt from the whole history on the
+            self.prefixes.start(seq)  # last stage: a prefix start would leave it short (issue 20 x 22)
         seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:

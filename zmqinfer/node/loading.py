@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -21,6 +21,7 @@ from zmqinfer.model.resolve import (
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
 from zmqinfer.model.size import KV_COPY_FACTOR
+from zmqinfer.node.grammar import grammar_tokenizer
 from zmqinfer.node.sampling import tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage
@@ -68,6 +69,7 @@ class Shard:
     stage: Slice
     token_limit: int | None  # the tokenizer's size on the last stage: it samples below it
     fingerprint: str  # the model's, as the gateway checks it
+    grammar_tokenizer: Any = None  # the last stage's, for grammar-constrained sampling (grammar.py)
 
 
 def load_shard(model: str, start: int, end: int, simulate: SimulatedCost | None = None) -> Shard:
@@ -87,7 +89,9 @@ def load_shard(model: str, start: int, end: int, simulate: SimulatedCost | None 
                 f"--layers {start}:{end}`")
     stage: Slice = (Stage(path, start, end) if simulate is None
                     else SimulatedStage(path, start, end, simulate))
-    return Shard(stage, tokenizer_size(path) if stage.is_last else None, model_fingerprint(path))
+    last = stage.is_last
+    return Shard(stage, tokenizer_size(path) if last else None, model_fingerprint(path),
+                 grammar_tokenizer(path) if last else None)
 
 
 def cap_kv(stage: Slice, budget_bytes: int, cache_bytes: int | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -22,14 +22,22 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from zmqinfer.node.grammar import Matcher
 from zmqinfer.protocol.limits import GREEDY_TEMPERATURE
 from zmqinfer.protocol.wire import Sample, SamplingParams, SeqId, TokenLogprob
 
 
 class SeqSampler:
-    def __init__(self, seq: SeqId, params: SamplingParams) -> None:
+    def __init__(self, seq: SeqId, params: SamplingParams, grammar_tokenizer: Any = None) -> None:
+        """`grammar_tokenizer`: grammar.py's, needed when `params.grammar` is set."""
         self.seq = seq
         self.params = params
+        self._grammar: Matcher | None = None
+        if params.grammar is not None:
+            if grammar_tokenizer is None:
+                raise ValueError("this node has no tokenizer to enforce a grammar with")
+            self._grammar = Matcher(grammar_tokenizer, params.grammar, params.grammar_start,
+                                    params.grammar_after, params.grammar_opener)
         self._processors = make_logits_processors(
             logit_bias=dict(params.logit_bias) or None,
             repetition_penalty=params.repetition_penalty,
@@ -46,6 +54,8 @@ class SeqSampler:
 
     def observe(self, tokens: mx.array) -> None:
         """Every token that enters the sequence, in order (prompt chunks and sampled tokens)."""
+        if self._grammar is not None:
+            self._grammar.observe(_ints(tokens))
         if self._processors:
             self._history.extend(_ints(tokens))
             del self._history[: -self.params.penalty_context]
@@ -54,7 +64,8 @@ class SeqSampler:
     def plain_greedy(self) -> bool:
         """Argmax with nothing else to compute: such sequences are sampled as one batch."""
         p = self.params
-        return p.temperature < GREEDY_TEMPERATURE and not self._processors and p.top_logprobs == 0
+        return (p.temperature < GREEDY_TEMPERATURE and not self._processors and p.top_logprobs == 0
+                and self._grammar is None)
 
     def sample(self, logits: mx.array) -> Sample:
         """logits: [1, vocab] of the sequence's newest position."""
@@ -63,6 +74,8 @@ class SeqSampler:
             hist = mx.array(self._history, dtype=mx.int32)
             for proc in self._processors:
                 logits = proc(hist, logits)
+        if self._grammar is not None:  # before the softmax: logprobs are of the allowed tokens
+            logits = self._grammar.mask(logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if p.temperature < GREEDY_TEMPERATURE:  # 1/T would overflow the logits to inf and NaN
             token = mx.argmax(logprobs, axis=-1)

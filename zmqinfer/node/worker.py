@@ -33,6 +33,7 @@ class Worker:
         self.samplers: dict[SeqId, SeqSampler] = {}
         self.busy_seconds = 0.0  # compute time since start; the heartbeat reports it
         self.token_limit: int | None = None  # the tokenizer's size: the last stage samples below it
+        self.grammar_tokenizer: object = None  # the last stage's, for grammars (grammar.py)
         self.steps = 0  # Forwards run since start
         self.tokens = 0  # token rows computed since start
         self.shard_bytes = 0  # the loaded shard's weights
@@ -66,6 +67,7 @@ class Worker:
         """Drive `shard` from the next Forward on (loading.py loaded it)."""
         self.stage, self.samplers = shard.stage, {}
         self.token_limit, self.fingerprint = shard.token_limit, shard.fingerprint
+        self.grammar_tokenizer = shard.grammar_tokenizer
         self._publish()
 
     def release(self, seqs: tuple[SeqId, ...], keep: tuple[Keep, ...] = (), drop: tuple[int, ...] = ()) -> None:
@@ -203,7 +205,12 @@ class Worker:
             return None
         sampler = self.samplers.get(chunk.seq)
         if chunk.params is not None:
-            sampler = self.samplers[chunk.seq] = SeqSampler(chunk.seq, chunk.params)
+            try:
+                sampler = self.samplers[chunk.seq] = SeqSampler(chunk.seq, chunk.params,
+                                                                self.grammar_tokenizer)
+            except ValueError as e:  # a grammar this node cannot enforce: the request fails
+                failures.append(((chunk.seq,), f"sequence {chunk.seq}: {e}"))
+                return None
         if sampler is None:
             failures.append(((chunk.seq,), f"sequence {chunk.seq}: no sampling parameters"))
             return None

@@ -12,6 +12,8 @@ import math
 
 from zmqinfer.protocol.limits import (
     GREEDY_TEMPERATURE,
+    MAX_GRAMMAR_AFTER,
+    MAX_GRAMMAR_BYTES,
     MAX_FORWARD_TOKENS,
     MAX_HIDDEN_SIZE,
     MAX_PENALTY_CONTEXT,
@@ -111,3 +113,10 @@ def _check_params(p: SamplingParams) -> None:
         _need(v is None or _in(v, lo, 100), w, "penalty out of range")
     _need(all(0 <= t <= MAX_TOKEN_ID and _in(b, -100, 100) for t, b in p.logit_bias), w,
           "logit_bias must map token ids to biases in [-100, 100]")
+    _need(p.grammar is None or 0 < len(p.grammar) <= MAX_GRAMMAR_BYTES, w,
+          f"grammar must be 1 to {MAX_GRAMMAR_BYTES} characters")
+    _need(0 <= p.grammar_start <= MAX_TOKEN_ID, w, "grammar_start out of range")
+    _need(len(p.grammar_after) <= MAX_GRAMMAR_AFTER and all(0 <= t <= MAX_TOKEN_ID for t in p.grammar_after),
+          w, f"grammar_after must be at most {MAX_GRAMMAR_AFTER} token ids")
+    _need(p.grammar_opener is None or 0 <= p.grammar_opener <= MAX_TOKEN_ID, w,
+          "grammar_opener must be a token id")

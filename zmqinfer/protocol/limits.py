@@ -40,3 +40,9 @@ MAX_CONTROL_FRAMES = 2  # version, header: control messages never carry a tensor
 MAX_CONTROL_FRAME_BYTES = 64 << 10
 MAX_RESULT_FRAME_BYTES = MAX_HEADER_BYTES  # Sampled is a header only (tokens, top logprobs)
 MAX_DATA_FRAME_BYTES = max(MAX_TENSOR_BYTES, MAX_HEADER_BYTES)
+# The grammar a request may constrain its output with (llguidance's JSON, riding once in the
+# first chunk's SamplingParams): 64 KiB holds hundreds of properties; OpenAI's own structured
+# outputs cap a schema at 5000 properties and 10 levels. Compiling happens on the gateway first
+# under a deadline, so a grammar that gets here is known to compile.
+MAX_GRAMMAR_BYTES = 64 << 10
+MAX_GRAMMAR_AFTER = 16  # tokens of the marker that starts a grammar (</think> is 1 to a few)

@@ -40,7 +40,10 @@ from typing import Any, ClassVar, NewType, Union
 # `refused`. A 1 peer would refuse the new fields (decode refuses unknown fields), and a 2
 # gateway cannot confirm a 1 node's address: they refuse each other by version.
 # 3: the prefix cache (issue 22): Chunk gained `prefix`, Release gained `keep` and `drop`.
-PROTOCOL_VERSION = b"zmqinfer/3"
+# 4: SamplingParams gained `grammar`, `grammar_start`, `grammar_after` and `grammar_opener`
+# (issue 20: enforced structured output); a 3 node would accept a grammar-constrained
+# request and ignore the grammar. (Issue 20 was written as a 3 beside issue 22's; merged, 4.)
+PROTOCOL_VERSION = b"zmqinfer/4"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -90,6 +93,17 @@ class SamplingParams:
     penalty_context: int = 20  # tokens the penalties look back over (mlx-lm's default)
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0  # alternatives to report per token (OpenAI's top_logprobs)
+    # An llguidance grammar (its JSON form) the sampled tokens must follow, or None; the gateway
+    # has compiled it before sending. It applies from position `grammar_start` on (the prompt's
+    # length): the matcher is rebuilt from the tokens a sequence carries, so a replay keeps it.
+    grammar: str | None = None
+    grammar_start: int = 0
+    # Token ids that, once generated, start the grammar (a thinking model's end-of-reasoning
+    # marker); empty: it starts at grammar_start. With `grammar_opener` (the think-start token)
+    # the wait begins only if the first generated token is that opener; without it, at once
+    # (the prompt opened the reasoning block).
+    grammar_after: tuple[int, ...] = ()
+    grammar_opener: int | None = None
 
 
 @dataclass(frozen=True)

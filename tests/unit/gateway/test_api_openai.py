@@ -249,7 +249,7 @@ async def test_openai_client_parses_everything():
     ("/v1/chat/completions", b"{nope", None, "not valid JSON"),
     ("/v1/chat/completions", b"[]", None, "JSON object"),
     ("/v1/chat/completions", json.dumps(CHAT | {"tools": [{"type": "function"}]}).encode(),
-     "tools", "not supported"),
+     "tools[0]", "function"),
     ("/v1/chat/completions", json.dumps(CHAT | {"max_tokens": 5000}).encode(), "max_tokens", "2048"),
     ("/v1/completions", json.dumps(COMPLETION | {"wat": 1}).encode(), "wat", "unknown field"),
     ("/v1/completions", json.dumps({"prompt": ""}).encode(), "prompt", "non-empty"),

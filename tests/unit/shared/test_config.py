@@ -45,6 +45,8 @@ def test_minimal_config_gets_defaults() -> None:
     ({"gateway": {"aliases": [5]}}, r"gateway.aliases\[0\]"),
     ({"gateway": {"aliases": ["x" * 129]}}, r"gateway.aliases\[0\]"),
     ({"gateway": {"aliases": [f"m{i}" for i in range(65)]}}, r"at most 64"),
+    ({"api": {"cors_origins": "https://a.example"}}, "api.cors_origins must be a list"),
+    ({"api": {"cors_origins": ["a.example"]}}, "api.cors_origins"),
     ({"model": 5}, "model must be str"),
     # host: a .local name for zeroconf, never anything the system resolver would need
     ({"node": [{"name": "a", "host": "mini2.example.com"}]}, r"node\[0\].host 'mini2.example.com' is not a .local"),
@@ -88,6 +90,12 @@ def test_ranges_counts_and_hosts_parse() -> None:
     assert by["mini3"].pin == 2 and by["mini3"].layer_range is None
     assert by["mini4"].pin == (19, 28) and by["mini4"].host == "studio.local"
     assert by["mini5"].pin is None and by["mini5"].host is None
+
+
+def test_cors_origins_parse() -> None:
+    cfg = parse_cluster({"api": {"cors_origins": ["https://app.example.com/", "*"]}}, "t.toml")
+    assert cfg.cors_origins == ("https://app.example.com", "*")
+    assert parse_cluster({}, "t.toml").cors_origins == ()
 
 
 def test_adjacent_ranges_do_not_overlap() -> None:

@@ -76,7 +76,8 @@ async def messages(request: web.Request, complete: Complete) -> web.StreamRespon
     def shape(body: dict[str, Any], req: ChatRequest) -> MessageShape:
         return MessageShape(model_name(request.app, body.get("model")))
 
-    return await serve_chat(request, "anthropic", complete, to_chat, shape, RENAMES)
+    return await serve_chat(request, "anthropic", complete, lambda b: parse_chat(to_chat(b)), shape,
+                            RENAMES)
 
 
 async def count_tokens(request: web.Request) -> web.Response:

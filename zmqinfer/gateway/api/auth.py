@@ -56,14 +56,16 @@ class ApiGuard:
     mode: Mode
     metrics_open: bool = False
     refused: list[int] | None = None  # one mutable counter cell in a frozen guard
+    # Web origins whose scripts may call the API (cors.py); empty: this machine's pages only.
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_keys(cls, named: Mapping[str, str], *, no_auth: bool = False,
-                  metrics_open: bool = False) -> ApiGuard:
+                  metrics_open: bool = False, cors_origins: tuple[str, ...] = ()) -> ApiGuard:
         """`named`: name -> key. No keys: protected mode, or open with `no_auth`."""
         digests = tuple((name, _digest(key)) for name, key in named.items())
         mode: Mode = "keys" if digests else ("open" if no_auth else "protected")
-        return cls(digests, mode, metrics_open, [0])
+        return cls(digests, mode, metrics_open, [0], cors_origins)
 
     def match(self, token: str) -> str | None:
         """The name of the key `token` is, or None. Constant time in the token's content."""

@@ -48,12 +48,14 @@ from zmqinfer.gateway.api.validate import (
 )
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
 from zmqinfer.gateway import prefixes
+from zmqinfer.gateway.markup import ChatText, chat_text
 from zmqinfer.gateway.metrics import METRICS
 from zmqinfer.gateway.prompt import plan
 from zmqinfer.gateway.textout import (
     Delta,
     LogprobEntry,
     TextStream,
+    ToolCallDelta,
     chat_logprobs,
     completion_logprobs,
 )
@@ -93,15 +95,17 @@ async def complete(request: web.Request, req: ChatRequest | CompletionRequest,
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
     opts = req.options
-    text = TextStream(backend.tokenizer, stop=opts.stop, max_tokens=p.max_tokens,
-                      logprobs=opts.logprobs is not None,
-                      keep_leading_space=isinstance(req, CompletionRequest))
+    plain = TextStream(backend.tokenizer, stop=opts.stop, max_tokens=p.max_tokens,
+                       logprobs=opts.logprobs is not None,
+                       keep_leading_space=isinstance(req, CompletionRequest))
+    # A chat's reasoning and tool calls are split out of its text (markup.py).
+    text = chat_text(req, backend.tokenizer, p.prompt, plain) if isinstance(req, ChatRequest) else plain
     log.info("generate", prompt_tokens=len(p.prompt), max_tokens=p.max_tokens, stream=opts.stream,
              api=api, api_key=request.get(auth.KEY_NAME))  # the key's name, never the key
     started = time.monotonic()
     # Whose cached prefixes it may use (its key's, never another's), and how many it did.
     cache = prefixes.enter(request.get(auth.KEY_NAME))
-    generation = timer.stream(backend.generate(list(p.prompt), opts.sampling, p.max_tokens,
+    generation = timer.stream(backend.generate(list(p.prompt), p.sampling, p.max_tokens,
                                                request[REQUEST_ID]), len(p.prompt))
     outcome = Outcome(prompt_tokens=len(p.prompt), cache=cache)
     aborted = False
@@ -121,7 +125,7 @@ async def complete(request: web.Request, req: ChatRequest | CompletionRequest,
                  seconds=round(time.monotonic() - started, 3))
 
 
-async def _run(samples: AsyncIterator[Sample], text: TextStream, outcome: Outcome,
+async def _run(samples: AsyncIterator[Sample], text: TextStream | ChatText, outcome: Outcome,
                emit: Callable[[Delta], Awaitable[None]] | None) -> None:
     """Feed samples through `text` until it reports a finish reason, gathering every delta into
     `outcome` and emitting it (streams)."""
@@ -141,7 +145,7 @@ async def _run(samples: AsyncIterator[Sample], text: TextStream, outcome: Outcom
     await step(text.finish())
 
 
-async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: TextStream,
+async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: TextStream | ChatText,
                   shape: Shape, outcome: Outcome) -> web.StreamResponse:
     response = web.StreamResponse(headers=shape.headers)
     timeout = request.app[ADMISSION].write_timeout
@@ -211,7 +215,15 @@ class ChatShape:
         self._include_usage = opts.include_usage
 
     def body(self, outcome: Outcome) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text},
+        message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+        if outcome.reasoning:
+            message["reasoning_content"] = outcome.reasoning
+        if outcome.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in outcome.tool_calls]
+            message["content"] = outcome.text or None  # OpenAI's: null when the turn is only calls
+        choice = {"index": 0, "message": message,
                   "logprobs": chat_logprobs(outcome.entries) if self._logprobs else None,
                   "finish_reason": outcome.finish_reason}
         return self._head | {"object": "chat.completion", "choices": [choice],
@@ -222,8 +234,13 @@ class ChatShape:
 
     def chunks(self, delta: Delta) -> list[bytes]:
         out = []
+        if delta.reasoning:
+            out.append(sse(self._chunk({"reasoning_content": delta.reasoning}, (), None)))
         if delta.text or delta.logprobs:
             out.append(sse(self._chunk({"content": delta.text}, delta.logprobs, None)))
+        if delta.tool_calls:
+            out.append(sse(self._chunk({"tool_calls": [_call_piece(c) for c in delta.tool_calls]},
+                                       (), None)))
         if delta.finish_reason is not None:
             out.append(sse(self._chunk({}, (), delta.finish_reason)))
         return out
@@ -241,6 +258,14 @@ class ChatShape:
                   "logprobs": chat_logprobs(entries) if self._logprobs and entries else None,
                   "finish_reason": finish}
         return self._head | {"object": "chat.completion.chunk", "choices": [choice]}
+
+
+def _call_piece(c: ToolCallDelta) -> dict[str, Any]:
+    """One streamed piece, as OpenAI sends it: id, type and name only on a call's first."""
+    if c.id is None:
+        return {"index": c.index, "function": {"arguments": c.arguments}}
+    return {"index": c.index, "id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments}}
 
 
 class CompletionShape:

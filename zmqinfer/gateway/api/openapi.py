@@ -60,13 +60,43 @@ _COMMON: dict[str, Any] = {
 }
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
               "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"}
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": _FUNCTION_NAME, "arguments": {"type": "string", "description": "A JSON object as text."}}}}}
 _MESSAGE = {
-    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "type": "object", "required": ["role"], "additionalProperties": False,
     "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}],
+                    "description": "Required, except null on an assistant turn."},
         "name": {"type": "string", "nullable": True},
+        "tool_calls": {"type": "array", "nullable": True, "items": _TOOL_CALL,
+                       "description": "Assistant messages only."},
+        "tool_call_id": {"type": "string", "nullable": True, "description": "Required on a tool message."},
+        "refusal": {"type": "string", "nullable": True, "description": "Sent back: ignored."},
     },
+}
+_TOOLS = {"type": "array", "nullable": True, "maxItems": 128, "items": {
+    "type": "object", "required": ["type", "function"], "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": _FUNCTION_NAME, "description": {"type": "string"}, "strict": {"type": "boolean"},
+            "parameters": {"type": "object", "description": "A JSON schema."}}}}}}
+_AGENT_FIELDS: dict[str, Any] = {
+    "tools": _TOOLS,
+    "tool_choice": {"nullable": True, "oneOf": [
+        {"type": "string", "enum": ["auto", "none", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": _FUNCTION_NAME}}}}]},
+    "parallel_tool_calls": {"type": "boolean", "nullable": True},
+    "response_format": {"type": "object", "nullable": True, "required": ["type"], "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "description": "name, schema, strict: enforced by a grammar"}}},
+    "chat_template_kwargs": {"type": "object", "nullable": True,
+                             "description": "Extra variables for the chat template (e.g. enable_thinking)."},
 }
 _CHAT = {
     "type": "object", "required": ["messages"], "additionalProperties": False,
@@ -75,7 +105,7 @@ _CHAT = {
         "max_completion_tokens": _int(1, MAX_INTEGER, "The newer name of max_tokens."),
         "logprobs": {"type": "boolean", "nullable": True},
         "top_logprobs": _int(0, MAX_CHAT_TOP_LOGPROBS, "Needs logprobs: true."),
-    },
+    } | _AGENT_FIELDS,
 }
 _COMPLETION = {
     "type": "object", "required": ["prompt"], "additionalProperties": False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from zmqinfer.gateway.api.fields import MAX_INTEGER
-from zmqinfer.gateway.api.validate import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SEED_RANGE
+from zmqinfer.gateway.api.request import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SEED_RANGE
 
 
 def _num(lo: float, hi: float, **kw: Any) -> dict[str, Any]:

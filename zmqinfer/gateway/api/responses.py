@@ -37,7 +37,7 @@ from zmqinfer.gateway.api.shape import (
     serve_chat,
     sse,
 )
-from zmqinfer.gateway.api.validate import ChatRequest
+from zmqinfer.gateway.api.validate import ChatRequest, parse_chat
 from zmqinfer.gateway.textout import Delta
 
 _FIELDS = frozenset({
@@ -60,7 +60,7 @@ async def create(request: web.Request, complete: Complete) -> web.StreamResponse
     def shape(body: dict[str, Any], req: ChatRequest) -> ResponseShape:
         return ResponseShape(model_name(request.app, body.get("model")), body, req)
 
-    return await serve_chat(request, "responses", complete, to_chat, shape,
+    return await serve_chat(request, "responses", complete, lambda b: parse_chat(to_chat(b)), shape,
                             {"max_tokens": "max_output_tokens"})
 
 

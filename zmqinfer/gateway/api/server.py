@@ -29,6 +29,7 @@ from aiohttp import web
 from zmqinfer.gateway.api import (
     anthropic,
     auth,
+    cors,
     ollama,
     ollama_models,
     openai,
@@ -75,7 +76,7 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     `aliases`: model names (globs) the served model answers to ([gateway] aliases)."""
     guard = guard or ApiGuard.from_keys({f"key:{i}": k for i, k in enumerate(sorted(api_keys), 1)})
     app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[_frame, auth.middleware(
+                          middlewares=[cors.middleware(guard.cors_origins), _frame, auth.middleware(
                               guard, lambda rq, st, msg, code: refuse(rq, st, msg, code=code))])
     app[BACKEND] = backend
     app[ADMISSION] = Admission(max_concurrent, body_timeout=body_timeout, write_timeout=write_timeout)
@@ -83,6 +84,7 @@ def make_app(backend: Backend, *, api_keys: frozenset[str] = frozenset(),
     app[METRICS] = metrics or Metrics(backend.model_id, backend.cluster_status, backend.context_length)
     app.on_response_prepare.append(_add_request_id)
     app[ALIASES] = aliases
+    app.on_response_prepare.append(cors.add_headers)
     openai.add_routes(app.router)
     # The other dialects translate into the chat path and end in openai.complete (shape.py).
     anthropic.add_routes(app.router, openai.complete)
@@ -122,20 +124,34 @@ async def _frame(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (RingUnavailable, RingTimeout, StepNotSent) as e:
         status, body = ring_error(e)
         request[LOG].warning("ring error", status=status, error=str(e))
+        # A 503 is a ring that will be back (a node rejoining, a failover): say when to retry.
         return refuse(request, status, body["error"]["message"], type=body["error"]["type"],
-                      code=body["error"]["code"])
+                      code=body["error"]["code"],
+                      headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
     except web.HTTPException as e:  # 404, 405, 413 from aiohttp itself: same shape as ours
         if e.status < 400:
             raise
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         message = (f"the request body is too large ({e.text})" if e.status == 413
                    else f"{request.method} {request.path}: {e.reason}")
+        if e.status == 404:
+            message += _did_you_mean(request)
         return refuse(request, e.status, message, code=e.reason.lower().replace(" ", "_"),
                       headers=allow)
     except Exception:  # a bug must cost this request a 500 in its dialect, never a traceback
         request[LOG].exception("internal error")
         return refuse(request, 500, f"internal error (request {request_id}); the server log has"
                       " the details", type="server_error", code="internal_error")
+
+
+def _did_you_mean(request: web.Request) -> str:
+    """A client configured without /v1 (or with it twice) is told the path it meant."""
+    path = request.path.rstrip("/")
+    routes = {r.canonical for r in request.app.router.resources() if r.canonical.startswith("/v1/")}
+    near = [r for r in routes if "{" not in r and path.endswith(r.removeprefix("/v1"))]
+    if near:
+        return f"; did you mean {max(near, key=len)}? (the OpenAI API is under /v1)"
+    return "; the OpenAI API is under /v1 (POST /v1/chat/completions, GET /v1/models)"
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -149,7 +165,7 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
     return web.json_response({"status": "unavailable",
                               "reason": str(status.get("reason") or "the ring is not ready")},
-                             status=503)
+                             status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def cluster_status(request: web.Request) -> web.Response:

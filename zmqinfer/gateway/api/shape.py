@@ -39,7 +39,9 @@ from aiohttp import web
 
 from zmqinfer.gateway.api.fields import RequestError, parse_body
 from zmqinfer.gateway.api.http import ADMISSION, API, BACKEND, admitted, read_body
-from zmqinfer.gateway.api.validate import ChatRequest, CompletionRequest, parse_chat
+# request.py, not validate.py: the dialects hand serve_chat the chat route's parse_chat, which keeps
+# this module a floor below them (tests/unit/shared/test_architecture.py).
+from zmqinfer.gateway.api.request import ChatRequest, CompletionRequest
 from zmqinfer.gateway.prefixes import Scope
 from zmqinfer.gateway.textout import Delta, LogprobEntry
 
@@ -140,17 +142,18 @@ ALIASES = web.AppKey("aliases", tuple)  # glob patterns of model names the serve
 
 
 async def serve_chat(request: web.Request, api: str, complete: Complete,
-                     translate: Callable[[dict[str, Any]], dict[str, Any]],
+                     translate: Callable[[dict[str, Any]], ChatRequest],
                      shape: Callable[[dict[str, Any], ChatRequest], Shape],
                      renames: Mapping[str, str] | None = None) -> web.StreamResponse:
     """One generating request of dialect `api`: its body read under its deadline (before it takes
-    a slot), translated into an OpenAI chat body, validated as the chat route validates, run.
+    a slot), `translate`d into a ChatRequest (the dialect's OpenAI chat body, validated by the
+    chat route's own `parse_chat`), run.
     `renames`: chat field -> the dialect's name for it, for the messages of 400s."""
     request[API] = api
     raw = await read_body(request, request.app[ADMISSION].body_timeout)
     with admitted(request), renaming(renames or {}):
         body = parse_body(raw)
-        req = parse_chat(translate(body))
+        req = translate(body)
         return await complete(request, req, shape(body, req))
 
 

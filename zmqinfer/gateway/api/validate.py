@@ -15,9 +15,9 @@ offending field, ready to be rendered as OpenAI's `{"error": {...}}` body.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from zmqinfer.gateway.api import toolfields
 from zmqinfer.gateway.api.fields import (
     RequestError,
     boolean,
@@ -28,79 +28,46 @@ from zmqinfer.gateway.api.fields import (
     param_error,
     string,
 )
+from zmqinfer.gateway.api.request import (  # re-exported: the request types' old home
+    DEFAULT_MAX_TOKENS as DEFAULT_MAX_TOKENS,
+)
+from zmqinfer.gateway.api.request import MAX_STOP_CHARS as MAX_STOP_CHARS
+from zmqinfer.gateway.api.request import MAX_STOP_SEQUENCES as MAX_STOP_SEQUENCES
+from zmqinfer.gateway.api.request import SEED_RANGE as SEED_RANGE
+from zmqinfer.gateway.api.request import ChatRequest as ChatRequest
+from zmqinfer.gateway.api.request import CompletionRequest as CompletionRequest
+from zmqinfer.gateway.api.request import Message as Message
+from zmqinfer.gateway.api.request import Options as Options
 from zmqinfer.protocol.limits import GREEDY_TEMPERATURE, MAX_TOKEN_ID
 from zmqinfer.protocol.wire import SamplingParams
 
-# What a request gets when it names no budget: OpenAI has no fixed default (it runs to the
-# context limit), but an unbounded default lets one forgetful client hold the ring for minutes.
-DEFAULT_MAX_TOKENS = 512
 # OpenAI's own default; clients that want reproducible output send temperature 0 or a seed.
 DEFAULT_TEMPERATURE = 1.0
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-MAX_STOP_CHARS = 1000  # a stop string longer than this is a mistake, and each token rescans it
 MAX_LOGIT_BIAS = 300  # OpenAI's limit; also keeps the wire header small (see wire.py)
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits for chat / legacy completions
 MAX_COMPLETION_LOGPROBS = 5
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # OpenAI's int64 seeds, or the uint64 mlx keys take
 # vLLM's range is (0, inf); below 0.01 (or above 10) logits/penalty overflows float32 to inf.
 REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
-ChatRole = Literal["system", "user", "assistant"]
-
-
-@dataclass(frozen=True)
-class Options:
-    """What both endpoints share: budget, stopping, sampling and output shape."""
-
-    max_tokens: int | None  # None: DEFAULT_MAX_TOKENS, capped by what the context leaves
-    max_tokens_param: str  # the field the client used, for error messages
-    stop: tuple[str, ...]
-    sampling: SamplingParams
-    stream: bool
-    include_usage: bool
-    logprobs: int | None  # None: no logprobs; k: each token's logprob plus k alternatives
-
-
-@dataclass(frozen=True)
-class Message:
-    role: ChatRole
-    content: str
-    name: str | None = None
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str | None  # echoed nowhere: the gateway serves one model and answers with its id
-    messages: tuple[Message, ...]
-    options: Options
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    model: str | None
-    prompt: str | tuple[int, ...]
-    options: Options
-
-
 # Fields OpenAI defines that this server cannot honour: accepted only with a value that asks for
 # nothing (null, or the default), refused otherwise.
-_NOT_TOOLS = "tool and function calling is not supported"
+_NOT_FUNCTIONS = "the deprecated functions API is not supported; send tools and tool_choice"
 _CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: v == [], _NOT_TOOLS),
-    "tool_choice": (lambda v: v == "none", _NOT_TOOLS),
-    "parallel_tool_calls": (lambda v: isinstance(v, bool), _NOT_TOOLS),  # moot without tools
-    "functions": (lambda v: v == [], _NOT_TOOLS),
-    "function_call": (lambda v: v == "none", _NOT_TOOLS),
-    "response_format": (lambda v: v == {"type": "text"},
-                        "only {\"type\": \"text\"} is supported (no JSON mode or schemas)"),
+    "functions": (lambda v: v == [], _NOT_FUNCTIONS),
+    "function_call": (lambda v: v == "none", _NOT_FUNCTIONS),
     "modalities": (lambda v: v == ["text"], "only text output is supported"),
     "audio": (lambda v: False, "audio output is not supported"),
     "prediction": (lambda v: False, "predicted outputs are not supported"),
     "reasoning_effort": (lambda v: False, "reasoning effort is not supported"),
     "web_search_options": (lambda v: False, "web search is not supported"),
     "store": (lambda v: v is False, "stored completions are not supported"),
-    "metadata": (lambda v: False, "metadata is only used with store, which is not supported"),
-    "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported"),
+    # Accepted and not used: tags and routing hints that change nothing about the completion.
+    "metadata": (lambda v: isinstance(v, dict), "must be an object"),
+    "service_tier": (lambda v: v in ("auto", "default", "flex", "priority", "scale"),
+                     "must be one of OpenAI's tier names"),
+    "prompt_cache_key": (lambda v: isinstance(v, str), "must be a string"),
+    "safety_identifier": (lambda v: isinstance(v, str), "must be a string"),
+    "verbosity": (lambda v: v in ("low", "medium", "high"), "must be low, medium or high"),
 }
 _COMPLETION_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "echo": (lambda v: v is False, "echo=true is not supported"),
@@ -112,7 +79,9 @@ _COMMON = frozenset({
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
     "stream", "stream_options", "user", "n",
 })
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                          "tool_choice", "parallel_tool_calls", "response_format",
+                          "chat_template_kwargs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt"}
 
 
@@ -211,8 +180,14 @@ def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     if top is not None and not logprobs:
         raise param_error("top_logprobs", "requires logprobs to be true")
     options = _options(body, (top or 0) if logprobs else None)
-    return ChatRequest(model=string(body, "model"), messages=_messages(body.get("messages")),
-                       options=options)
+    tools = toolfields.tools(body.get("tools"))
+    messages = _messages(body.get("messages"))
+    toolfields.check_tool_messages([(m.role, m.tool_call_id) for m in messages])
+    return ChatRequest(model=string(body, "model"), messages=messages, options=options,
+                       tools=tools, tool_choice=toolfields.tool_choice(body.get("tool_choice"), tools),
+                       parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
+                       response_format=toolfields.response_format(body.get("response_format")),
+                       template_kwargs=toolfields.template_kwargs(body.get("chat_template_kwargs")))
 
 
 def _messages(value: Any) -> tuple[Message, ...]:
@@ -227,19 +202,37 @@ def _message(m: Any, where: str) -> Message:
     if not isinstance(m, dict):
         raise param_error(where, "must be an object with role and content", "invalid_type")
     role = m.get("role")
-    if role in ("tool", "function"):
-        raise param_error(f"{where}.role", f"{role!r} is not supported: {_NOT_TOOLS}",
-                   "unsupported_parameter")
-    if role not in ("system", "developer", "user", "assistant"):
-        raise param_error(f"{where}.role", f"must be one of system, developer, user, assistant;"
-                                    f" got {role!r}")
-    extra = next((k for k in m if k not in ("role", "content", "name")), None)
-    if extra is not None:  # tool_calls, refusal, audio, ...: all things we cannot honour
+    if role == "function":
+        raise param_error(f"{where}.role", f"'function' is not supported: {_NOT_FUNCTIONS}",
+                          "unsupported_parameter")
+    if role not in ("system", "developer", "user", "assistant", "tool"):
+        raise param_error(f"{where}.role", f"must be one of system, developer, user, assistant,"
+                                           f" tool; got {role!r}")
+    extra = next((k for k in m if k not in _MESSAGE_FIELDS), None)
+    if extra is not None:
         raise param_error(f"{where}.{extra}", "is not supported", "unsupported_parameter")
-    name = string(m, "name", f"{where}.")
+    for key in _ECHOED_NULLS:  # what a response message carries; sent back, it must ask nothing
+        if m.get(key) is not None:
+            raise param_error(f"{where}.{key}", "is not supported (only null)", "unsupported_parameter")
+    if role != "assistant" and m.get("tool_calls"):
+        raise param_error(f"{where}.tool_calls", "is only allowed on an assistant message")
+    calls = toolfields.message_tool_calls(m.get("tool_calls"), f"{where}.tool_calls")
+    string(m, "refusal", f"{where}.")  # a refusal sent back is text we never produce: ignored
+    string(m, "reasoning_content", f"{where}.")  # our own reasoning, sent back: not re-rendered
+    call_id = string(m, "tool_call_id", f"{where}.")
+    if call_id is not None and role != "tool":
+        raise param_error(f"{where}.tool_call_id", "is only allowed on a tool message")
+    content = m.get("content")
+    # An assistant turn that only called tools has content null (OpenAI's own responses do).
+    text = "" if content is None and (calls or role == "assistant") else _content(content, f"{where}.content")
     # Chat templates know system/user/assistant; "developer" is OpenAI's newer name for system.
-    return Message(role="system" if role == "developer" else role,
-                   content=_content(m.get("content"), f"{where}.content"), name=name)
+    return Message(role="system" if role == "developer" else role, content=text,
+                   name=string(m, "name", f"{where}."), tool_calls=calls, tool_call_id=call_id)
+
+
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal",
+                             "audio", "function_call", "annotations", "reasoning_content"})
+_ECHOED_NULLS = ("audio", "function_call")
 
 
 def _content(content: Any, where: str) -> str:
@@ -283,6 +276,9 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
         return value
     if isinstance(value, list) and value and all(type(t) is int for t in value):
         return tuple(value)
+    # A batch of one (LangChain's OpenAI class always sends a list): that one prompt.
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        return _prompt(value[0])
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
         raise param_error("prompt", "is a batch: batched prompts (a list of strings or of token lists)"
                              " are not supported; send one prompt per request",
