@@ -5,8 +5,9 @@ Contract of `TextStream` (one per request, fed in generation order):
 * `add(sample)` -> `Delta`: the text that became certain with this token, the logprob entries
   whose text is now fully returned, and a finish reason once the completion is over. After a
   delta with a finish reason, stop feeding it (and close the generator).
-* `finish()` -> the last `Delta` when the samples ran out without a finish reason
-  (the backend stops by itself at max_tokens): flushes everything held back, reason "length".
+* `finish()` -> the last `Delta` when the samples ran out without a finish reason: flushes
+  everything held back, reason "length". The scheduler alone counts `max_tokens` (it frees the
+  sequence there) and ends the samples after the last one, so this stream never counts them.
 
 Rules:
 * Text comes from mlx-lm's streaming detokenizer, so a multi-byte character split over several
@@ -16,7 +17,7 @@ Rules:
 * Stop strings are matched on the decoded text, across token boundaries. Text that could still
   be the start of a stop string is held back until it is certain; the stop string and anything
   after it are never returned. Finish reason "stop"; the token that completed it is counted.
-* Reaching `max_tokens` ends the completion with "length".
+* Samples that end without EOS or a stop string (`max_tokens` reached) finish with "length".
 * mlx-lm's detokenizers drop a leading space from the first token (what chat wants);
   `keep_leading_space=True` puts it back, for legacy completions that continue their prompt.
 * Logprob entries travel with their text: an entry is released once all of its token's text has
@@ -126,11 +127,10 @@ class TextStream:
     """Incremental text for one completion; see the module docstring for the rules."""
 
     def __init__(self, tokenizer: TokenizerWrapper, *, stop: tuple[str, ...] = (),
-                 max_tokens: int, logprobs: bool = False, keep_leading_space: bool = False) -> None:
+                 logprobs: bool = False, keep_leading_space: bool = False) -> None:
         self._detokenizer = tokenizer.detokenizer  # a fresh copy: requests run concurrently
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._stop = stop
-        self._max_tokens = max_tokens
         self._texts = TokenTexts(tokenizer)
         self._logprobs = logprobs
         # mlx-lm's BPE/SPM detokenizers drop the space that starts a completion (right for chat);
@@ -156,19 +156,15 @@ class TextStream:
             self._first_bytes = self._texts(sample.token).bytes
         start = self._decoded
         segment = self._segment()
-        if self.completion_tokens >= self._max_tokens:
-            self._detokenizer.finalize()
-            segment += self._segment()
         if self._logprobs:
             entry = LogprobEntry(self._texts(sample.token), sample.logprob,
                                  tuple((self._texts(t.token), t.logprob) for t in sample.top),
                                  start)
             self._entries.append((entry, start + len(segment)))
-        final: FinishReason | None = "length" if self.completion_tokens >= self._max_tokens else None
-        return self._advance(segment, final)
+        return self._advance(segment, None)
 
     def finish(self) -> Delta:
-        """The samples ended without EOS, stop string or max_tokens: flush, reason "length"."""
+        """The samples ended without EOS or a stop string (max_tokens): flush, reason "length"."""
         if self.finish_reason is not None:
             raise RuntimeError("TextStream.finish after the completion finished")
         self._detokenizer.finalize()

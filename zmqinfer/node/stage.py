@@ -91,7 +91,8 @@ class _Group:
 
 
 class Stage:
-    def __init__(self, model_path: Path, start: int, end: int) -> None:
+    def __init__(self, model_path: Path, start: int, end: int, *, max_sequences: int = MAX_SEQUENCES,
+                 max_hidden_size: int = MAX_HIDDEN_SIZE) -> None:
         # Refused by name before a weight is opened.
         self.family = str(read_config(Path(model_path)).get("model_type", "?"))
         if (why := refusal(self.family)) is not None:
@@ -104,6 +105,7 @@ class Stage:
             raise StageError(str(exc)) from None
         d = self._driver
         self.start, self.end, self.n_layers = start, end, d.n_layers
+        self.max_sequences = max_sequences
         self.is_first, self.is_last, self.tied = d.is_first, d.is_last, d.tied
         # mlx-lm cannot batch it (its code, or its cache kinds): each sequence runs alone. The
         # list is one (model/facts.py) so that status, which reads no weights, says the same.
@@ -116,9 +118,9 @@ class Stage:
         mx.eval(model.parameters())
         self.shard_bytes = sum(v.nbytes for _, v in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())))
         self.hidden_size = d.width
-        if self.hidden_size > MAX_HIDDEN_SIZE:  # its prefill chunks would not fit a data frame
-            raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
-                             " (zmqinfer/limits.py)")
+        if self.hidden_size > max_hidden_size:  # its prefill chunks would not fit a data frame
+            raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {max_hidden_size}"
+                             " (zmqinfer/protocol/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
         self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)
         # What flows between stages: the dtype the layers compute in (an embedding's output and
@@ -165,8 +167,8 @@ class Stage:
     def _check_room(self, seq: SeqId, length: int, new: int = 1) -> None:
         """`new` sequences (`length` tokens in all) are refused (not the process killed) when
         the stage is full."""
-        if len(self.seq_ids) >= MAX_SEQUENCES:
-            raise StageError(f"sequence {seq}: this stage already holds {MAX_SEQUENCES} sequences")
+        if len(self.seq_ids) >= self.max_sequences:
+            raise StageError(f"sequence {seq}: this stage already holds {self.max_sequences} sequences")
         held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
         need = length + new * self.state_tokens
         # Cached prefixes give way to sequences: the least recently used go first.
@@ -296,9 +298,9 @@ class Stage:
             if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
                 raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
         self._check_room(seqs[0], sum(lengths), new=len(seqs))
-        if len(self.seq_ids) + len(seqs) > MAX_SEQUENCES:
+        if len(self.seq_ids) + len(seqs) > self.max_sequences:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
-                             f"{MAX_SEQUENCES} sequences")
+                             f"{self.max_sequences} sequences")
         if self.family in SOLO_PREFILL or self.solo:
             return [self.forward(seq, 0, t, None if hidden is None else hidden[i], want_logits=False)
                     for i, (seq, t) in enumerate(zip(seqs, tokens))]

@@ -187,14 +187,15 @@ async def test_idle_bodies_take_no_slot_and_get_408() -> None:
 
 
 class EndlessBackend(ScriptedBackend):
-    """Yields the same token as fast as it can, for as long as the API takes them (test-only)."""
+    """Yields the same token as fast as it can, up to max_tokens as the scheduler does, for as
+    long as the API takes them (test-only)."""
 
     async def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
                        request_id: str) -> AsyncIterator[Sample]:
         self.calls.append((prompt, params, max_tokens, request_id))
         token = self.tokenizer.encode(" hello", add_special_tokens=False)[0]
         try:
-            while True:
+            for _ in range(max_tokens):
                 yield Sample(SeqId(0), token, -0.5)
                 self.yielded += 1
                 await asyncio.sleep(0)

@@ -88,7 +88,7 @@ TEXT = "Hello world, this is a test."
 
 def test_plain_text_then_eos(tok):
     tokens = ids(tok, TEXT) + [eos(tok)]
-    stream = TextStream(tok, max_tokens=100)
+    stream = TextStream(tok)
     deltas = run(stream, tokens)
     assert text_of(deltas) == TEXT  # EOS text (<|im_end|>) not shown
     assert deltas[-1].finish_reason == "stop" and stream.finish_reason == "stop"
@@ -97,24 +97,25 @@ def test_plain_text_then_eos(tok):
 
 
 def test_max_tokens_is_length(tok):
+    """The scheduler ends the samples at max_tokens (test_scheduler); the stream then finishes."""
     tokens = ids(tok, TEXT)
-    stream = TextStream(tok, max_tokens=len(tokens))
-    deltas = run(stream, tokens + [eos(tok)])
+    stream = TextStream(tok)
+    deltas = run(stream, tokens)
     assert text_of(deltas) == TEXT
     assert deltas[-1].finish_reason == "length" and stream.completion_tokens == len(tokens)
 
 
 def test_samples_ending_early_flush_as_length(tok):
     tokens = ids(tok, "Hello ")  # a trailing space token is held by the detokenizer until finish
-    stream = TextStream(tok, max_tokens=100)
+    stream = TextStream(tok)
     deltas = run(stream, tokens)
     assert text_of(deltas) == "Hello " and deltas[-1].finish_reason == "length"
 
 
 def test_leading_space_dropped_for_chat_kept_for_completions(tok):
     tokens = ids(tok, " Paris is")
-    assert text_of(run(TextStream(tok, max_tokens=100), tokens)) == "Paris is"  # as mlx-lm
-    stream = TextStream(tok, max_tokens=100, keep_leading_space=True, logprobs=True)
+    assert text_of(run(TextStream(tok), tokens)) == "Paris is"  # as mlx-lm
+    stream = TextStream(tok, keep_leading_space=True, logprobs=True)
     deltas = run(stream, tokens)
     assert text_of(deltas) == " Paris is"
     offsets = completion_logprobs([e for d in deltas for e in d.logprobs])["text_offset"]
@@ -122,7 +123,7 @@ def test_leading_space_dropped_for_chat_kept_for_completions(tok):
 
 
 def test_add_after_finish_is_a_bug(tok):
-    stream = TextStream(tok, max_tokens=100)
+    stream = TextStream(tok)
     stream.add(sample(eos(tok)))
     with pytest.raises(RuntimeError):
         stream.add(sample(ids(tok, "a")[0]))
@@ -133,7 +134,7 @@ def test_stop_string_across_token_boundaries(tok):
     tokens = ids(tok, text)
     stop = "Paris."
     assert not any(stop in tok.decode([t]) for t in tokens)  # it really spans several tokens
-    stream = TextStream(tok, stop=(stop,), max_tokens=100)
+    stream = TextStream(tok, stop=(stop,))
     deltas = run(stream, tokens)
     assert text_of(deltas) == "The capital of France is "
     assert deltas[-1].finish_reason == "stop"
@@ -145,7 +146,7 @@ def test_stop_string_across_token_boundaries(tok):
 def test_possible_stop_prefix_is_held_back_then_released(tok):
     text = "The capital is Paris, yes"
     tokens = ids(tok, text)
-    stream = TextStream(tok, stop=("Paris.",), max_tokens=100)
+    stream = TextStream(tok, stop=("Paris.",))
     emitted = ""
     for i, t in enumerate(tokens):
         emitted += stream.add(sample(t)).text
@@ -157,13 +158,13 @@ def test_possible_stop_prefix_is_held_back_then_released(tok):
 
 
 def test_earliest_of_several_stops_wins(tok):
-    stream = TextStream(tok, stop=("test", "world"), max_tokens=100)
+    stream = TextStream(tok, stop=("test", "world"))
     deltas = run(stream, ids(tok, TEXT))
     assert text_of(deltas) == "Hello " and deltas[-1].finish_reason == "stop"
 
 
 def test_stop_string_at_the_very_start_returns_nothing(tok):
-    deltas = run(TextStream(tok, stop=("Hello",), max_tokens=100), ids(tok, TEXT))
+    deltas = run(TextStream(tok, stop=("Hello",)), ids(tok, TEXT))
     assert text_of(deltas) == "" and deltas[-1].finish_reason == "stop"
 
 
@@ -172,20 +173,20 @@ def test_multibyte_character_split_over_tokens_is_never_cut(tok):
     tokens = ids(tok, text)
     emoji = ids(tok, "🎉")
     assert len(emoji) > 1  # byte-level BPE: the emoji's 4 bytes are several tokens
-    deltas = run(TextStream(tok, max_tokens=100), tokens)
+    deltas = run(TextStream(tok), tokens)
     assert text_of(deltas) == text
     assert all("\ufffd" not in d.text for d in deltas)
     assert any("🎉" in d.text for d in deltas)
 
 
 def test_stop_string_that_is_a_multibyte_character(tok):
-    deltas = run(TextStream(tok, stop=("🎉",), max_tokens=100), ids(tok, "Party 🎉 time"))
+    deltas = run(TextStream(tok, stop=("🎉",)), ids(tok, "Party 🎉 time"))
     assert text_of(deltas) == "Party " and deltas[-1].finish_reason == "stop"
 
 
 def test_concurrent_streams_do_not_share_detokenizer_state(tok):
     a, b = ids(tok, "Hello world"), ids(tok, "Paris 🎉")
-    sa, sb = TextStream(tok, max_tokens=100), TextStream(tok, max_tokens=100)
+    sa, sb = TextStream(tok), TextStream(tok)
     out_a = out_b = ""
     for i in range(max(len(a), len(b))):
         if i < len(a):
@@ -213,7 +214,7 @@ def test_token_texts_give_exact_bytes(tok):
 def test_logprob_entries_cover_the_returned_text(tok):
     text = "Hello 🎉 world"
     tokens = ids(tok, text) + [eos(tok)]
-    stream = TextStream(tok, max_tokens=100, logprobs=True)
+    stream = TextStream(tok, logprobs=True)
     deltas = [stream.add(Sample(SeqId(0), t, -0.25, (TokenLogprob(t, -0.25), TokenLogprob(0, -3.0))))
               for t in tokens]
     entries = [e for d in deltas for e in d.logprobs]
@@ -238,7 +239,7 @@ def test_logprob_entries_cover_the_returned_text(tok):
 
 def test_logprob_entries_are_held_with_their_text(tok):
     tokens = ids(tok, "The capital is Paris, yes")
-    stream = TextStream(tok, stop=("Paris.",), max_tokens=100, logprobs=True)
+    stream = TextStream(tok, stop=("Paris.",), logprobs=True)
     for i, t in enumerate(tokens):
         delta = stream.add(sample(t))
         released = b"".join(e.token.bytes for e in delta.logprobs)
@@ -248,7 +249,7 @@ def test_logprob_entries_are_held_with_their_text(tok):
 
 def test_stop_cut_drops_entries_of_unreturned_tokens(tok):
     tokens = ids(tok, "Hello world again")
-    stream = TextStream(tok, stop=(" world",), max_tokens=100, logprobs=True)
+    stream = TextStream(tok, stop=(" world",), logprobs=True)
     deltas = run(stream, tokens)
     entries = [e for d in deltas for e in d.logprobs]
     assert text_of(deltas) == "Hello"
@@ -256,5 +257,5 @@ def test_stop_cut_drops_entries_of_unreturned_tokens(tok):
 
 
 def test_no_logprobs_unless_asked(tok):
-    deltas = run(TextStream(tok, max_tokens=100), ids(tok, TEXT))
+    deltas = run(TextStream(tok), ids(tok, TEXT))
     assert all(d.logprobs == () for d in deltas)

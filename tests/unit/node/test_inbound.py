@@ -11,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import zmqinfer.node.stage as stage_mod
 from tests.tiny import make_tiny_model
 from zmqinfer.node import inbound
 from zmqinfer.node.sampling import SeqSampler, sample_batch, tokenizer_size
@@ -89,10 +88,9 @@ def test_mlx_really_crashes_on_an_unchecked_id(tiny: Path) -> None:
     assert r.returncode != 0
 
 
-def test_a_model_wider_than_the_ring_is_refused(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stage_mod, "MAX_HIDDEN_SIZE", HIDDEN - 1)
+def test_a_model_wider_than_the_ring_is_refused(tiny: Path) -> None:
     with pytest.raises(StageError, match="exceeds the ring's limit"):
-        Stage(tiny, 0, 1)
+        Stage(tiny, 0, 1, max_hidden_size=HIDDEN - 1)
 
 
 # ---- sampling never picks a padding id -----------------------------------------------------

@@ -12,7 +12,6 @@ import pytest
 
 from tests.tiny import make_tiny_model
 from zmqinfer.model.size import KV_COPY_FACTOR
-from zmqinfer.node import stage as stage_mod
 from zmqinfer.node.loading import cap_kv, load_shard
 from zmqinfer.node.process import GATEWAY_GONE_S, gateway_gone
 from zmqinfer.node.stage import Stage, StageError
@@ -43,9 +42,8 @@ def test_a_full_stage_refuses_new_sequences_and_keeps_serving_the_old(tiny: Path
     assert st.kv_tokens() == 91
 
 
-def test_a_stage_caps_its_sequences(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stage_mod, "MAX_SEQUENCES", 3)
-    st = Stage(tiny, 0, 2)
+def test_a_stage_caps_its_sequences(tiny: Path) -> None:
+    st = Stage(tiny, 0, 2, max_sequences=3)
     for s in range(3):
         prefill(st, s, 2)
     with pytest.raises(StageError, match="already holds 3 sequences"):

@@ -95,8 +95,7 @@ async def complete(request: web.Request, req: ChatRequest | CompletionRequest,
     # Tokenizing (and chat templating) a long prompt takes milliseconds: keep it off the loop.
     p = await asyncio.to_thread(plan, req, backend.tokenizer, backend.context_length)
     opts = req.options
-    plain = TextStream(backend.tokenizer, stop=opts.stop, max_tokens=p.max_tokens,
-                       logprobs=opts.logprobs is not None,
+    plain = TextStream(backend.tokenizer, stop=opts.stop, logprobs=opts.logprobs is not None,
                        keep_leading_space=isinstance(req, CompletionRequest))
     # A chat's reasoning and tool calls are split out of its text (markup.py).
     text = chat_text(req, backend.tokenizer, p.prompt, plain) if isinstance(req, ChatRequest) else plain
@@ -141,7 +140,7 @@ async def _run(samples: AsyncIterator[Sample], text: TextStream | ChatText, outc
         delta = text.add(sample)
         await step(delta)
         if delta.finish_reason is not None:
-            return  # stop string, EOS or max_tokens: the caller's aclosing ends the generation
+            return  # a stop string or EOS: the caller's aclosing ends the generation
     await step(text.finish())
 
 
