@@ -88,17 +88,21 @@ def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
     # mlx_lm.server, fed the same requests; the simulated devices (3 at 10 ms: as specified).
     assert rep["server"]["setup"] == "mlx_lm.server, single process" and "error" not in rep["server"]
     assert all(rep["server"]["batch"][c]["tps"] > 0 for c in ("1", "4")), rep["server"]
+    talk = rep["server"]["conversation"]  # the same conversation, on its own prompt cache
+    assert "error" not in talk and talk["prompt_tokens"] == conv["prompt_tokens"], talk
+    assert all(t > 0 for t in talk["with_cache_s"])
     sim = rep["simulated"]
     assert "error" not in sim and (sim["stages"], sim["devices"], sim["concurrency"]) == (3, 3, 16)
 
     # Every target is computed (issue 3's from stand-in settings at these sizes, and saying so);
     # issue 13's need 1- and 3-node rings, which this run has not: "not measured", but the
     # simulated ones are measured as specified.
-    assert [t["id"] for t in rep["targets"]] == list(range(1, 13))
+    assert [t["id"] for t in rep["targets"]] == list(range(1, 15))
     measured = [t for t in rep["targets"] if (can_pin or t["id"] not in (2, 4)) and t["id"] not in (6, 7, 8, 9)]
     assert all(t["status"] in ("met", "missed") and t["measured"] is not None for t in measured)
     assert all(t["status"] == "not measured" for t in rep["targets"] if t["id"] in (6, 7, 8, 9))
     assert not rep["targets"][0]["as_specified"]  # 2 nodes stand in for 3
+    assert not any(t["as_specified"] for t in rep["targets"] if t["id"] in (13, 14))  # and 3 turns for 10
     assert all(t["as_specified"] for t in rep["targets"] if t["id"] in (10, 11, 12))
 
     for title in ("**Single stream**", "**Aggregate tokens/s**", "**One core per node**", "**Per hop**",
@@ -106,6 +110,7 @@ def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
                   "**Simulated devices**"):
         assert title in r.stdout
     assert "| ring, 2 nodes |" in r.stdout and "| mlx_lm.server, single process |" in r.stdout
+    assert r.stdout.count("| mlx_lm.server, single process | 3 turns") == 1  # its conversation's row
 
 
 def test_bench_rejects_nonsense_sizes() -> None:

@@ -60,4 +60,4 @@ def table(rings: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     return "\n".join(["Conversation (prefix cache), median time to first token of the late turns:",
-                      "| ring | conversation | with cache | without | speedup |", "|---|---|---|---|---|", *rows])
+                      "| server | conversation | with cache | without | speedup |", "|---|---|---|---|---|", *rows])

@@ -87,9 +87,11 @@ async def stream_once(session: aiohttp.ClientSession, url: str, prompt: list[int
     return (n - 1) / (end - first), first - t0
 
 
-async def first_token(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> float:
+async def first_token(session: aiohttp.ClientSession, url: str, prompt: list[int] | str,
+                      model: str = "bench") -> float:
     t0 = time.perf_counter()
-    r = await _post_json(session, url + "/v1/completions", _body(prompt, 1, False), _timeout(len(prompt) // 64 + 1))
+    r = await _post_json(session, url + "/v1/completions", _body(prompt, 1, False, model),
+                         _timeout(len(prompt) // 64 + 1))
     if r["usage"]["completion_tokens"] != 1:
         raise LoadError(f"expected 1 token, got {r['usage']['completion_tokens']}")
     return time.perf_counter() - t0
@@ -116,7 +118,7 @@ async def aggregate(session: aiohttp.ClientSession, url: str, prompts: Sequence[
         return {"error": f"{len(done)} of {len(prompts)} requests finished within {level_timeout_s:.0f}s",
                 "timed_out": True, "requests": len(prompts)}
     except ExceptionGroup as eg:  # the first failing request, which cancelled the others
-        return {"error": _why(eg.exceptions[0]), "requests": len(prompts)}
+        return {"error": why(eg.exceptions[0]), "requests": len(prompts)}
     wall = time.perf_counter() - t0
     return {"tokens": sum(done), "wall_s": wall, "tps": sum(done) / wall, "requests": len(prompts)}
 
@@ -138,11 +140,11 @@ async def ping(session: aiohttp.ClientSession, url: str, times: int) -> dict[str
             "control_ms": {k: statistics.median(v) for k, v in control.items()}, "errors": errors}
 
 
-def _why(e: BaseException) -> str:
+def why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (deadline passed?)"
 
 
-_FAILURES = (LoadError, aiohttp.ClientError, TimeoutError, KeyError, ValueError)
+FAILURES = (LoadError, aiohttp.ClientError, TimeoutError, KeyError, ValueError)
 
 
 def cpu_seconds(procs: dict[str, int]) -> dict[str, float]:
@@ -182,13 +184,13 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
     async with aiohttp.ClientSession() as s:
         try:
             await _warm(s, url)
-        except (*_FAILURES, ExceptionGroup) as e:
+        except (*FAILURES, ExceptionGroup) as e:
             first = e.exceptions[0] if isinstance(e, ExceptionGroup) else e
-            return {"error": f"warm-up request failed: {_why(first)}"}
+            return {"error": f"warm-up request failed: {why(first)}"}
         try:
             out["ping"] = await ping(s, url, pings)
-        except _FAILURES as e:
-            out["ping"] = {"error": _why(e)}
+        except FAILURES as e:
+            out["ping"] = {"error": why(e)}
         if work.get("single"):
             w = work["single"]
             try:
@@ -196,20 +198,20 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
                 tps = [r[0] for r in streams[1:]]
                 out["single"] = {"decode_tps": statistics.median(tps), "runs": tps, "tokens": w["tokens"],
                                  "ttft_s": statistics.median(r[1] for r in streams[1:])}
-            except _FAILURES as e:
-                out["single"] = {"error": _why(e)}
+            except FAILURES as e:
+                out["single"] = {"error": why(e)}
         out["ttft"] = {}
         for length, prompts in work.get("ttft", {}).items():
             try:
                 firsts = [await first_token(s, url, p) for p in prompts]
                 out["ttft"][length] = {"median_s": statistics.median(firsts[1:]), "runs": firsts[1:]}
-            except _FAILURES as e:
-                out["ttft"][length] = {"error": _why(e)}
+            except FAILURES as e:
+                out["ttft"][length] = {"error": why(e)}
         if work.get("conversation"):  # before the batch levels: their prompts would not evict it
             try:
                 out["conversation"] = await conversation.measure(s, url, work["conversation"], first_token)
-            except _FAILURES as e:
-                out["conversation"] = {"error": _why(e)}
+            except FAILURES as e:
+                out["conversation"] = {"error": why(e)}
         out["batch"] = {}
         skip = ""
         for c, level in work.get("batch", {}).items():

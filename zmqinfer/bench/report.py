@@ -88,7 +88,20 @@ def _speed_targets(r: Report, rings: dict[int, dict[str, Any]]) -> list[dict[str
                 "as_specified": spec, "measured": gap, "required": 1.0, "op": "<=", "unit": "ms",
                 "status": "not measured" if gap is None else "met" if gap <= 1.0 else "missed",
                 "detail": "a measurement is missing" if gap is None else f"{gap:.2f} ms over {sim['ideal_ms_per_token']} ms"})
-    return out
+    return out + _conversation_targets(r, rings)
+
+
+def _conversation_targets(r: Report, rings: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 22: the late turns of a growing conversation, with the prefix cache."""
+    n, exact = _closest(list(rings), 3)
+    talk = dig(rings, n, "conversation") or {}
+    at = f"{n} nodes, {talk.get('turns')} turns growing to {(talk.get('prompt_tokens') or [None])[-1]} tokens"
+    spec = exact and talk.get("turns") == 10 and ((talk.get("prompt_tokens") or [0])[-1] or 0) >= 2500
+    late = talk.get("late_with_cache_s")
+    return [_ratio(13, "conversation, turns 5-10: time to first token without the prefix cache / with it", at,
+                   spec, talk.get("late_without_cache_s"), late, ">=", 5.0),
+            _ratio(14, "conversation, turns 5-10: mlx_lm.server's time to first token / the ring's with the cache",
+                   at, spec, dig(r.get("server"), "conversation", "late_with_cache_s"), late, ">=", 1.0)]
 
 
 def _ratio(tid: int, what: str, at: str, exact: bool, num: float | None, den: float | None,
@@ -156,7 +169,7 @@ def failures(r: Report) -> list[str]:
 def report_tables(r: Report) -> str:
     o = r["options"]
     parts = [_machine(r), _single(r), _aggregate(r), _cpu(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
-             _blas(r), conversation.table([x for x in r["rings"] if "conversation" in x]), _targets(r), _phases(r),
+             _blas(r), conversation.table([x for x in [*r["rings"], r.get("server") or {}] if "conversation" in x]), _targets(r), _phases(r),
              _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "

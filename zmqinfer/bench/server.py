@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from zmqinfer import local
-from zmqinfer.bench import loadgen
+from zmqinfer.bench import conversation, loadgen
 
 STARTUP_TIMEOUT_S = 120.0  # loading the model; it compiles nothing ahead
 POLL_S = 0.5
@@ -40,6 +40,8 @@ def run(model_path: Path, tokenizer: Any, work: dict[str, Any], tmp: Path, level
         if (why := _wait_up(url, proc)) is not None:
             return {**out, "error": f"{why}; its log: {log.read_text(errors='replace')[-500:]}"}
         out["batch"] = asyncio.run(_levels(url, str(model_path), tokenizer, work, level_timeout_s, proc.pid))
+        if work.get("conversation"):  # the same growing conversation as the rings' (its prompt cache)
+            out["conversation"] = asyncio.run(_conversation(url, str(model_path), tokenizer, work["conversation"]))
     finally:
         local.stop(local.LocalCluster(port, proc, log))
     return out
@@ -68,3 +70,17 @@ async def _levels(url: str, model: str, tokenizer: Any, work: dict[str, Any],
             out[c] = await loadgen.aggregate_cpu(s, url, prompts, level["max_tokens"], level_timeout_s,
                                                  {"mlx_lm.server": pid}, model)
     return out
+
+
+async def _conversation(url: str, model: str, tokenizer: Any, work: dict[str, Any]) -> dict[str, Any]:
+    """Each turn's time to first token, as text (see the module docstring): mlx_lm.server's own
+    LRU prompt cache serves the turns after the first, as the ring's prefix cache does."""
+
+    async def first_token(s: aiohttp.ClientSession, u: str, prompt: list[int]) -> float:
+        return await loadgen.first_token(s, u, tokenizer.decode(prompt), model)
+
+    async with aiohttp.ClientSession() as s:
+        try:
+            return await conversation.measure(s, url, work, first_token)
+        except loadgen.FAILURES as e:
+            return {"error": loadgen.why(e)}
