@@ -57,6 +57,11 @@ def test_bench_smoke(tmp_path: Path, toy_model: Path) -> None:
     assert conv["turns"] == 3 and conv["prompt_tokens"][1] - conv["prompt_tokens"][0] == 24
     assert all(t > 0 for t in conv["with_cache_s"] + conv["without_cache_s"]) and conv["late_speedup"] > 0
     assert "Conversation (prefix cache)" in r.stdout
+    # An enforced JSON schema's cost: the same stream with and without it, side by side.
+    grammar = ring["structured"]
+    assert "error" not in grammar, grammar.get("error")
+    assert grammar["plain_tps"] > 0 and grammar["grammar_tps"] > 0 and len(grammar["grammar_runs"]) == 1
+    assert "**Enforced JSON schema**" in r.stdout
     assert [n["layers"] for n in ring["per_node"]] == [[0, 2], [2, 4]]
     assert all(n["shard_bytes"] > 0 and n["rss_bytes"] > n["shard_bytes"] for n in ring["per_node"])
     assert 0 < ring["ping"]["ring_ms"] < 1000 and set(ring["ping"]["control_ms"]) == {"node0", "node1"}

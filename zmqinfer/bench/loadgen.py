@@ -6,6 +6,7 @@
   trips, medians);
 * single stream: one streaming `/v1/completions` at a time; decode tokens/s = (tokens - 1) /
   time from the first text chunk to the end of the stream;
+* an enforced JSON schema's cost to one stream (structured.py);
 * time to first token: a non-streaming request with `max_tokens=1` per prompt of exactly N
   tokens (sent as token ids), whose response arrives the moment that token exists;
 * aggregate: each concurrency level's prompts all at once (non-streaming, greedy, same
@@ -30,7 +31,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from zmqinfer.bench import conversation
+from zmqinfer.bench import conversation, structured
 
 REQUEST_BASE_S = 60.0  # any single request: this much plus REQUEST_PER_TOKEN_S per token asked
 REQUEST_PER_TOKEN_S = 2.0  # a ring slower than 0.5 tok/s for one stream is broken, not slow
@@ -207,6 +208,12 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
                 out["ttft"][length] = {"median_s": statistics.median(firsts[1:]), "runs": firsts[1:]}
             except FAILURES as e:
                 out["ttft"][length] = {"error": why(e)}
+        if work.get("structured"):
+            w = work["structured"]
+            try:
+                out["structured"] = await structured.measure(s, url, w["tokens"], w["reps"])
+            except FAILURES as e:
+                out["structured"] = {"error": why(e)}
         if work.get("conversation"):  # before the batch levels: their prompts would not evict it
             try:
                 out["conversation"] = await conversation.measure(s, url, work["conversation"], first_token)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmqinfer.bench import blasinfo, conversation
+from zmqinfer.bench import blasinfo, conversation, structured
 
 Report = dict[str, Any]
 
@@ -151,7 +151,7 @@ def failures(r: Report) -> list[str]:
     for x in setups:
         if "error" in x:
             out.append(f"{x['setup']}: {x['error']}")
-        for part in ("single", "ping"):
+        for part in ("single", "ping", "structured"):
             if "error" in (x.get(part) or {}):
                 out.append(f"{x['setup']}, {part}: {x[part]['error']}")
         for kind in ("ttft", "batch"):
@@ -169,7 +169,9 @@ def failures(r: Report) -> list[str]:
 def report_tables(r: Report) -> str:
     o = r["options"]
     parts = [_machine(r), _single(r), _aggregate(r), _cpu(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
-             _blas(r), conversation.table([x for x in [*r["rings"], r.get("server") or {}] if "conversation" in x]), _targets(r), _phases(r),
+             _blas(r), structured.table(r["rings"]),
+             conversation.table([x for x in [*r["rings"], r.get("server") or {}] if "conversation" in x]),
+             _targets(r), _phases(r),
              _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "

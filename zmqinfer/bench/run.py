@@ -108,7 +108,7 @@ def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> di
     tokenizer = load_tokenizer(model_path)
     work = workload(tokenizer, model_path, opts)
     pin_c = str(min(opts.concurrency, key=lambda c: abs(c - opts.pin_concurrency)))
-    pinned_work = {**work, "batch": {pin_c: work["batch"][pin_c]}, "conversation": None}
+    pinned_work = {**work, "batch": {pin_c: work["batch"][pin_c]}, "conversation": None, "structured": None}
     report: dict[str, Any] = {"machine": machine(), "options": dataclasses.asdict(opts),
                               "wire": wire_bytes(model_path), "rings": [], "pinned": None, "phases": []}
     report["machine"]["cpu_busy_before_pct"] = _others_load()
@@ -171,6 +171,7 @@ def workload(tokenizer: Any, model_path: Path, opts: Options) -> dict[str, Any]:
              for c in opts.concurrency}
     return {"model_path": str(model_path),
             "single": {"prompt": chat(PROMPT), "tokens": opts.tokens, "reps": opts.reps},
+            "structured": {"tokens": opts.tokens, "reps": opts.reps},  # rings only (bench/structured.py)
             "ttft": {str(n): [exact(n, 1000 * n + r) for r in range(opts.reps + 1)] for n in opts.prompt_lengths},
             "batch": batch,
             # A conversation growing by `conversation_growth` tokens a turn (bench/conversation.py).
