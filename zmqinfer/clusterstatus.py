@@ -106,6 +106,7 @@ class PrefixCacheStatus(TypedDict):
     """The gateway's prefix cache (gateway/prefixes.py): what the stages hold for reuse."""
 
     enabled: bool
+    exact: bool  # only whole prefixes serve: a stage's caches cannot be cut (gateway/prefixes.py)
     entries: int  # cached prefixes
     tokens: int  # token positions they hold (each stage, for its layers)
     bytes: int  # their KV over the whole model (all stages), estimated from the model's size

@@ -71,3 +71,43 @@ def test_turn_two_hits_the_cache_and_answers_as_with_the_cache_off(
         local.stop(off_ring)
     assert [text for text, _ in off] == [text for text, _ in on]
     assert [cached for _, cached in off] == [0, 0]
+
+
+def test_a_hybrid_ring_reuses_whole_turns_and_learns_not_to_ask_for_parts(model_dir: Path, tmp_path: Path) -> None:
+    """An SSM state cannot be cut (node/prefixes.py): a hybrid model's stages keep whole
+    snapshots. A next turn that starts with all of the last one starts from it; a prompt that
+    shares only a part is replayed from position 0 once, after which only whole prefixes are
+    asked for. Every answer is single-process mlx-lm's (the families' tiny models have no
+    near-ties: their weights are scaled up)."""
+    from tests.families import with_tokenizer
+
+    path = with_tokenizer(tmp_path / "hybrid", model_dir, "granitemoehybrid", mamba_d_head=32)
+    ref = Reference(path)
+    turn1 = ref.chat_ids(TURNS[0])
+    reply = ref.greedy(turn1, MAX_TOKENS)
+    turn2 = turn1 + reply + ref.chat_ids(TURNS[1])[1:]
+    part = turn1[:-4] + ref.chat_ids(SYSTEM)[1:]  # shares all but the last 4 of turn 1's prompt
+    c = local.start(tmp_path, extra=["--model", str(path)])
+    try:
+        oc = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+        def ask(prompt: list[int]) -> tuple[str, int]:
+            r = oc.completions.create(model="default", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+            assert r.choices[0].text == ref.text(ref.greedy(prompt, MAX_TOKENS)), f"prompt of {len(prompt)}"
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            return r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens or 0
+
+        assert ask(turn1)[1] == 0
+        # Turn 1's caches hold its prompt and all but its last token: kept whole, used whole.
+        assert ask(turn2)[1] == len(turn1) + len(reply) - 1
+        assert not c.status()["prefix_cache"]["exact"]
+        # A part of turn 2's prefix: asked for, but the SSM stage has none to give; replayed from
+        # position 0, so none of it counts as cached.
+        assert ask(part)[1] == 0
+        pc = c.status()["prefix_cache"]
+        assert pc["exact"] and pc["enabled"] and pc["hits"] == 2
+        assert ask(part)[1] == 0 and c.status()["prefix_cache"]["hits"] == 2  # no part asked again
+        turn3 = turn2 + ref.greedy(turn2, MAX_TOKENS) + ref.chat_ids(TURNS[0])[1:]
+        assert ask(turn3)[1] > len(turn2)  # whole turns still hit
+    finally:
+        local.stop(c)

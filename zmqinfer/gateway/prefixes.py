@@ -11,6 +11,12 @@ a shared cache would tell one user, by its timing, what another asked. Bounded: 
 count inside the KV budget admission respects (admission.py), and the least recently used
 prefix is evicted before any request waits or is refused; the stages hear of it on the next
 Release. A re-planned ring holds nothing: `forget_all`, and replays recompute from position 0.
+
+Exact boundaries: a stage whose caches cannot be cut (a sliding window, an SSM state) keeps a
+whole snapshot, which serves only a prompt that starts with all of its tokens (node/prefixes.py).
+The first start from part of a prefix that fails, before any such start has succeeded, turns the
+cache to `exact` matches: no stage is asked again for what it cannot give, and a conversation's
+next turn (its prompt starts with the whole of the last turn) still hits.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ MIN_PREFIX_TOKENS = 16
 # Prefixes held at most (below a stage's own cap, node/prefixes.py MAX_PREFIXES = 256).
 MAX_ENTRIES = 128
 # Sequences started from a prefix that failed, with none ever finishing, before the cache turns
-# itself off: a ring whose stages cannot keep prefixes (a family with sliding-window or SSM
-# caches, node/prefixes.py) would otherwise cost every hit a failed chunk and a replay.
+# itself off: a ring whose stages keep no prefix at all would otherwise cost every hit a failed
+# chunk and a replay.
 FAILURES_BEFORE_OFF = 3
 
 
@@ -79,12 +85,17 @@ class Stats:
     tokens_saved: int = 0  # prompt tokens not prefilled thanks to a hit
     evictions: int = 0
     started_ok: int = 0  # sequences started from a prefix that finished
+    partial_ok: int = 0  # ... from a part of one
     start_failures: int = 0  # ... that failed (replayed from position 0)
 
 
 class PrefixCache:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.exact = False  # only whole prefixes are used (see the module docstring)
+        # Live sequences started from a prefix: their request's scope (a replay recomputes the
+        # cached tokens: the usage must not count them) and whether they used a part of it.
+        self._started: dict[SeqId, tuple[Scope, bool]] = {}
         self.stats = Stats()
         self._roots: dict[str, _Node] = {}
         self._entries: dict[int, _Entry] = {}
@@ -104,7 +115,7 @@ class PrefixCache:
 
     def status(self, bytes_per_token: int) -> PrefixCacheStatus:
         st = self.stats
-        return {"enabled": self.enabled, "entries": self.entries, "tokens": self.tokens,
+        return {"enabled": self.enabled, "exact": self.exact, "entries": self.entries, "tokens": self.tokens,
                 "bytes": self.tokens * bytes_per_token, "lookups": st.lookups, "hits": st.hits,
                 "hit_rate": round(st.hits / st.lookups, 4) if st.lookups else 0.0,
                 "tokens_saved": st.tokens_saved, "evictions": st.evictions}
@@ -112,14 +123,22 @@ class PrefixCache:
     # ---- the trie ---------------------------------------------------------------------------
 
     def match(self, scope: str, prompt: list[int]) -> tuple[int, int] | None:
-        """(prefix id, positions to use) for the longest prefix of `prompt` held in `scope`;
-        None below MIN_PREFIX_TOKENS. At most len(prompt) - 2 positions: a sequence starts
-        with a prefill chunk (which names the prefix) and its last token is its first decode."""
+        """(prefix id, positions to use) for the longest prefix of `prompt` held in `scope` (when
+        `exact`, the longest whole one); None below MIN_PREFIX_TOKENS. At most len(prompt) - 2
+        positions: a sequence starts with a prefill chunk (which names the prefix) and its last
+        token is its first decode."""
         node, depth, limit = self._roots.get(scope), 0, len(prompt) - 2
         if node is None:
             return None
+        whole: tuple[_Node, int] | None = None  # the deepest node on the path where an entry ends
         while depth < limit and (nxt := node.children.get(prompt[depth])) is not None:
             node, depth = nxt, depth + 1
+            if node.ends:
+                whole = node, depth
+        if self.exact:
+            if whole is None:
+                return None
+            node, depth = whole
         if depth < MIN_PREFIX_TOKENS:
             return None
         while not node.ends:  # any entry below agrees on these `depth` tokens
@@ -173,6 +192,7 @@ class PrefixCache:
         pid, n = hit
         seq.restart(seq.epoch, cached=n)
         seq.prefix = pid
+        self._started[seq.id] = (scope, n < len(self._entries[pid].tokens))
         scope.cached_tokens = n
         self.stats.hits += 1
         self.stats.tokens_saved += n
@@ -181,18 +201,21 @@ class PrefixCache:
         """A sequence ends: keep what its caches hold (every token but the last sampled one),
         when they hold it all: it has been answered since it last (re)started on this ring."""
         scope = SCOPE.get() or Scope()
+        partial = self._started.pop(seq.id, (None, False))[1]
         if not self.enabled or seq.generated < 1 or seq.replays or seq.epoch != epoch or not epoch:
             return
         self.stats.started_ok += seq.prefix is not None
+        self.stats.partial_ok += partial
         tokens = tuple(seq.history[:-1])
         if len(tokens) < MIN_PREFIX_TOKENS:
             return
         path = self._path(scope.key, tokens)
-        if path[-1].below:  # held already, alone or inside a longer prefix: nothing new to keep
+        # Held already, alone or (unless only whole prefixes serve) inside a longer one.
+        if path[-1].ends or (path[-1].below and not self.exact):
             for pid in path[-1].ends:
                 self._entries[pid].used = next(self._ticks)
             return
-        for n in path[:-1]:  # shorter prefixes of it serve nothing it does not: they go
+        for n in path[:-1] if not self.exact else ():  # shorter prefixes serve nothing it does not
             for pid in list(n.ends):
                 self._remove(pid)
         while len(self._entries) >= MAX_ENTRIES and self.evict_lru():
@@ -204,8 +227,17 @@ class PrefixCache:
     def failed(self, seq: Seq) -> None:
         """A sequence that started from a prefix replays: the prefix may be what failed (a stage
         that could not keep it, or evicted it for room), so it is no longer used."""
+        scope, partial = self._started.pop(seq.id, (None, False))
+        if scope is not None:
+            scope.cached_tokens = 0  # recomputed from position 0 after all
         if seq.prefix is None:
             return
+        if partial and not self.exact and not self.stats.partial_ok:
+            log.info("prefix cache: whole prefixes only (a stage's caches cannot be cut: a "
+                     "sliding window or an SSM state, docs/prefix-cache.md)")
+            self.exact = True
+            seq.prefix = None
+            return  # the prefix itself may still serve whole: not counted against the cache
         if seq.prefix in self._entries:
             self._remove(seq.prefix)
         seq.prefix = None
@@ -238,4 +270,5 @@ class PrefixCache:
         self._entries.clear()
         self._keep.clear()
         self._drop.clear()
+        self._started.clear()
         self.tokens = 0

@@ -206,14 +206,14 @@ class Stage:
         group's batch cache cut out first). False: nothing kept (see node/prefixes.py)."""
         own = self._caches.get(seq)
         if own is not None:
-            layers = own.layers
+            layers, held = own.layers, own.offset
         else:
             g = next((g for g in self._groups.values() if seq in g.offsets and g.layers is not None), None)
             if g is None:
                 return False
             i = g.order.index(seq)
-            layers = [c.extract(i) for c in g.layers or ()]
-        return self.prefixes.keep(prefix, layers, length)
+            layers, held = [c.extract(i) for c in g.layers or ()], g.offsets[seq]
+        return self.prefixes.keep(prefix, layers, length, held)
 
     def drop_prefixes(self, prefixes: tuple[int, ...] | None) -> None:
         """Drop these cached prefixes; None: all of them (a new ring starts with none)."""

@@ -152,7 +152,7 @@ def test_status_and_the_status_line_report_entries_bytes_and_hit_rate() -> None:
     started(cache, 2, SYSTEM + [1, 2, 3])
     started(cache, 3, [9] * 50)
     st = cache.status(bytes_per_token=1000)
-    assert st == {"enabled": True, "entries": 1, "tokens": 41, "bytes": 41000, "lookups": 2, "hits": 1,
+    assert st == {"enabled": True, "exact": False, "entries": 1, "tokens": 41, "bytes": 41000, "lookups": 2, "hits": 1,
                   "hit_rate": 0.5, "tokens_saved": 41, "evictions": 0}
     line = prefix_summary(cast(ClusterStatus, {"prefix_cache": st}))
     assert line == ["prefix cache: 1 entries, 41 tokens, 0 MiB; hit rate 50% (1 of 2), 41 tokens saved, 0 evicted"]
@@ -180,8 +180,41 @@ def test_a_cache_that_ever_served_a_start_stays_on_through_failures() -> None:
     seq.generated = 1
     copy_context().run(lambda: cache.finished(seq, EPOCH))  # it finished: prefixes work here
     for i in range(5):  # e.g. a stage evicted them for room: each forgotten, the cache stays on
-        finished(cache, 10 * i + 3, SYSTEM + [i, 9])
-        s, cached = started(cache, 10 * i + 4, SYSTEM + [i, 9, 9])
+        finished(cache, 10 * i + 3, SYSTEM + [i + 10, 9])
+        s, cached = started(cache, 10 * i + 4, SYSTEM + [i + 10, 9, 9])
         assert cached > 0
         cache.failed(s)
     assert cache.enabled and cache.stats.started_ok == 1 and cache.stats.start_failures == 5
+
+
+def test_a_failed_start_from_part_of_a_prefix_turns_the_cache_to_whole_prefixes() -> None:
+    """A stage whose caches cannot be cut (node/prefixes.py) holds only whole snapshots: once a
+    start from a part fails (none having worked), only whole prefixes are used, and a
+    conversation's next turn, which starts with all of the last one, still hits."""
+    cache = PrefixCache()
+    finished(cache, 1, SYSTEM + [1, 2])  # held: SYSTEM + [1]
+    seq, cached = started(cache, 2, SYSTEM + [7, 7, 7])
+    assert cached == 40  # a part of it
+    cache.failed(seq)
+    assert cache.exact and cache.enabled and cache.entries == 1 and cache.stats.start_failures == 0
+    assert started(cache, 3, SYSTEM + [7, 7, 7])[1] == 0  # no part of a prefix any more
+    seq, cached = started(cache, 4, SYSTEM + [1, 5, 6])
+    assert cached == 41 and seq.prefix is not None  # the whole of it
+    # A shorter prefix stays beside a longer one: only whole prefixes serve, so it still does.
+    finished(cache, 5, SYSTEM + [1, 5, 6, 8])
+    assert cache.entries == 2
+    assert started(cache, 6, SYSTEM + [1, 9, 9])[1] == 41 and started(cache, 7, SYSTEM + [1, 5, 6, 9, 9])[1] == 43
+    assert cache.status(1)["exact"]
+
+
+def test_a_cache_whose_partial_starts_worked_never_turns_to_whole_prefixes() -> None:
+    cache = PrefixCache()
+    finished(cache, 1, SYSTEM + [1, 2])
+    seq, cached = started(cache, 2, SYSTEM + [7, 7, 7])
+    assert cached == 40
+    seq.generated = 1
+    copy_context().run(lambda: cache.finished(seq, EPOCH))  # a part served: cuttable caches
+    finished(cache, 3, SYSTEM + [3, 2])
+    seq, cached = started(cache, 4, SYSTEM + [8, 8, 8])
+    cache.failed(seq)  # e.g. evicted for room on a stage
+    assert not cache.exact and started(cache, 5, SYSTEM + [9, 9, 9])[1] == 40

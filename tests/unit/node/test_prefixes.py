@@ -132,3 +132,36 @@ def test_a_full_stage_evicts_prefixes_before_refusing(tiny: Path) -> None:
     with pytest.raises(StageError, match="KV cache full"):
         st.forward(SeqId(4), 0, mx.array(HISTORY[:12], dtype=mx.int32), None, want_logits=False)
     assert len(st.prefixes) == 0
+
+
+# ---- caches that cannot be cut: a whole snapshot, used only whole ---------------------------
+
+
+@pytest.fixture(scope="module", params=["mamba2", "gemma3_text", "granitemoehybrid"])
+def uncuttable(request, tmp_path_factory) -> Path:
+    from tests.families import make_family_model
+
+    return make_family_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_a_stage_that_cannot_cut_its_caches_keeps_them_whole(uncuttable: Path) -> None:
+    """An SSM state or a sliding window: kept only at the sequence's end, used only whole, each
+    use a copy of its own (these caches write in place); the same chunks as a cold run give the
+    same logits bit for bit."""
+    stages = [Stage(uncuttable, 0, 1), Stage(uncuttable, 1, 2)]
+    turn, more = HISTORY[:10], NEXT[CUT:]
+    through(stages, SeqId(50), 0, turn, False)
+    expected = through(stages, SeqId(50), len(turn), more, True)
+    through(stages, SeqId(1), 0, turn, False)
+    # (a hybrid's attention-only stage can cut its caches; the others cannot)
+    assert not all([st.keep(SeqId(1), 7, CUT) for st in stages]), "kept a part of caches that cannot be cut"
+    for st in stages:
+        assert st.keep(SeqId(1), 7, len(turn))
+        st.release([SeqId(1)])
+    for seq in (SeqId(2), SeqId(3)):  # twice: the first use must leave the snapshot unchanged
+        for st in stages:
+            st.seed(seq, 7, len(turn))
+        got = through(stages, seq, len(turn), more, True)
+        assert mx.array_equal(got, expected).item(), f"sequence {seq}: logits differ"
+    with pytest.raises(StageError, match="not held"):  # a part of it: refused (then asked whole)
+        next(st for st in stages if st.prefixes._held[7].snapshot is not None).seed(SeqId(4), 7, CUT)
