@@ -1,9 +1,9 @@
 """Issue 20 on a real 3-node ring of the embedded model (its template has no tool syntax, so the
 generic Hermes format): tool_choice required and named give schema-valid calls, streamed and
 not; json_object and json_schema give valid JSON; the openai SDK's `parse` and LangChain's
-`bind_tools` / `with_structured_output` work; hostile schemas are a 400 within a second and
-every process keeps its pid; kill -9 of the middle node during a grammar-constrained stream
-still gives the same valid answer."""
+`bind_tools` / `with_structured_output` work; a history holding a call and its result answers;
+hostile schemas are a 400 within a second and every process keeps its pid; kill -9 of the
+middle node during a grammar-constrained stream still gives the same valid answer."""
 
 from __future__ import annotations
 
@@ -76,6 +76,26 @@ def test_required_and_named_tool_calls_are_schema_valid(cluster: LocalCluster) -
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_time" and call.id.startswith("call_")
     valid_call(call.function.name, call.function.arguments)
+
+
+def test_a_history_with_a_tool_call_and_its_result_renders_and_answers(cluster: LocalCluster) -> None:
+    """The turn after a tool ran: the assistant's call and the tool's result are rendered into
+    the prompt (generic format: a <tool_call> text and a <tool_response> user turn) and the ring
+    answers it."""
+    api = client(cluster)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    result = "Paris: 18 degrees Celsius, sunny, light wind from the west."
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": result}]
+    kw = dict(model="m", tools=[WEATHER, TIME], temperature=0)
+    before = api.chat.completions.create(**kw, messages=ASK, max_tokens=1)
+    r = api.chat.completions.create(**kw, messages=history, max_tokens=32)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+    assert r.usage is not None and before.usage is not None
+    grew = r.usage.prompt_tokens - before.usage.prompt_tokens
+    assert grew > len(result) // 4, f"the call and its result were not rendered ({grew} tokens)"
 
 
 @pytest.mark.parametrize("fmt, stream", [
