@@ -237,3 +237,30 @@ def test_cached_tokens_in_anthropic_and_responses_usage(cluster: LocalCluster) -
     r = oc.responses.create(model="m", input=LONG, temperature=0, max_output_tokens=4)
     assert r.usage is not None and r.usage.input_tokens == total
     assert r.usage.input_tokens_details.cached_tokens == total - 2
+
+
+def test_openai_agents_completes_a_one_tool_task(cluster: LocalCluster) -> None:
+    """openai-agents' default model class (Responses): the first turn must call the tool (the
+    grammar holds the model to it), the agent runs it and sends its output back, and the next
+    turn (tool_choice reset to auto, as the SDK does after a call) answers."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, Runner, function_tool, set_default_openai_client,
+                        set_tracing_disabled)
+
+    calls: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The current weather of a city."""
+        calls.append(city)
+        return RESULT
+
+    set_tracing_disabled(True)  # traces would go to OpenAI's servers
+    set_default_openai_client(openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused",
+                                                 timeout=TIMEOUT_S, max_retries=0), use_for_tracing=False)
+    agent = Agent(name="assistant", tools=[get_weather], model_settings=ModelSettings(
+        temperature=0, max_tokens=MAX_TOKENS, tool_choice="required"))
+    result = asyncio.run(Runner.run(agent, ASK, max_turns=3))
+    assert len(calls) == 1 and isinstance(calls[0], str) and calls[0]
+    assert isinstance(result.final_output, str) and result.final_output

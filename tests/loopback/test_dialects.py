@@ -1,6 +1,7 @@
 """The other dialects on a real 3-node ring, through their official clients: `anthropic`
 (messages, streamed, count_tokens), `openai` (responses.create, streamed and not) and `ollama`
-(chat, generate, streamed, list, show). Each greedy answer must be the chat route's, token for
+(chat, generate, streamed, list, show). Their tools, formats and cached tokens:
+test_dialect_agents.py; API keys and reasoning: test_dialect_keyed_ring.py. Each greedy answer must be the chat route's, token for
 token, since every dialect is translated into the chat path (gateway/api/shape.py)."""
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_ollama_chat_generate_list_show(cluster: LocalCluster, chat) -> None:
 
 def test_openai_agents_default_model_runs_against_the_ring(cluster: LocalCluster, chat) -> None:
     """openai-agents' default model class speaks Responses: a run (whole and streamed) ends with
-    the chat route's greedy answer. (Its one-tool task needs the chat path's tools: issue 20.)"""
+    the chat route's greedy answer. (Its one-tool task: test_dialect_agents.py.)"""
     import asyncio
 
     from agents import Agent, ModelSettings, Runner, set_default_openai_client, set_tracing_disabled
