@@ -1,8 +1,9 @@
 """The other dialects on a real 3-node ring, through their official clients: `anthropic`
 (messages, streamed, count_tokens), `openai` (responses.create, streamed and not) and `ollama`
 (chat, generate, streamed, list, show). Their tools, formats and cached tokens:
-test_dialect_agents.py; API keys and reasoning: test_dialect_keyed_ring.py. Each greedy answer must be the chat route's, token for
-token, since every dialect is translated into the chat path (gateway/api/shape.py)."""
+test_dialect_agents.py; API keys and reasoning: test_dialect_keyed_ring.py. Each greedy answer
+must be the chat route's, token for token, since every dialect is translated into the chat path
+(gateway/api/shape.py)."""
 
 from __future__ import annotations
 
