@@ -19,6 +19,7 @@ import ollama
 import openai
 import pytest
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel, Field
 
 from zmqinfer.local import LocalCluster
 
@@ -115,8 +116,8 @@ def test_anthropic_tool_use_forced_streamed_and_answered(cluster: LocalCluster,
 
 def test_anthropic_output_config_format_is_enforced(cluster: LocalCluster) -> None:
     ac = anthropic.Anthropic(base_url=cluster.url, api_key="sk-ant-unused", timeout=TIMEOUT_S, max_retries=0)
-    m = ac.messages.create(model="claude-sonnet-4-5", max_tokens=MAX_TOKENS, extra_body=GREEDY
-                           | {"output_config": {"format": {"type": "json_schema", "schema": CITY}}},
+    m = ac.messages.create(model="claude-sonnet-4-5", max_tokens=MAX_TOKENS, extra_body=GREEDY,
+                           output_config={"format": {"type": "json_schema", "schema": CITY}},
                            messages=[{"role": "user", "content": "Describe Paris as JSON."}])
     assert m.stop_reason == "end_turn", m.content
     Draft202012Validator(CITY).validate(json.loads(m.content[0].text))  # type: ignore[union-attr]
@@ -157,14 +158,18 @@ def test_responses_function_calls_forced_streamed_and_answered(cluster: LocalClu
     assert answer.output_text == reference.after(call.name, json.loads(call.arguments))
 
 
+class City(BaseModel):
+    city: str = Field(max_length=30)
+    population: int = Field(ge=0, le=100_000_000)
+
+
 def test_responses_text_format_json_schema_is_enforced(cluster: LocalCluster) -> None:
+    """The SDK's `parse` sends the model's schema as text.format json_schema (strict) and
+    parses the answer back into it."""
     oc = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
-    r = oc.responses.create(model="m", input="Describe Paris as JSON.", temperature=0,
-                            max_output_tokens=MAX_TOKENS,
-                            text={"format": {"type": "json_schema", "name": "city", "schema": CITY,
-                                             "strict": True}})
-    assert r.status == "completed", r.output_text
-    Draft202012Validator(CITY).validate(json.loads(r.output_text))
+    r = oc.responses.parse(model="m", input="The biggest city of France?", temperature=0,
+                           max_output_tokens=MAX_TOKENS, text_format=City)
+    assert r.status == "completed" and isinstance(r.output_parsed, City), r.output_text
 
 
 # ---- Ollama -----------------------------------------------------------------------------------
