@@ -54,6 +54,8 @@ def node_command(name: str, gateway_control: str, data_port: int, extra: Sequenc
             "--gateway", gateway_control, "--port", str(data_port), "--no-advertise", *extra]
 
 
+# Where `up` reads API keys from (gateway/api/auth.py's ENV_KEYS; shared code imports no role).
+API_KEY_ENV = "ZMQINFER_API_KEY"
 STARTUP_TIMEOUT_S = 180.0  # first run converts the embedded model; later runs take seconds
 STOP_TIMEOUT_S = 15.0
 NODE_STOP_TIMEOUT_S = 10.0  # a node's own SIGTERM path: say bye, close sockets, exit
@@ -65,13 +67,16 @@ class LocalCluster:
     proc: subprocess.Popen
     log: Path
     keys: Path | None = None  # the cluster directory of an `up` ring (Curve), None: plaintext
+    api_key: str | None = None  # the ring's API key, when it has one (else protected mode)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def status(self, timeout: float = 5.0) -> dict:
-        with urllib.request.urlopen(self.url + "/cluster/status", timeout=timeout) as r:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        request = urllib.request.Request(self.url + "/cluster/status", headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return json.loads(r.read())
 
     def node_pids(self) -> dict[str, int]:
@@ -100,8 +105,9 @@ def free_port_block(n: int = 16) -> int:
 
 
 def start(log_dir: Path, nodes: int = 3, extra: list[str] | None = None,
-          env: dict[str, str] | None = None) -> LocalCluster:
-    """`zmqinfer up` on free ports; returns once the ring serves (or raises with its log)."""
+          env: dict[str, str] | None = None, api_key: str | None = None) -> LocalCluster:
+    """`zmqinfer up` on free ports; returns once the ring serves (or raises with its log).
+    `api_key`: the API requires it (as $ZMQINFER_API_KEY), and the status polls here send it."""
     port = free_port_block()
     log = log_dir / f"cluster-{port}.log"
     # Curve as `up` does it by default, in a directory we know: restart_up_node needs its keys.
@@ -110,8 +116,8 @@ def start(log_dir: Path, nodes: int = 3, extra: list[str] | None = None,
         [sys.executable, "-m", "zmqinfer", "up", "--nodes", str(nodes), "--port", str(port),
          *(["--keys", str(keys)] if keys else []), *(extra or [])],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})})
-    c = LocalCluster(port, proc, log, keys)
+        env={**os.environ, **(env or {}), **({API_KEY_ENV: api_key} if api_key else {})})
+    c = LocalCluster(port, proc, log, keys, api_key)
     try:
         wait_ready(c, STARTUP_TIMEOUT_S)
     except RuntimeError:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import anthropic
+from anthropic.types import Message
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -16,6 +17,7 @@ from zmqinfer.gateway.api.anthropic import MessageShape, to_chat
 from zmqinfer.gateway.api.fields import RequestError
 from zmqinfer.gateway.api.shape import Outcome
 from zmqinfer.gateway.errors import RingUnavailable
+from zmqinfer.gateway.prefixes import Scope
 from zmqinfer.gateway.textout import Delta, ToolCallDelta
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 50, "system": "Be brief.",
@@ -179,6 +181,18 @@ def test_tools_and_results_become_an_openai_chat_body():
                 {"context_management": {}}, {"speed": 5}):
         with pytest.raises(RequestError):
             to_chat(body | bad)
+    # A reply's blocks sent back dumped whole (every field the SDK knows, most of them null).
+    reply = Message.model_validate({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "stop_reason": "tool_use",
+        "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1},
+        "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]})
+    dumped = [b.model_dump() for b in reply.content]
+    assert {"caller", "toolset_name", "citations"} <= set(dumped[0]) | set(dumped[1])
+    echoed = body["messages"][:1] + [{"role": "assistant", "content": dumped}] + body["messages"][2:]
+    assert to_chat(body | {"messages": echoed})["messages"] == to_chat(body)["messages"]
+    with pytest.raises(RequestError, match="caller"):  # a caller that is set is not ignored
+        to_chat(body | {"messages": [{"role": "assistant", "content": [dumped[1] | {"caller": {"type": "x"}}]}]})
     with pytest.raises(RequestError, match="tool_use blocks belong to assistant turns"):
         to_chat(body | {"messages": [{"role": "user", "content": [
             {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}]})
@@ -190,7 +204,7 @@ def test_reasoning_and_tool_calls_as_blocks_and_events():
               Delta("", tool_calls=(ToolCallDelta(0, None, None, '{"city": '),)),
               Delta("", tool_calls=(ToolCallDelta(0, None, None, '"Paris"}'),)),
               Delta("", finish_reason="tool_calls")]
-    shape, outcome = MessageShape("m"), Outcome(prompt_tokens=7)
+    shape, outcome = MessageShape("m"), Outcome(prompt_tokens=7, cache=Scope(cached_tokens=5))
     frames = shape.start(outcome)
     for d in deltas:
         outcome.add(d)
@@ -206,13 +220,16 @@ def test_reasoning_and_tool_calls_as_blocks_and_events():
                      "input_json_delta", "input_json_delta"]
     assert [d["index"] for n, d in got if n == "content_block_stop"] == [0, 1, 2]
     assert got[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                          "usage": {"input_tokens": 7, "output_tokens": 12}}
+                          "usage": {"input_tokens": 2, "cache_creation_input_tokens": 0,
+                                    "cache_read_input_tokens": 5, "output_tokens": 12}}
     body = MessageShape("m").body(outcome)
     assert body["content"] == [
         {"type": "thinking", "thinking": "Thinking.", "signature": ""},
         {"type": "text", "text": "Calling."},
         {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}]
     assert body["stop_reason"] == "tool_use"
+    # Anthropic counts the prompt tokens a cached prefix supplied apart from input_tokens.
+    assert body["usage"] == got[-2][1]["usage"]
+    assert got[0][1]["message"]["usage"]["cache_read_input_tokens"] == 5
     # The official client's own models accept both.
-    from anthropic.types import Message
     assert Message.model_validate(body).content[2].input == {"city": "Paris"}  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import pytest
-from openai.types.responses import Response
+from openai.types.responses import Response, ResponseFunctionToolCall, ResponseOutputMessage
 
 from tests.unit.gateway.test_api_openai import KEY, TEXT, ScriptedBackend, oai, script, serve
 from zmqinfer.gateway.api.fields import RequestError
@@ -17,6 +17,7 @@ from zmqinfer.gateway.api.responses import ResponseShape, to_chat
 from zmqinfer.gateway.api.shape import Outcome
 from zmqinfer.gateway.api.validate import parse_chat
 from zmqinfer.gateway.errors import RingUnavailable
+from zmqinfer.gateway.prefixes import Scope
 from zmqinfer.gateway.textout import Delta, ToolCallDelta
 
 BODY = {"model": "scripted-model", "instructions": "Be brief.", "input": "Say hello",
@@ -130,6 +131,14 @@ def test_items_tools_and_formats_become_an_openai_chat_body():
         "chat_template_kwargs": {"enable_thinking": True}}
     assert to_chat({"input": "x", "reasoning": {"effort": "none"}})["chat_template_kwargs"] == {
         "enable_thinking": False}
+    # Items sent back dumped whole (model_dump(): null `caller`, `namespace`, `phase`, ...).
+    echoed = [ResponseOutputMessage.model_validate({
+                  "type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                  "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]}),
+              ResponseFunctionToolCall.model_validate(body["input"][3] | {"id": "fc_1", "status": "completed"})]
+    dumped = [item.model_dump() for item in echoed]
+    assert None in dumped[0].values() and None in dumped[1].values()
+    assert to_chat(body | {"input": body["input"][:2] + dumped + body["input"][4:]}) == chat
     with pytest.raises(RequestError, match="conversation"):
         to_chat({"input": "x", "conversation": "conv_1"})
 
@@ -140,7 +149,7 @@ def test_reasoning_and_function_calls_as_items_and_events():
               Delta("", tool_calls=(ToolCallDelta(0, None, None, '"Paris"}'),)),
               Delta("", finish_reason="tool_calls")]
     req = parse_chat({"messages": [{"role": "user", "content": "x"}]})
-    shape, outcome = ResponseShape("m", {"input": "x"}, req), Outcome(prompt_tokens=5)
+    shape, outcome = ResponseShape("m", {"input": "x"}, req), Outcome(prompt_tokens=5, cache=Scope(cached_tokens=3))
     frames = shape.start(outcome)
     for d in deltas:
         outcome.add(d)
@@ -157,6 +166,8 @@ def test_reasoning_and_function_calls_as_items_and_events():
     final = Response.model_validate(got[-1]["response"])
     assert got[-1]["type"] == "response.completed"
     assert [o.type for o in final.output] == ["reasoning", "message", "function_call"]
+    assert final.usage is not None and final.usage.input_tokens == 5
+    assert final.usage.input_tokens_details.cached_tokens == 3  # OpenAI counts them inside input_tokens
     call = final.output[2]
     assert (call.call_id, call.name, call.arguments) == ("call_7", "get_weather", '{"city":"Paris"}')  # type: ignore[union-attr]
     whole = Response.model_validate(ResponseShape("m", {"input": "x"}, req).body(outcome))

@@ -36,6 +36,7 @@ from zmqinfer.gateway.api.shape import (
     model_name,
     new_id,
     only,
+    present,
     renaming,
     require,
     serve_chat,
@@ -210,6 +211,7 @@ def _blocks(role: str, blocks: list[Any], where: str) -> list[dict[str, Any]]:
                                " and thinking blocks are supported (no images or documents)",
                                param=at, code="unsupported_parameter")
         assert isinstance(b, dict)
+        b = present(b)
         only(b, _BLOCK_FIELDS[kind], at + ".")
         if kind == "text":
             texts.append(require(b, "text", str, at + "."))
@@ -275,6 +277,16 @@ def _tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
 # ---- response: message object and event stream ------------------------------------------------
 
 
+def usage(outcome: Outcome, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` are the prompt tokens computed for this request, those
+    a cached prefix supplied are `cache_read_input_tokens` (the three add up to the prompt).
+    Nothing is ever "written" at a cost here (every answered prompt is kept, docs/prefix-cache.md),
+    so cache creation is 0."""
+    cached = outcome.cache.cached_tokens
+    return {"input_tokens": outcome.prompt_tokens - cached, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
+
+
 def stop_reason(outcome: Outcome) -> str | None:
     if outcome.finish_reason == "stop":
         return "stop_sequence" if outcome.stop_sequence else "end_turn"
@@ -301,12 +313,11 @@ class MessageShape:
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": tool_input(c.arguments)}
                     for c in outcome.tool_calls]
         return self._message(content, stop_reason(outcome), outcome.stop_sequence,
-                             {"input_tokens": outcome.prompt_tokens,
-                              "output_tokens": outcome.completion_tokens})
+                             usage(outcome, outcome.completion_tokens))
 
     def start(self, outcome: Outcome) -> list[bytes]:
-        usage = {"input_tokens": outcome.prompt_tokens, "output_tokens": 0}
-        return [sse({"type": "message_start", "message": self._message([], None, None, usage)},
+        return [sse({"type": "message_start",
+                     "message": self._message([], None, None, usage(outcome, 0))},
                     "message_start"),
                 sse({"type": "ping"}, "ping")]
 
@@ -332,18 +343,18 @@ class MessageShape:
         if self._index < 0:  # nothing was said: still one (empty) text block, as Anthropic does
             out += self._switch("text", {"type": "text", "text": ""}) + self._close()
         delta = {"stop_reason": stop_reason(outcome), "stop_sequence": outcome.stop_sequence}
-        usage = {"input_tokens": outcome.prompt_tokens, "output_tokens": outcome.completion_tokens}
-        return out + [sse({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta"),
+        return out + [sse({"type": "message_delta", "delta": delta,
+                           "usage": usage(outcome, outcome.completion_tokens)}, "message_delta"),
                       sse({"type": "message_stop"}, "message_stop")]
 
     def error(self, status: int, body: dict[str, Any]) -> bytes:
         return b"event: error\ndata: " + dumps(anthropic_body(status, body["error"]["message"])) + b"\n\n"
 
     def _message(self, content: list[dict[str, Any]], reason: str | None, sequence: str | None,
-                 usage: dict[str, int]) -> dict[str, Any]:
+                 counts: dict[str, int]) -> dict[str, Any]:
         return {"id": self._id, "type": "message", "role": "assistant", "model": self._model,
                 "content": content, "stop_reason": reason, "stop_sequence": sequence,
-                "usage": usage}
+                "usage": counts}
 
     def _switch(self, kind: str, block: dict[str, Any]) -> list[bytes]:
         """Open a `kind` block unless one is open; close the block before it."""

@@ -33,6 +33,7 @@ from zmqinfer.gateway.api.shape import (
     model_name,
     new_id,
     only,
+    present,
     require,
     serve_chat,
     sse,
@@ -127,6 +128,7 @@ def _input(value: Any) -> list[dict[str, Any]]:
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise RequestError(f"{where} must be an input item object", param=where)
+        item = present(item)
         kind = item.get("type", "message")
         if kind == "message":
             out.append(_message(item, where))
@@ -291,7 +293,8 @@ class ResponseShape:
     def _response(self, outcome: Outcome, items: list[dict[str, Any]]) -> dict[str, Any]:
         incomplete = outcome.finish_reason == "length"
         usage = {"input_tokens": outcome.prompt_tokens,
-                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                 "input_tokens_details": {"cached_tokens": outcome.cache.cached_tokens,
+                                          "cache_write_tokens": 0},
                  "output_tokens": outcome.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}

@@ -21,7 +21,8 @@ has a floor limit: tests/unit/shared/test_architecture.py).
 
 Also here, because every non-OpenAI dialect needs them: `serve_chat` (read, admit, translate to
 an OpenAI chat body, validate with the chat route's own `parse_chat`, complete), model aliases
-(`[gateway] aliases` in nodes.toml), and tool-call arguments as the JSON object clients expect.
+(`[gateway] aliases` in nodes.toml), tool-call arguments as the JSON object clients expect, and
+`present` (null fields of items sent back are absent ones).
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def tool_input(arguments: str) -> dict[str, Any]:
     except ValueError:
         return {"arguments": arguments}
     return value if isinstance(value, dict) else {"arguments": value}
+
+
+def present(item: Mapping[str, Any]) -> dict[str, Any]:
+    """`item` without its null fields. A client that sends an answer's blocks or items back
+    dumped whole (pydantic's `model_dump()`) sends every field its SDK knows, most of them null
+    (`caller`, `toolset_name`, `phase`, ...): a null field means what an absent one does."""
+    return {k: v for k, v in item.items() if v is not None}
 
 
 def new_id(prefix: str) -> str:
