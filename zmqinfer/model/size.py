@@ -1,5 +1,7 @@
-"""What a model costs in memory, stage by stage: the numbers placement plans with, and what a
-KV cache really costs beside its tokens (the gateway's budget and a node's own cap both count so)."""
+"""What a model costs in memory, stage by stage: the numbers placement plans with (each layer's
+weights, which differ: MoE layers beside DeepSeek's dense first ones), what one sequence's caches
+cost on a stage by cache type (`KVProfile`), and what a KV cache really costs beside its tokens
+(the gateway's budget and a node's own cap both count so)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,30 @@ def kv_positions(tokens: int) -> int:
 
 
 @dataclass(frozen=True)
+class KVProfile:
+    """What one sequence's caches cost on a stage, by cache type, as the stage measured them on
+    mlx-lm's own caches (node/stage.py): caches that grow with every position (full attention),
+    rotating ones that stop at their window (sliding-window attention), and states of a constant
+    size (an SSM's, a convolution's)."""
+
+    token_bytes: int = 0  # per position, over the stage's growing caches
+    windows: tuple[tuple[int, int], ...] = ()  # (bytes per position, window) per rotating cache
+    state_bytes: int = 0  # per sequence, whatever its length
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position costs before any window stops it."""
+        return self.token_bytes + sum(b for b, _ in self.windows)
+
+    def bytes(self, positions: int) -> int:
+        """One sequence of `positions` positions. A rotating cache prefilled with a chunk holds
+        its window plus the chunk for a moment (mlx-lm keeps window - 1 and appends the chunk):
+        chunks are at most KV_STEP positions (the gateway's PREFILL_CHUNK)."""
+        return (self.token_bytes * positions + self.state_bytes
+                + sum(b * min(positions, w + KV_STEP) for b, w in self.windows))
+
+
+@dataclass(frozen=True)
 class ModelSize:
     """What a stage costs in bytes, read from the weight files' headers (`model.shards.model_size`)."""
 
@@ -32,13 +58,25 @@ class ModelSize:
     tied: bool = False
     shared_bytes: int = 0  # tensors that belong to no layer, embedding or head: every stage
     kv_bytes_per_token: int = 0  # one layer's K+V cache for one token
+    layers: tuple[int, ...] = ()  # each layer's weights as measured; empty: all are layer_bytes
 
-    def stage_bytes(self, n: int, first: bool, last: bool, kv_tokens: int = 0) -> int:
-        """Weights (+ KV reserve) of a stage holding `n` layers, first and/or last."""
+    def weights(self, start: int, end: int) -> int:
+        """Weights of layers [start, end)."""
+        return sum(self.layers[start:end]) if self.layers else (end - start) * self.layer_bytes
+
+    def stage_bytes(self, start: int, end: int, kv_tokens: int = 0) -> int:
+        """Weights (+ KV reserve) of the stage holding layers [start, end): the embedding on the
+        first, the head on the last (and the tied embedding there too)."""
+        return (self.fixed_bytes(start == 0, end == self.n_layers) + self.weights(start, end)
+                + (end - start) * kv_tokens * self.kv_bytes_per_token)
+
+    def fixed_bytes(self, first: bool, last: bool) -> int:
+        """What a stage holds beside its layers: shared tensors, the embedding on the first, the
+        head on the last (and the tied embedding, unless it is the first too)."""
         extra = self.shared_bytes + (self.embed_bytes if first else 0)
         if last:
             extra += self.head_bytes + (self.embed_bytes if self.tied and not first else 0)
-        return extra + n * (self.layer_bytes + kv_tokens * self.kv_bytes_per_token)
+        return extra
 
 
 def _first(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:

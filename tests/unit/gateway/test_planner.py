@@ -154,7 +154,7 @@ async def test_a_lost_loaded_is_replaced_by_the_beat_that_says_loaded(cluster) -
 
 
 async def test_plans_keep_room_for_kv_and_runtime_and_the_ring_knows_its_kv_budget(cluster) -> None:
-    weights = SIZE.stage_bytes(SIZE.n_layers, True, True)
+    weights = SIZE.stage_bytes(0, SIZE.n_layers)
     reserve = RUNTIME_HEADROOM_BYTES + KV_RESERVE_TOKENS * SIZE.kv_bytes_per_token * SIZE.n_layers
     # One node whose memory holds the weights but not the reserve: no ring, the shortfall named.
     tight = cluster(["a"], free=weights + reserve - 4 * MEMORY_QUANTUM)
