@@ -4,8 +4,7 @@ No sockets, no clocks: the gateway feeds it the membership it sees and gets a pl
 rules are unit-tested exhaustively and the same inputs always give the same ring.
 
 KV room at plan time: each stage's free memory - its weights - RUNTIME_HEADROOM_BYTES is its KV
-room, in tokens of KV; the ring holds the least of them (`ring_kv_tokens`), which admission
-(admission.py) then shares out per request.
+room (kvroom.py), which admission (admission.py) then shares out per request.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-from zmqinfer.model.size import KV_COPY_FACTOR, ModelSize
+from zmqinfer.model.size import ModelSize
 from zmqinfer.protocol.wire import NodeId
 
 # KV every stage must have room for on top of its weights when the ring is planned: one long
@@ -340,19 +339,3 @@ def _water_fill(free: list[NodeCapacity], caps: dict[NodeId, int], rest: int) ->
             out[c.node] = caps[c.node]
         todo = [c for c in todo if c not in over]
     return out
-
-
-def ring_kv_tokens(placements: Sequence[Placement], capacity: Sequence[NodeCapacity],
-                   size: ModelSize) -> int | None:
-    """Tokens of KV cache (per sequence position, summed over sequences) the whole ring can
-    hold: the least over its stages. None when the model's KV size is unknown (no limit)."""
-    if size.kv_bytes_per_token <= 0 or not placements:
-        return None
-    free = {c.node: c.free_bytes for c in capacity}
-    n = size.n_layers
-    tokens = []
-    for p in placements:
-        weights = size.stage_bytes(p.start, p.end)
-        room = free.get(p.node, 0) - weights - RUNTIME_HEADROOM_BYTES
-        tokens.append(max(0, room) // (KV_COPY_FACTOR * size.kv_bytes_per_token * p.n_layers))
-    return min(tokens)

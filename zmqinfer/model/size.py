@@ -91,7 +91,9 @@ def kv_bytes_per_layer_token(config: dict[str, Any], act: int) -> int:
     """One token's K+V, averaged over the layers, from config.json under each family's names.
     A family with no attention heads (mamba, mamba2) holds a constant SSM state: 0 per token.
     A hybrid's per-layer list (layer_types, hybrid_override_pattern) counts its attention layers
-    only. A sliding-window layer is counted as if its window never stopped it: an upper bound."""
+    only. A sliding-window layer is counted as if its window never stopped it: an upper bound,
+    which placement reserves; once loaded, each stage measures its caches (`KVProfile`) and
+    admission counts those."""
     # Attention heads only: mamba2's num_heads are its SSM's.
     heads = _first(config, ("num_attention_heads", "n_head"))
     if heads is None:

@@ -32,6 +32,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, NewType, Union
 
+from zmqinfer.model.size import KVProfile
+
 # What the version covers: frame layout, every message kind and its fields (a field added or
 # removed is a new version), tensor dtypes, and what the gateway expects of a node (which key
 # it must hold for its role). Not covered: the model (that is the fingerprint's job).
@@ -43,7 +45,9 @@ from typing import Any, ClassVar, NewType, Union
 # 4: SamplingParams gained `grammar`, `grammar_start`, `grammar_after` and `grammar_opener`
 # (issue 20: enforced structured output); a 3 node would accept a grammar-constrained
 # request and ignore the grammar. (Issue 20 was written as a 3 beside issue 22's; merged, 4.)
-PROTOCOL_VERSION = b"zmqinfer/4"
+# 5: Loaded gained `kv` (issue 19: what one sequence's caches cost on the stage, by cache type,
+# for the gateway's admission); a 4 gateway would refuse the field.
+PROTOCOL_VERSION = b"zmqinfer/5"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -259,6 +263,7 @@ class Loaded:
     shard_bytes: int
     rss_bytes: int
     load_seconds: float
+    kv: KVProfile | None = None  # one sequence's caches on this stage, as measured; None: not measured
 
 
 @dataclass(frozen=True)
