@@ -95,7 +95,7 @@ class ModelInfo(TypedDict):
     """The served model (model/facts.py)."""
 
     family: str  # config.json's model_type
-    quantization: str  # "8-bit", "4-bit (mixed: 4, 8)", or the weights' dtype
+    quantization: str  # "8-bit, group 64", "4-bit, group 32 (mixed: 4, 8)", or the weights' dtype
     context_length: int | None
     params_total: int
     params_active: int | None  # per token, for a mixture of experts; None for a dense model
