@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tests.families import (CONFIGS, PROMPT, PROMPTS, agree, make_family_model, reference,
+from tests.families import (ALIASES, CONFIGS, PROMPT, PROMPTS, agree, make_family_model, reference,
                             run_batched, run_split, vocab_of)
 from zmqinfer.model.size import KV_STEP
 from zmqinfer.node.families import EXACT_FAMILIES, REFUSED_FAMILIES
@@ -18,8 +18,6 @@ from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.protocol.wire import SeqId
 
 STEPS = 8
-# mlx-lm's MODEL_REMAPPING loads these as another family's code: built from that family's config.
-ALIASES = {"mistral": "llama"}
 TESTED = sorted(EXACT_FAMILIES)
 
 
@@ -29,9 +27,7 @@ def bounds(n: int, k: int) -> list[int]:
 
 
 def build(tmp: Path, family: str, **kw: object) -> Path:
-    base = ALIASES.get(family, family)
-    return make_family_model(tmp / family, base, model_type=family, **kw) if base != family \
-        else make_family_model(tmp / family, family, **kw)
+    return make_family_model(tmp / family, family, **kw)
 
 
 def assert_split_exact(path: Path, cut: list[int]) -> None:
