@@ -98,7 +98,7 @@ def make_family_model(dest: Path, family: str, *, bits: int | None = None, mixed
 
 def vocab_of(path: Path) -> int:
     cfg = json.loads((path / "config.json").read_text())
-    return int(cfg["vocab_size"])
+    return int(cfg.get("vocab_size") or cfg["text_config"]["vocab_size"])
 
 
 def reference(path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[mx.array]]:

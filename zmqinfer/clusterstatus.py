@@ -131,7 +131,7 @@ class ClusterStatus(TypedDict):
     groups: int  # micro-batch groups the scheduler keeps in the ring
     decode_steps: int  # group decode steps the ring has completed since the gateway started
     queued_requests: int  # admitted, waiting for KV room in the ring
-    kv_tokens: int | None  # KV cache the ring holds (prompt + max_tokens per request, padded)
+    kv_tokens: int | None  # positions one sequence alone may hold (gateway/kvroom.py); None: no limit
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]

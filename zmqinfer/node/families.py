@@ -274,6 +274,8 @@ class ModelDriver:
         self._io = _IO()
         embed_name = _embedding_name(inner)
         real_embed = getattr(inner, embed_name)
+        # Its rows, not config.json's vocab_size: a wrapper (qwen3_5) keeps that in text_config.
+        self.vocab_size = int(real_embed.weight.shape[0])
         # Tied: the head is the embedding (gemma's always is, and has no lm_head to say so).
         self.tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False)
                          or config.get("tie_word_embeddings", False)

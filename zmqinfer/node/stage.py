@@ -122,7 +122,7 @@ class Stage:
             raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {MAX_HIDDEN_SIZE}"
                              " (zmqinfer/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
-        self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)
+        self.vocab_size = d.vocab_size
         # What flows between stages: the dtype the layers compute in (an embedding's output and
         # each layer's residual stream share it, as a norm's weight does).
         self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")

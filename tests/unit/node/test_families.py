@@ -124,6 +124,16 @@ def test_an_ssm_state_counts_against_the_kv_budget(tmp_path: Path) -> None:
     stage.forward(SeqId(9), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
 
 
+def test_a_wrapper_config_with_its_vocabulary_in_text_config_loads(tmp_path: Path) -> None:
+    """qwen3_5 as published: model_type and text_config, no vocab_size of its own. Token ids are
+    bounded by the embedding's rows (mlx does not bounds-check a gather)."""
+    path = build(tmp_path, "qwen3_5", text_config=dict(CONFIGS["qwen3_5"]))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": config["text_config"]}))
+    assert [Stage(path, a, b).vocab_size for a, b in ((0, 2), (2, 4))] == [CONFIGS["qwen3_5"]["vocab_size"]] * 2
+    assert_split_exact(path, [0, 2, 4])
+
+
 def test_a_sliding_window_stops_what_a_sequence_counts_against_the_kv_budget(tmp_path: Path) -> None:
     """A stage of sliding-window layers holds a window (and one chunk beyond it, while a chunk
     is prefilled) of a long sequence: its room check counts that, not every position."""
