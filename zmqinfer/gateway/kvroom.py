@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from zmqinfer.gateway.placement import RUNTIME_HEADROOM_BYTES, NodeCapacity, Placement
-from zmqinfer.model.size import KV_COPY_FACTOR, KVProfile, ModelSize
+from zmqinfer.model.size import KV_COPY_FACTOR, ModelSize, sequence_bytes
+from zmqinfer.protocol.wire import KVProfile
 
 # Positions at which one sequence alone counts as unlimited (a ring of sliding windows and SSM
 # states only): past any context length a model has.
@@ -41,7 +42,7 @@ class KVRoom:
         sequence alone is a group of one) and `cached_tokens` positions of cached prefixes."""
         padded = [(len(g), max(g)) for g in groups if g]
         for s in self.stages:
-            held = sum(n * s.kv.bytes(longest) for n, longest in padded)
+            held = sum(n * sequence_bytes(s.kv, longest) for n, longest in padded)
             if held + cached_tokens * s.kv.position_bytes > s.room_bytes:
                 return False
         return True

@@ -1,12 +1,14 @@
 """What a model costs in memory, stage by stage: the numbers placement plans with (each layer's
 weights, which differ: MoE layers beside DeepSeek's dense first ones), what one sequence's caches
-cost on a stage by cache type (`KVProfile`), and what a KV cache really costs beside its tokens
-(the gateway's budget and a node's own cap both count so)."""
+cost on a stage by cache type (`sequence_bytes` of a stage's measured `KVProfile`), and what a KV
+cache really costs beside its tokens (the gateway's budget and a node's own cap both count so)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from zmqinfer.protocol.wire import KVProfile
 
 # mlx-lm's KVCache and BatchKVCache grow in steps of this many positions (cache.step).
 KV_STEP = 256
@@ -23,28 +25,13 @@ def kv_positions(tokens: int) -> int:
     return -(-tokens // KV_STEP) * KV_STEP
 
 
-@dataclass(frozen=True)
-class KVProfile:
-    """What one sequence's caches cost on a stage, by cache type, as the stage measured them on
-    mlx-lm's own caches (node/stage.py): caches that grow with every position (full attention),
-    rotating ones that stop at their window (sliding-window attention), and states of a constant
-    size (an SSM's, a convolution's)."""
-
-    token_bytes: int = 0  # per position, over the stage's growing caches
-    windows: tuple[tuple[int, int], ...] = ()  # (bytes per position, window) per rotating cache
-    state_bytes: int = 0  # per sequence, whatever its length
-
-    @property
-    def position_bytes(self) -> int:
-        """Bytes one position costs before any window stops it."""
-        return self.token_bytes + sum(b for b, _ in self.windows)
-
-    def bytes(self, positions: int) -> int:
-        """One sequence of `positions` positions. A rotating cache prefilled with a chunk holds
-        its window plus the chunk for a moment (mlx-lm keeps window - 1 and appends the chunk):
-        chunks are at most KV_STEP positions (the gateway's PREFILL_CHUNK)."""
-        return (self.token_bytes * positions + self.state_bytes
-                + sum(b * min(positions, w + KV_STEP) for b, w in self.windows))
+def sequence_bytes(kv: KVProfile, positions: int) -> int:
+    """What one sequence of `positions` positions holds in caches measured as `kv`. A rotating
+    cache prefilled with a chunk holds its window plus the chunk for a moment (mlx-lm keeps
+    window - 1 and appends the chunk): chunks are at most KV_STEP positions (the gateway's
+    PREFILL_CHUNK)."""
+    return (kv.token_bytes * positions + kv.state_bytes
+            + sum(b * min(positions, w + KV_STEP) for b, w in kv.windows))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from zmqinfer.model.resolve import (
     resolve_model,
 )
 from zmqinfer.model.shards import fetch_shard, shard_weight_files
-from zmqinfer.model.size import KV_COPY_FACTOR, KVProfile
+from zmqinfer.model.size import KV_COPY_FACTOR
 from zmqinfer.node.grammar import grammar_tokenizer
 from zmqinfer.node.sampling import tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage
-from zmqinfer.protocol.wire import SeqId
+from zmqinfer.protocol.wire import KVProfile, SeqId
 
 
 class Slice(Protocol):

@@ -18,8 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zmqinfer.model.resolve import layer_count, read_config
-from zmqinfer.model.size import KVProfile
-from zmqinfer.protocol.wire import SeqId
+from zmqinfer.protocol.wire import KVProfile, SeqId
 
 # Simulated tokens stay clear of the low ids, where tokenizers keep EOS and other specials.
 FIRST_TOKEN = 200

@@ -37,13 +37,12 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import RotatingKVCache
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
-from zmqinfer.model.size import KVProfile
+from zmqinfer.model.size import sequence_bytes
 from zmqinfer.model.shards import load_shard_model
-from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
+from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, refusal
 from zmqinfer.node.prefixes import PrefixStore
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
@@ -127,7 +126,7 @@ class Stage:
         # each layer's residual stream share it, as a norm's weight does).
         self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")
         # One sequence's caches by cache type (reported to the gateway for its admission).
-        self.kv = self._measure_caches()
+        self.kv = d.measure_caches()
         # One position's caches over this stage's layers, before any window stops them: the
         # unit a KV budget in bytes is counted in (tokens of KV; 1 byte when only states).
         self.kv_bytes_per_token = max(1, self.kv.position_bytes)
@@ -139,32 +138,10 @@ class Stage:
         self._groups: dict[int, _Group] = {}
         self.prefixes = PrefixStore()  # cached prefixes (issue 22): counted in kv_tokens/kv_bytes
 
-    def _measure_caches(self) -> KVProfile:
-        """One sequence's caches on this stage, by kind, measured on a one-token forward of
-        mlx-lm's own caches: each attention cache's bytes per position it holds, a rotating
-        (sliding-window) cache's with its window, and the recurrent states' bytes (SSM, conv),
-        which do not grow with tokens."""
-        caches = self._new_cache()
-        h = mx.zeros((1, 1, self.hidden_size), dtype=self._driver.dtype)
-        self._driver.run(mx.zeros((1, 1), dtype=mx.int32), h, caches, last_only=True)
-        mx.eval([c.state for c in caches])
-        per, state, windows = 0, 0, []
-        for c in (x for c in caches for x in flat(c)):
-            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
-            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
-                position = -(-(keys.nbytes + values.nbytes) // keys.shape[2])
-                if isinstance(c, RotatingKVCache):
-                    windows.append((position, int(c.max_size)))
-                else:
-                    per += position
-            else:
-                state += int(getattr(c, "nbytes", 0))
-        return KVProfile(token_bytes=per, windows=tuple(windows), state_bytes=state)
-
     def _tokens(self, positions: int) -> int:
         """What one sequence of `positions` positions holds here, in tokens of KV (the unit of
         max_kv_tokens): its windows stop it, its states add a constant."""
-        grown = self.kv.bytes(positions) - self.kv.state_bytes
+        grown = sequence_bytes(self.kv, positions) - self.kv.state_bytes
         return -(-grown // self.kv_bytes_per_token) + self.state_tokens
 
     # ---- KV caches --------------------------------------------------------------------------

@@ -32,8 +32,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, NewType, Union
 
-from zmqinfer.model.size import KVProfile
-
 # What the version covers: frame layout, every message kind and its fields (a field added or
 # removed is a new version), tensor dtypes, and what the gateway expects of a node (which key
 # it must hold for its role). Not covered: the model (that is the fingerprint's job).
@@ -250,6 +248,23 @@ class Assign:
     # None: the gateway's, for the first stage). Identity is the key, never an address.
     next_node: NodeId | None = None
     prev_node: NodeId | None = None
+
+
+@dataclass(frozen=True)
+class KVProfile:
+    """What one sequence's caches cost on a stage, by cache type, as the stage measured them on
+    mlx-lm's own caches (node/stage.py; model/size.py's `sequence_bytes` prices a length):
+    caches that grow with every position (full attention), rotating ones that stop at their
+    window (sliding-window attention), and states of a constant size (an SSM's, a conv's)."""
+
+    token_bytes: int = 0  # per position, over the stage's growing caches
+    windows: tuple[tuple[int, int], ...] = ()  # (bytes per position, window) per rotating cache
+    state_bytes: int = 0  # per sequence, whatever its length
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position costs before any window stops it."""
+        return self.token_bytes + sum(b for b, _ in self.windows)
 
 
 @dataclass(frozen=True)

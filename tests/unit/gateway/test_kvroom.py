@@ -16,9 +16,9 @@ from zmqinfer.gateway.kvroom import KVRoom, StageRoom, ring_room
 from zmqinfer.gateway.placement import RUNTIME_HEADROOM_BYTES, NodeCapacity, Placement
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.model.shards import model_size
-from zmqinfer.model.size import KV_COPY_FACTOR, KV_STEP, KVProfile
+from zmqinfer.model.size import KV_COPY_FACTOR, KV_STEP, sequence_bytes
 from zmqinfer.node.stage import Stage
-from zmqinfer.protocol.wire import NodeId, SamplingParams
+from zmqinfer.protocol.wire import KVProfile, NodeId, SamplingParams
 
 MIB = 1 << 20
 TEST_DEADLINE_S = 20.0  # every test here ends well within this, or fails
@@ -31,11 +31,11 @@ def test_what_a_stage_measures_follows_its_cache_kinds(tmp_path: Path) -> None:
     assert [w for _, w in kv.windows] == [16] * 5 and kv.token_bytes > 0 and kv.state_bytes == 0
     assert Stage(gemma, 0, 5).kv.token_bytes == 0  # only sliding layers: no cache that keeps growing
     one = kv.windows[0][0]
-    assert kv.bytes(10_000) == kv.token_bytes * 10_000 + 5 * one * (16 + KV_STEP)
+    assert sequence_bytes(kv, 10_000) == kv.token_bytes * 10_000 + 5 * one * (16 + KV_STEP)
     # mamba2: a state per sequence, nothing per position.
     ssm = Stage(make_family_model(tmp_path / "m", "mamba2"), 0, 2).kv
     assert ssm.token_bytes == 0 and not ssm.windows and ssm.state_bytes > 0
-    assert ssm.bytes(1) == ssm.bytes(100_000) == ssm.state_bytes
+    assert sequence_bytes(ssm, 1) == sequence_bytes(ssm, 100_000) == ssm.state_bytes
 
 
 def test_a_sliding_window_model_admits_contexts_a_full_kv_estimate_would_refuse(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ async def test_admission_by_measured_windows_starts_a_long_request_a_full_kv_rin
     path = make_family_model(tmp_path / "g", "gemma3_text", sliding_window=16, num_hidden_layers=6)
     kv = Stage(path, 0, 6).kv
     full = KVProfile(token_bytes=kv.position_bytes)  # the same model counted without its windows
-    room = 2 * kv.bytes(4096)
+    room = 2 * sequence_bytes(kv, 4096)
     prompt, max_tokens = list(range(1, 3000)), 1000  # 4,096 positions with its cache steps
     for profile, admitted in ((kv, True), (full, False)):
         ring = MemoryRing(n_stages=1)

@@ -24,8 +24,8 @@ from zmqinfer.gateway.planner import Planner, Served
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.liveness import Liveness
-from zmqinfer.model.size import KV_COPY_FACTOR, KVProfile
-from zmqinfer.protocol.wire import Assign, Loaded, Message, NodeId
+from zmqinfer.model.size import KV_COPY_FACTOR
+from zmqinfer.protocol.wire import Assign, KVProfile, Loaded, Message, NodeId
 
 FP = "cd" * 8
 MIB = 1 << 20

@@ -6,7 +6,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from zmqinfer.model.size import KVProfile
 from zmqinfer.protocol.codec import decode, encode, tokens_to_wire
 from zmqinfer.protocol.wire import (
     PROTOCOL_VERSION,
@@ -16,6 +15,7 @@ from zmqinfer.protocol.wire import (
     Epoch,
     Forward,
     Heartbeat,
+    KVProfile,
     Loaded,
     NodeId,
     Ping,

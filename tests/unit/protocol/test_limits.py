@@ -14,7 +14,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from zmqinfer.model.size import KVProfile
 from zmqinfer.gateway.api.http import DEFAULT_MAX_CONCURRENT
 from zmqinfer.gateway.sequences import PREFILL_CHUNK
 from zmqinfer.protocol import limits, sockets
@@ -28,6 +27,7 @@ from zmqinfer.protocol.wire import (
     Epoch,
     Forward,
     Heartbeat,
+    KVProfile,
     Loaded,
     Message,
     NodeId,
