@@ -214,27 +214,28 @@ class _Ctx:
 
     def _short(self, start: int, end: int, ends: _Ends, rest: int, room: int) -> PlacementError:
         """The refusal: how many layers of the average size the nodes hold (`room`), and the
-        least memory that, added to one of them, makes the layers fit (bisected: what fits only
-        grows with memory)."""
+        least memory that, added to the node whose spare bytes come closest to another layer,
+        makes the layers fit (bisected: what fits only grows with memory; with layers of one
+        size, no node needs less)."""
         free = [i for i, c in enumerate(ends.active) if c.pinned is None]
         if not free:
             return PlacementError(f"the pinned layer counts of {', '.join(c.node for c in ends.active)} "
                                   f"do not fit the sizes of layers [{start},{end}) where they fall")
-        best, short = free[0], -1
-        for i in free:
-            lo, hi = 1, self.fixed(True, True) + self.layers(start, end)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                more = [dataclasses.replace(c, free_bytes=c.free_bytes + mid) if j == i else c
-                        for j, c in enumerate(ends.active)]
-                lo, hi = (lo, mid) if _Ends(self, start, end, more).possible() else (mid + 1, hi)
-            if short < 0 or lo < short:
-                best, short = i, lo
+        per_layer = max(1, self.layers(start, end) // (end - start))
+        best = max(free, key=lambda i: (ends.active[i].free_bytes - self.fixed(ends.first[i], ends.last[i])) % per_layer
+                   if ends.active[i].free_bytes >= self.fixed(ends.first[i], ends.last[i]) else -1)
+        lo, hi = 1, self.fixed(True, True) + self.layers(start, end)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            more = [dataclasses.replace(c, free_bytes=c.free_bytes + mid) if j == best else c
+                    for j, c in enumerate(ends.active)]
+            lo, hi = (lo, mid) if _Ends(self, start, end, more).possible() else (mid + 1, hi)
+        short = lo
         return PlacementError(
             f"the model does not fit: {rest} layer(s) of [{start},{end}) for "
             f"{', '.join(ends.active[i].node for i in free)}, which have room for {room}; short by "
             f"{short} bytes ({short / _GIB:.2f} GiB): {ends.active[best].node} would need that much "
-            f"more free memory, or add a node (a layer needs {self.layers(start, end) // (end - start)} bytes)")
+            f"more free memory, or add a node (a layer needs {per_layer} bytes)")
 
     def _sit_out(self, start: int, end: int, members: list[NodeCapacity],
                  excluded: dict[NodeId, str]) -> list[NodeCapacity]:
@@ -276,16 +277,29 @@ class _Ends:
     def __init__(self, ctx: _Ctx, start: int, end: int, active: list[NodeCapacity],
                  table: bool = True) -> None:
         self.ctx, self.start, self.end, self.active = ctx, start, end, active
-        m = len(active)
+        m, span = len(active), end - start
         self.first = [i == 0 and start == 0 for i in range(m)]
         self.last = [i == m - 1 and end == ctx.size.n_layers for i in range(m)]
-        # ok[i][p - start]: nodes i.. can hold [p, end)
-        self.ok = [[False] * (end - start + 1) for _ in range(m + 1)]
-        self.ok[m][end - start] = True
+        # ok[i][p - start]: nodes i.. can hold [p, end). A range fits less the more it holds
+        # and the earlier it starts, so each node's furthest end only grows with its start and
+        # one pass of two pointers finds them all (a plan is made on every change of members).
+        self.ok = [[False] * (span + 1) for _ in range(m + 1)]
+        self.ok[m][span] = True
         for i in range(m - 1, -1, -1) if table else ():
+            after, soonest = self.ok[i + 1], [span + 1] * (span + 2)  # soonest q >= p with after[q]
+            for r in range(span, -1, -1):
+                soonest[r] = r if after[r] else soonest[r + 1]
+            q = start
             for p in range(start, end + 1):
-                self.ok[i][p - start] = ((active[i].pinned is None and self.ok[i + 1][p - start])
-                                         or any(self.ok[i + 1][q - start] for q in self._ends(i, p)))
+                q = max(q, p)
+                while q < end and self.need(p, q + 1) <= active[i].free_bytes:
+                    q += 1
+                pin = active[i].pinned
+                if isinstance(pin, int):
+                    can = p + pin <= q and after[p + pin - start]
+                else:
+                    can = after[p - start] or soonest[min(p + 1 - start, span + 1)] <= q - start
+                self.ok[i][p - start] = can
 
     def need(self, p: int, q: int) -> int:
         return self.ctx.fixed(p == 0, q == self.ctx.size.n_layers) + self.ctx.layers(p, q)
@@ -302,10 +316,10 @@ class _Ends:
 
     def _ends(self, i: int, p: int) -> range:
         pin = self.active[i].pinned
+        q = self.most(i, p)
         if isinstance(pin, int):
-            q = p + pin
-            return range(q, q + 1) if q <= self.end and self.need(p, q) <= self.active[i].free_bytes else range(0)
-        return range(p + 1, self.most(i, p) + 1)
+            return range(p + pin, p + pin + 1) if p + pin <= q else range(0)
+        return range(p + 1, q + 1)
 
     def most(self, i: int, p: int) -> int:
         """The furthest end node i holds from p; p when not even one layer."""
