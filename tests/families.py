@@ -24,6 +24,8 @@ from tests.tiny import speak_tokenizer
 from zmqinfer.protocol.wire import SeqId
 
 CONFIGS: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "family_configs.json").read_text())
+# mlx-lm's MODEL_REMAPPING loads these as another family's code: built from that family's config.
+ALIASES = {"mistral": "llama"}
 PROMPT = [3, 17, 250, 9, 41, 77, 5, 128, 64, 2, 199]
 PROMPTS = [[5, 9, 2, 44, 17, 3], [8], [31, 7, 19, 25, 2, 61, 90, 12, 4, 33, 70], [12, 6, 3]]
 
@@ -36,7 +38,8 @@ def small(config: dict[str, Any]) -> dict[str, Any]:
     c = {**config}
     try:  # the family's defaults too: some of mlx-lm's tests build real sizes from them
         full = dataclasses.asdict(args_cls.from_dict(config))
-        c = {**{k: v for k, v in full.items() if v is not None}, **config}
+        # (A wrapper's nested text_config default is the config itself: it would shadow overrides.)
+        c = {**{k: v for k, v in full.items() if v is not None and k != "text_config"}, **config}
     except TypeError:
         pass
     width = next((c[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(c.get(k), int)), 0)
@@ -65,7 +68,7 @@ def make_family_model(dest: Path, family: str, *, bits: int | None = None, mixed
     """A tiny random `family` model at `dest`, quantized to `bits` (mlx affine, group 32) if
     given; `mixed`: mlx-community's mixed recipe shape, the first and last layers at 8 bits and
     the rest at `bits`, recorded per layer in config.json as mlx_lm.convert writes it."""
-    config = {**small(CONFIGS[family]), **overrides}
+    config = {**small(CONFIGS[ALIASES.get(family, family)]), "model_type": family, **overrides}
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
@@ -95,7 +98,7 @@ def make_family_model(dest: Path, family: str, *, bits: int | None = None, mixed
 
 def vocab_of(path: Path) -> int:
     cfg = json.loads((path / "config.json").read_text())
-    return int(cfg["vocab_size"])
+    return int(cfg.get("vocab_size") or cfg["text_config"]["vocab_size"])
 
 
 def reference(path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[mx.array]]:

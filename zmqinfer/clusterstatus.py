@@ -95,7 +95,7 @@ class ModelInfo(TypedDict):
     """The served model (model/facts.py)."""
 
     family: str  # config.json's model_type
-    quantization: str  # "8-bit", "4-bit (mixed: 4, 8)", or the weights' dtype
+    quantization: str  # "8-bit, group 64", "4-bit, group 32 (mixed: 4, 8)", or the weights' dtype
     context_length: int | None
     params_total: int
     params_active: int | None  # per token, for a mixture of experts; None for a dense model
@@ -132,7 +132,7 @@ class ClusterStatus(TypedDict):
     groups: int  # micro-batch groups the scheduler keeps in the ring
     decode_steps: int  # group decode steps the ring has completed since the gateway started
     queued_requests: int  # admitted, waiting for KV room in the ring
-    kv_tokens: int | None  # KV cache the ring holds (prompt + max_tokens per request, padded)
+    kv_tokens: int | None  # positions one sequence alone may hold (gateway/kvroom.py); None: no limit
     replans: list[Replan]  # the latest few
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]

@@ -147,7 +147,7 @@ def status_view(st: ClusterStatus) -> RenderableType:
 
 
 def model_summary(info: ModelInfo) -> str:
-    """"qwen3_moe, 4-bit, context 40960, 30.5B parameters (3.3B active)"."""
+    """"qwen3_moe, 4-bit, group 64, context 40960, 30.5B parameters (3.3B active)"."""
     def count(n: int) -> str:
         return next(f"{n / 10 ** e:.1f}{u}" for e, u in ((12, "T"), (9, "B"), (6, "M"), (3, "K"), (0, ""))
                     if n >= 10 ** e or e == 0)

@@ -4,12 +4,13 @@ queue (KV room), the prefill queue and the decode groups — with what a sequenc
     admit(seq) -> waiting (no KV room yet, or others wait before it)
                -> prefilling -> (its last chunk sent) -> the group it pads least -> leave()
 
-KV arithmetic per request (pure): a sequence costs prompt + max_tokens tokens at most (the gateway
-knows both), in whole cache steps; a decode group is left-padded to its longest member (mlx-lm
-BatchKVCache), so a group of n costs n x its longest bound; a prefilled sequence joins the group
-it makes least padded. Admission keeps the sum of every group's padded cost and every other
-admitted sequence's bound within the ring's budget (placement.py's `ring_kv_tokens`, at plan
-time), so a node is never asked to hold more KV than it said it had room for.
+KV arithmetic per request (pure): a sequence holds prompt + max_tokens positions at most (the
+gateway knows both), in whole cache steps; a decode group is left-padded to its longest member
+(mlx-lm BatchKVCache), so a group of n costs n x its longest bound; a prefilled sequence joins the
+group it makes least padded. Admission keeps every group's padded cost and every other admitted
+sequence's within what each stage holds (kvroom.py: its room at plan time, and what a sequence's
+caches cost there by cache type: a window stops one, an SSM state does not grow), so a node is
+never asked to hold more KV than it said it had room for.
 
 Prefill is round robin: a sequence whose prompt has more chunks goes back to the end of the
 queue, so one long prompt never starves the others. New prompts waiting together share a
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from zmqinfer.gateway.errors import RETRY_AFTER_S, Overloaded, RingUnavailable
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.sequences import PREFILL_CHUNK, Seq
 from zmqinfer.model.size import kv_positions
 from zmqinfer.protocol.wire import Chunk, Epoch, Forward, Release, SeqId
@@ -70,9 +72,6 @@ def join_cost(bounds: Sequence[int], bound: int) -> int:
 class Group:
     members: list[Seq] = field(default_factory=list)
     in_flight: bool = False
-
-    def cost(self) -> int:
-        return group_cost([s.bound for s in self.members])
 
 
 class PrefillQueue:
@@ -134,7 +133,7 @@ class RingSize(Protocol):
     @property
     def n_devices(self) -> int: ...  # distinct machines (or simulated devices) among the stages
     @property
-    def kv_tokens(self) -> int | None: ...  # KV the ring can hold (placement.ring_kv_tokens); None: no limit
+    def kv(self) -> KVRoom | None: ...  # the KV its stages hold (kvroom.py); None: no limit
 
 
 class RingPort(RingSize, Protocol):
@@ -170,30 +169,31 @@ class Lanes:
     def check(self, seq: Seq, max_queued: int) -> None:
         """Refuse a request the ring could never hold (RingUnavailable: 503), or one that would
         wait behind `max_queued` others (Overloaded: 429)."""
-        budget = self.ring.kv_tokens
-        if budget is not None and seq.bound > budget:
+        room = self.ring.kv
+        if room is not None and not room.fits([[seq.bound]]):
             raise RingUnavailable(f"this request may need {seq.bound} tokens of KV cache (prompt "
-                                  f"{len(seq.history)} + max_tokens {seq.max_tokens}); the ring holds {budget}")
+                                  f"{len(seq.history)} + max_tokens {seq.max_tokens}); the ring holds "
+                                  f"{room.longest()}")
         if (self.waiting or not self.fits(seq)) and len(self.waiting) >= max_queued:
             raise Overloaded(f"the ring is full and {len(self.waiting)} requests already wait "
                              f"(limit {max_queued}); retry in {RETRY_AFTER_S}s")
 
-    def _held(self, but: Seq) -> int:
-        """KV tokens the admitted sequences (but `but`) can grow to: padded groups plus the
-        ones prefilling or parked."""
-        grouped = sum(g.cost() for g in self.groups.values())
-        return grouped + sum(s.bound for s in self._seqs.values() if s is not but and s.group is None
-                             and not s.done and s not in self.waiting)
+    def _held(self, but: Seq) -> list[list[int]]:
+        """The bounds the admitted sequences (but `but`) can grow to, by group (padded to its
+        longest); the ones prefilling or parked each alone."""
+        grouped = [[s.bound for s in g.members] for g in self.groups.values()]
+        return grouped + [[s.bound] for s in self._seqs.values() if s is not but and s.group is None
+                          and not s.done and s not in self.waiting]
 
     def fits(self, seq: Seq) -> bool:
         """Cached prefixes give way first: the least recently used are evicted until it fits."""
-        budget = self.ring.kv_tokens
-        if budget is None:
+        room = self.ring.kv
+        if room is None:
             return True
-        held = self._held(seq) + seq.bound
-        while self.cached is not None and held + self.cached.tokens > budget and self.cached.evict_lru():
+        held = [*self._held(seq), [seq.bound]]
+        while self.cached is not None and not room.fits(held, self.cached.tokens) and self.cached.evict_lru():
             pass
-        return held + (self.cached.tokens if self.cached is not None else 0) <= budget
+        return room.fits(held, self.cached.tokens if self.cached is not None else 0)
 
     def admit(self, seq: Seq) -> None:
         """Start it on the ring if the KV budget holds it (and nobody waits before it)."""

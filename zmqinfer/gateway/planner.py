@@ -39,8 +39,8 @@ from zmqinfer.gateway.placement import (
     Placement,
     PlacementError,
     plan_by_memory,
-    ring_kv_tokens,
 )
+from zmqinfer.gateway.kvroom import ring_room
 from zmqinfer.gateway.ring import Ring
 from zmqinfer.liveness import DEAD_AFTER_S
 from zmqinfer.protocol.wire import Assign, Epoch, Message, NodeId
@@ -243,7 +243,8 @@ class Planner:
         excluded = plan.excluded | members.load_refusals()
         self.ring.bring_up(placement, excluded, f"tcp://{first.address}:{first.beat.data_port}",
                            n_devices=len({_device(m) for m in ring}),
-                           kv_tokens=ring_kv_tokens(placement, capacity, self.size))
+                           kv=ring_room(placement, capacity, self.size,
+                                        {m.name: m.loaded.kv if m.loaded else None for m in ring}))
         self._planned_over = {m.name for m in usable}
         resumed = self.requests.resume()
         self._record(placement, resumed)

@@ -120,8 +120,8 @@ class Gateway:
         self.metrics = Metrics(self.model_id, self.cluster.status, self.context_length)
         self.scheduler.on_queued = self.metrics.on_queued
         # The API's backend: the scheduler generates, the cluster view reports.
-        self.backend = RingBackend(self.model_id, self.tokenizer, self.context_length, self.scheduler.generate,
-                                   self.cluster.status, self.cluster.ping)
+        self.backend = RingBackend(self.model_id, self.tokenizer, self.context_length, self.cluster.model_info,
+                                   self.scheduler.generate, self.cluster.status, self.cluster.ping)
 
     # ---- loops ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Callable
 import zmq.asyncio
 
 from zmqinfer.gateway.errors import RingUnavailable
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.placement import Placement
 from zmqinfer.protocol import sockets
 from zmqinfer.protocol.codec import encode
@@ -41,8 +42,13 @@ class Ring:
         self.no_capacity = False  # the live nodes cannot hold the model: requests fail at once
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.closing = False  # the gateway is shutting down: no new requests
-        self.kv_tokens: int | None = None  # KV cache the ring can hold (placement.ring_kv_tokens); None: unknown
+        self.kv: KVRoom | None = None  # the KV cache its stages hold (kvroom.py); None: no limit known
         self._push: zmq.asyncio.Socket | None = None
+
+    @property
+    def kv_tokens(self) -> int | None:
+        """The most positions one sequence alone may hold; None: no limit."""
+        return self.kv.longest() if self.kv is not None else None
 
     @property
     def n_stages(self) -> int:
@@ -95,14 +101,14 @@ class Ring:
         self.reason, self.no_capacity = reason, True
 
     def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
-                 n_devices: int, kv_tokens: int | None = None) -> None:
+                 n_devices: int, kv: KVRoom | None = None) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
         curve = self._keys.toward(placement[0].node) if self._keys is not None else None
         old, self._push = self._push, sockets.data_push(self._ctx, first_data, curve)
         if old is not None:
             old.close(linger=0)
         self.placement, self.excluded = placement, dict(excluded)
-        self.n_devices, self.kv_tokens = n_devices, kv_tokens
+        self.n_devices, self.kv = n_devices, kv
         self.ready.set()
         self.reason, self.rebuilding = "", False
 

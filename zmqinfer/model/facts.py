@@ -32,12 +32,13 @@ def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
 
 
 def quantization(config: dict[str, Any]) -> str:
-    """"8-bit", "4-bit (mixed: 4, 8)" for per-layer recipes, or the weights' own dtype."""
+    """"8-bit, group 64", "4-bit, group 32 (mixed: 4, 8)" for per-layer recipes, or the
+    weights' own dtype."""
     q = config.get("quantization") or config.get("quantization_config")
     if not isinstance(q, dict) or "bits" not in q:
         return str(config.get("torch_dtype") or "unquantized")
     widths = {int(q["bits"])} | {int(v["bits"]) for v in q.values() if isinstance(v, dict) and "bits" in v}
-    head = f"{q['bits']}-bit"
+    head = f"{q['bits']}-bit" + (f", group {q['group_size']}" if "group_size" in q else "")
     return head if len(widths) == 1 else f"{head} (mixed: {', '.join(map(str, sorted(widths)))})"
 
 

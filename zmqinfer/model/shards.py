@@ -175,5 +175,6 @@ def model_size(path: Path) -> ModelSize:
     floats = [d for d in dtypes.values() if d in ("F32", "F16", "BF16")]
     act = 4 if (norms[0] if norms else max(set(floats), key=floats.count, default="")) == "F32" else 2
     return ModelSize(n_layers=n, layer_bytes=max(layers.values()), embed_bytes=parts["embed"],
+                     layers=tuple(layers.get(i, 0) for i in range(n)),
                      head_bytes=parts["head"], tied=not any(k.startswith("lm_head.") for k in dtypes),
                      shared_bytes=parts["shared"], kv_bytes_per_token=kv_bytes_per_layer_token(config, act))

@@ -30,7 +30,9 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import CacheList, make_prompt_cache
+from mlx_lm.models.cache import CacheList, RotatingKVCache, make_prompt_cache
+
+from zmqinfer.protocol.wire import KVProfile
 
 # Split against the unsplit mlx-lm model, token- and logit-exact (single sequence) and batched
 # to float rounding, by tests/unit/node/test_families.py on tiny random models from mlx-lm's own
@@ -274,6 +276,8 @@ class ModelDriver:
         self._io = _IO()
         embed_name = _embedding_name(inner)
         real_embed = getattr(inner, embed_name)
+        # Its rows, not config.json's vocab_size: a wrapper (qwen3_5) keeps that in text_config.
+        self.vocab_size = int(real_embed.weight.shape[0])
         # Tied: the head is the embedding (gemma's always is, and has no lm_head to say so).
         self.tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False)
                          or config.get("tie_word_embeddings", False)
@@ -316,6 +320,27 @@ class ModelDriver:
             hits = [where[i] for i in seen if i in where]
             slots.append(hits[0] if hits else None)
         return slots
+
+    def measure_caches(self) -> KVProfile:
+        """One sequence's caches on this stage, by kind, measured on a one-token forward of
+        mlx-lm's own caches: each attention cache's bytes per position it holds, a rotating
+        (sliding-window) cache's with its window, and the recurrent states' bytes (SSM, conv),
+        which do not grow with tokens."""
+        caches = self.new_caches()
+        self.run(mx.zeros((1, 1), dtype=mx.int32), mx.zeros((1, 1, self.width), dtype=self.dtype), caches, True)
+        mx.eval([c.state for c in caches])
+        per, state, windows = 0, 0, []
+        for c in (x for c in caches for x in flat(c)):
+            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
+                position = -(-(keys.nbytes + values.nbytes) // keys.shape[2])
+                if isinstance(c, RotatingKVCache):
+                    windows.append((position, int(c.max_size)))
+                else:
+                    per += position
+            else:
+                state += int(getattr(c, "nbytes", 0))
+        return KVProfile(token_bytes=per, windows=tuple(windows), state_bytes=state)
 
     def new_caches(self) -> list[Any]:
         """Fresh caches for the stage's own slots (one sequence)."""

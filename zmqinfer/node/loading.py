@@ -25,7 +25,7 @@ from zmqinfer.node.grammar import grammar_tokenizer
 from zmqinfer.node.sampling import tokenizer_size
 from zmqinfer.node.simulated import SimulatedCost, SimulatedStage
 from zmqinfer.node.stage import Stage
-from zmqinfer.protocol.wire import SeqId
+from zmqinfer.protocol.wire import KVProfile, SeqId
 
 
 class Slice(Protocol):
@@ -45,6 +45,8 @@ class Slice(Protocol):
     @property
     def kv_bytes(self) -> int: ...
     kv_bytes_per_token: int  # one token's K and V over these layers
+    @property
+    def kv(self) -> KVProfile | None: ...  # one sequence's caches by kind, measured; None: simulated
     max_kv_tokens: int | None  # refuse sequences past this many cached tokens; None: no cap
     def kv_tokens(self) -> int: ...
     @property

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zmqinfer.model.resolve import layer_count, read_config
-from zmqinfer.protocol.wire import SeqId
+from zmqinfer.protocol.wire import KVProfile, SeqId
 
 # Simulated tokens stay clear of the low ids, where tokenizers keep EOS and other specials.
 FIRST_TOKEN = 200
@@ -81,6 +81,7 @@ class SimulatedStage:
         return 0  # a simulated cache holds nothing
 
     kv_bytes_per_token = 0
+    kv: KVProfile | None = None  # its caches hold nothing: the gateway counts config.json's
     max_kv_tokens: int | None = None
 
     def kv_tokens(self) -> int:

@@ -40,8 +40,9 @@ from mlx.utils import tree_flatten
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
+from zmqinfer.model.size import sequence_bytes
 from zmqinfer.model.shards import load_shard_model
-from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
+from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, refusal
 from zmqinfer.node.prefixes import PrefixStore
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
@@ -122,37 +123,28 @@ class Stage:
             raise StageError(f"hidden size {self.hidden_size} exceeds the ring's limit {max_hidden_size}"
                              " (zmqinfer/protocol/limits.py)")
         # Rows of the embedding (and of the logits): token ids must stay below it (inbound.py).
-        self.vocab_size = int(config.get("vocab_size") or model.args.vocab_size)
+        self.vocab_size = d.vocab_size
         # What flows between stages: the dtype the layers compute in (an embedding's output and
         # each layer's residual stream share it, as a norm's weight does).
         self.hidden_dtype = str(d.dtype).removeprefix("mlx.core.")
-        # One token's cache over this stage's layers: what a KV budget in bytes divides by.
-        self.kv_bytes_per_token, state_bytes = self._measure_caches()
+        # One sequence's caches by cache type (reported to the gateway for its admission).
+        self.kv = d.measure_caches()
+        # One position's caches over this stage's layers, before any window stops them: the
+        # unit a KV budget in bytes is counted in (tokens of KV; 1 byte when only states).
+        self.kv_bytes_per_token = max(1, self.kv.position_bytes)
         # A recurrent (SSM) state costs the same for any length: counted, per sequence, as the
         # tokens of KV it weighs, so a node's KV budget also bounds how many states it holds.
-        self.state_tokens = -(-state_bytes // self.kv_bytes_per_token)
+        self.state_tokens = -(-self.kv.state_bytes // self.kv_bytes_per_token)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
         self.prefixes = PrefixStore()  # cached prefixes (issue 22): counted in kv_tokens/kv_bytes
 
-    def _measure_caches(self) -> tuple[int, int]:
-        """(bytes one more token adds to this stage's caches, bytes of one sequence's fixed
-        state), measured on a one-token forward: each attention cache's bytes per position it
-        holds (a sliding window's counted as if it never stopped: an upper bound), and the
-        recurrent states' bytes (SSM, conv), which do not grow with tokens."""
-        caches = self._new_cache()
-        h = mx.zeros((1, 1, self.hidden_size), dtype=self._driver.dtype)
-        self._driver.run(mx.zeros((1, 1), dtype=mx.int32), h, caches, last_only=True)
-        mx.eval([c.state for c in caches])
-        per, state = 0.0, 0
-        for c in (x for c in caches for x in flat(c)):
-            keys, values = getattr(c, "keys", None), getattr(c, "values", None)
-            if isinstance(keys, mx.array) and isinstance(values, mx.array) and keys.ndim == 4:
-                per += (keys.nbytes + values.nbytes) / keys.shape[2]
-            else:
-                state += int(getattr(c, "nbytes", 0))
-        return max(1, int(per)), state
+    def _tokens(self, positions: int) -> int:
+        """What one sequence of `positions` positions holds here, in tokens of KV (the unit of
+        max_kv_tokens): its windows stop it, its states add a constant."""
+        grown = sequence_bytes(self.kv, positions) - self.kv.state_bytes
+        return -(-grown // self.kv_bytes_per_token) + self.state_tokens
 
     # ---- KV caches --------------------------------------------------------------------------
 
@@ -164,16 +156,23 @@ class Stage:
         own = sum(c.offset for c in self._caches.values()) + self.prefixes.tokens()
         return own + sum(len(g.order) * max(g.offsets.values(), default=0) for g in self._groups.values())
 
-    def _check_room(self, seq: SeqId, length: int, new: int = 1) -> None:
-        """`new` sequences (`length` tokens in all) are refused (not the process killed) when
-        the stage is full."""
+    def _held(self) -> int:
+        """Tokens of KV held (max_kv_tokens' unit): each sequence by its caches' kinds, a group
+        padded to its longest member, cached prefixes by their positions."""
+        own = sum(self._tokens(c.offset) for c in self._caches.values()) + self.prefixes.tokens()
+        return own + sum(len(g.order) * self._tokens(max(g.offsets.values(), default=0))
+                         for g in self._groups.values())
+
+    def _check_room(self, seq: SeqId, lengths: list[int]) -> None:
+        """New sequences of these lengths are refused (not the process killed) when the stage
+        is full."""
         if len(self.seq_ids) >= self.max_sequences:
             raise StageError(f"sequence {seq}: this stage already holds {self.max_sequences} sequences")
-        held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
-        need = length + new * self.state_tokens
+        held = self._held()
+        need = sum(self._tokens(n) for n in lengths)
         # Cached prefixes give way to sequences: the least recently used go first.
         while self.max_kv_tokens is not None and held + need > self.max_kv_tokens and self.prefixes.evict_one():
-            held = self.kv_tokens() + len(self.seq_ids) * self.state_tokens
+            held = self._held()
         if self.max_kv_tokens is not None and held + need > self.max_kv_tokens:
             raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
                              "held under this node's memory limit)")
@@ -184,7 +183,7 @@ class Stage:
             if start != 0:
                 raise StageError(f"sequence {seq}: chunk at position {start} but no cache here "
                                  "(released, expired or never started)")
-            self._check_room(seq, length)
+            self._check_room(seq, [length])
             c = self._caches[seq] = _SeqCache(self._new_cache())
         elif c.offset != start:
             raise StageError(f"sequence {seq}: chunk at position {start}, cache holds {c.offset}")
@@ -198,7 +197,7 @@ class Stage:
         layers = self.prefixes.seed(prefix, start)  # taken first: making room may evict it
         if layers is None:
             raise StageError(f"sequence {seq}: prefix {prefix} of {start} positions is not held here")
-        self._check_room(seq, start)
+        self._check_room(seq, [start])
         self._caches[seq] = _SeqCache(layers, offset=start)
 
     def keep(self, seq: SeqId, prefix: int, length: int) -> bool:
@@ -297,7 +296,7 @@ class Stage:
         for seq in seqs:
             if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
                 raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
-        self._check_room(seqs[0], sum(lengths), new=len(seqs))
+        self._check_room(seqs[0], lengths)
         if len(self.seq_ids) + len(seqs) > self.max_sequences:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{self.max_sequences} sequences")

@@ -76,6 +76,9 @@ def check(msg: Message) -> None:
     elif isinstance(msg, Loaded):
         _need(min(msg.shard_bytes, msg.rss_bytes) >= 0 and _in(msg.load_seconds, 0, math.inf), k,
               "sizes and seconds must be >= 0")
+        kv = msg.kv  # its windows are at most MAX_ENTRIES (the codec's bound on any array)
+        _need(kv is None or min(kv.token_bytes, kv.state_bytes, *(x for w in kv.windows for x in w)) >= 0,
+              k, "kv sizes must be >= 0")
 
 
 def _check_forward(msg: Forward) -> None:

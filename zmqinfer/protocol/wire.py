@@ -43,7 +43,9 @@ from typing import Any, ClassVar, NewType, Union
 # 4: SamplingParams gained `grammar`, `grammar_start`, `grammar_after` and `grammar_opener`
 # (issue 20: enforced structured output); a 3 node would accept a grammar-constrained
 # request and ignore the grammar. (Issue 20 was written as a 3 beside issue 22's; merged, 4.)
-PROTOCOL_VERSION = b"zmqinfer/4"
+# 5: Loaded gained `kv` (issue 19: what one sequence's caches cost on the stage, by cache type,
+# for the gateway's admission); a 4 gateway would refuse the field.
+PROTOCOL_VERSION = b"zmqinfer/5"
 
 SeqId = NewType("SeqId", int)
 NodeId = NewType("NodeId", str)
@@ -249,6 +251,23 @@ class Assign:
 
 
 @dataclass(frozen=True)
+class KVProfile:
+    """What one sequence's caches cost on a stage, by cache type, as the stage measured them on
+    mlx-lm's own caches (node/stage.py; model/size.py's `sequence_bytes` prices a length):
+    caches that grow with every position (full attention), rotating ones that stop at their
+    window (sliding-window attention), and states of a constant size (an SSM's, a conv's)."""
+
+    token_bytes: int = 0  # per position, over the stage's growing caches
+    windows: tuple[tuple[int, int], ...] = ()  # (bytes per position, window) per rotating cache
+    state_bytes: int = 0  # per sequence, whatever its length
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position costs before any window stops it."""
+        return self.token_bytes + sum(b for b, _ in self.windows)
+
+
+@dataclass(frozen=True)
 class Loaded:
     KIND: ClassVar[str] = "loaded"
     epoch: Epoch
@@ -259,6 +278,7 @@ class Loaded:
     shard_bytes: int
     rss_bytes: int
     load_seconds: float
+    kv: KVProfile | None = None  # one sequence's caches on this stage, as measured; None: not measured
 
 
 @dataclass(frozen=True)

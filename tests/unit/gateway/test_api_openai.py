@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.unit.gateway.test_textout import load_tokenizer
+from zmqinfer.clusterstatus import ModelInfo
 from zmqinfer.gateway.api.server import make_app
 from zmqinfer.gateway.errors import Overloaded, RingTimeout, RingUnavailable
 from zmqinfer.protocol.wire import Sample, SamplingParams, SeqId, TokenLogprob
@@ -36,6 +37,7 @@ class ScriptedBackend:
         self.model_id = "scripted-model"
         self.tokenizer = load_tokenizer()
         self.context_length = context_length
+        self.model_info: ModelInfo | None = None
         self.tokens, self.error, self.error_at, self.hang_at = tokens, error, error_at, hang_at
         self.ready = ready
         self.calls: list[tuple[list[int], SamplingParams, int, str]] = []
@@ -286,6 +288,22 @@ async def test_api_keys():
         async with oai(client, key="wrong") as api:
             with pytest.raises(openai.AuthenticationError):
                 await api.models.list()
+
+
+async def test_models_say_family_quantization_context_and_parameters_as_extra_fields() -> None:
+    """The real openai client lists and retrieves the model objects unchanged (id, object,
+    created, owned_by), and keeps the fields it does not know: what the served model is."""
+    backend = ScriptedBackend(script())
+    backend.model_info = {"family": "qwen3_moe", "quantization": "4-bit, group 64 (mixed: 4, 8)",
+                          "context_length": 40960, "params_total": 30_532_122_624,
+                          "params_active": 3_348_623_360, "batching": "batched"}
+    async with serve(backend, api_keys=frozenset({KEY})) as client, oai(client) as api:
+        for m in [*(await api.models.list()).data, await api.models.retrieve("scripted-model")]:
+            assert (m.id, m.object, m.owned_by) == ("scripted-model", "model", "zmqinfer")
+            assert isinstance(m.created, int)
+            assert m.model_extra == backend.model_info
+        backend.model_info = None  # not known (yet): the plain object
+        assert (await api.models.retrieve("scripted-model")).model_extra == {}
 
 
 @pytest.mark.parametrize("error, status, code", [

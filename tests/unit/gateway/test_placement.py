@@ -7,6 +7,7 @@ checks that the planner refuses exactly when no assignment fits.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -50,7 +51,7 @@ def assert_valid(p: MemoryPlan, nodes: list[NodeCapacity], size: ModelSize, kv: 
     assert [order.index(x.node) for x in pl] == sorted(order.index(x.node) for x in pl)
     by = {c.node: c for c in nodes}
     for i, x in enumerate(pl):
-        need = overhead + size.stage_bytes(x.n_layers, i == 0, i == len(pl) - 1, kv)
+        need = overhead + size.stage_bytes(x.start, x.end, kv)
         assert need <= by[x.node].free_bytes, (x, need)
         pin = by[x.node].pinned
         assert pin is None or pin == x.n_layers or pin == (x.start, x.end)
@@ -161,7 +162,7 @@ def fits_somehow(nodes: list[NodeCapacity], size: ModelSize) -> bool:
         for subset in itertools.combinations(nodes, k):
             for cuts in itertools.combinations(range(1, n), k - 1):
                 bounds = (0, *cuts, n)
-                if all(size.stage_bytes(bounds[i + 1] - bounds[i], i == 0, i == k - 1) <= c.free_bytes
+                if all(size.stage_bytes(bounds[i], bounds[i + 1]) <= c.free_bytes
                        for i, c in enumerate(subset)):
                     return True
     return False
@@ -184,5 +185,60 @@ def test_refuses_exactly_when_nothing_fits(seed: int) -> None:
     # With no node at its cap the split is exactly proportional to free memory.
     kept = [c for c in nodes if c.node not in p.excluded]
     room = {c.node: c.free_bytes for c in kept}
-    if all(size.stage_bytes(x.n_layers + 1, True, True) <= room[x.node] for x in p.placements):
+    if all(size.fixed_bytes(True, True) + (x.n_layers + 1) * size.layer_bytes <= room[x.node] for x in p.placements):
         assert [x.n_layers for x in p.placements] == split_counts(size.n_layers, [c.free_bytes for c in kept])
+
+
+# A DeepSeek-like model: 3 dense layers of 60 MB, then 21 MoE layers of 400 MB (10 GB in all,
+# with a 300 MB untied embedding on the first stage and a 300 MB head on the last).
+MOE = ModelSize(n_layers=24, layer_bytes=400 * MB, embed_bytes=300 * MB, head_bytes=300 * MB,
+                layers=(60 * MB,) * 3 + (400 * MB,) * 21)
+
+
+def test_layers_of_different_sizes_place_by_their_bytes() -> None:
+    # Neither node holds the model (about 9 GiB). By memory the first would get 13 layers and
+    # the second 11 MoE layers + head (4.6 GiB) in its 4.5: by bytes the first takes 14 (the 3
+    # small ones: 4.8 GiB in 5), the second 10 (4.2 GiB), the only cut that fits.
+    nodes = caps(("a", 5 * GB), ("b", 4608 * MB))
+    assert all(c.free_bytes < MOE.stage_bytes(0, 24) for c in nodes)
+    p = plan_by_memory(nodes, MOE)
+    assert_valid(p, nodes, MOE)
+    assert layout(p) == [("a", 0, 14), ("b", 14, 24)]
+    # Counted as 24 of the largest layers it would not fit these nodes at all.
+    assert 24 * 400 * MB + 600 * MB > sum(c.free_bytes for c in nodes)
+
+
+def test_a_tied_head_weighs_on_the_last_stage() -> None:
+    untied = ModelSize(n_layers=4, layer_bytes=100 * MB, embed_bytes=300 * MB, head_bytes=300 * MB,
+                       layers=(100 * MB,) * 4)
+    tied = dataclasses.replace(untied, head_bytes=MB, tied=True)  # the head is the embedding
+    assert tied.stage_bytes(2, 4) == 200 * MB + MB + 300 * MB == untied.stage_bytes(2, 4) + MB
+    assert tied.stage_bytes(0, 4) == untied.stage_bytes(0, 4) - 299 * MB  # held once when one stage
+
+
+def fits_somehow_by_layer(nodes: list[NodeCapacity], size: ModelSize) -> bool:
+    n = size.n_layers
+    for k in range(1, min(len(nodes), n) + 1):
+        for subset in itertools.combinations(nodes, k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = (0, *cuts, n)
+                if all(size.stage_bytes(bounds[i], bounds[i + 1]) <= c.free_bytes for i, c in enumerate(subset)):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_layers_of_different_sizes_refuse_exactly_when_nothing_fits(seed: int) -> None:
+    rng = random.Random(seed)
+    n_nodes = rng.randint(1, 4)
+    n = rng.randint(n_nodes, 8)
+    sizes = tuple(rng.randint(1, 6) * 10 for _ in range(n))
+    size = ModelSize(n_layers=n, layer_bytes=max(sizes), layers=sizes, embed_bytes=rng.choice([0, 15, 40]),
+                     head_bytes=rng.choice([0, 5, 30]), tied=rng.random() < 0.5)
+    nodes = [NodeCapacity(NodeId(f"n{i}"), rng.randint(0, 200)) for i in range(n_nodes)]
+    try:
+        p = plan_by_memory(nodes, size)
+    except PlacementError as e:
+        assert not fits_somehow_by_layer(nodes, size), (nodes, size, str(e))
+        return
+    assert_valid(p, nodes, size)

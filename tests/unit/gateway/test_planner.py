@@ -25,7 +25,7 @@ from zmqinfer.gateway.ring import Ring
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.liveness import Liveness
 from zmqinfer.model.size import KV_COPY_FACTOR
-from zmqinfer.protocol.wire import Assign, Loaded, Message, NodeId
+from zmqinfer.protocol.wire import Assign, KVProfile, Loaded, Message, NodeId
 
 FP = "cd" * 8
 MIB = 1 << 20
@@ -154,7 +154,7 @@ async def test_a_lost_loaded_is_replaced_by_the_beat_that_says_loaded(cluster) -
 
 
 async def test_plans_keep_room_for_kv_and_runtime_and_the_ring_knows_its_kv_budget(cluster) -> None:
-    weights = SIZE.stage_bytes(SIZE.n_layers, True, True)
+    weights = SIZE.stage_bytes(0, SIZE.n_layers)
     reserve = RUNTIME_HEADROOM_BYTES + KV_RESERVE_TOKENS * SIZE.kv_bytes_per_token * SIZE.n_layers
     # One node whose memory holds the weights but not the reserve: no ring, the shortfall named.
     tight = cluster(["a"], free=weights + reserve - 4 * MEMORY_QUANTUM)
@@ -166,3 +166,15 @@ async def test_plans_keep_room_for_kv_and_runtime_and_the_ring_knows_its_kv_budg
     cap = roomy.members.capacity(roomy.members.usable())[0].free_bytes
     expect = (cap - weights - RUNTIME_HEADROOM_BYTES) // (KV_COPY_FACTOR * SIZE.kv_bytes_per_token * SIZE.n_layers)
     assert roomy.ring.kv_tokens == expect and expect >= KV_RESERVE_TOKENS
+
+
+async def test_the_ring_admits_by_what_each_stage_measured_of_its_caches(cluster) -> None:
+    """A stage that reports its caches when it loads (a sliding window, an SSM state) is counted
+    by them; one that reports none (a simulated stage) by config.json's per-token estimate."""
+    measured = KVProfile(windows=((512, 1024),), state_bytes=4096)
+    c = cluster(["a", "b"], free=1 << 30)
+    c.answer = lambda n, a: dataclasses.replace(loaded(n, a), kv=measured) if n == "a" else loaded(n, a)
+    await c.until(lambda: c.serving() == ["a", "b"])
+    assert c.ring.kv is not None
+    by_node = dict(zip([p.node for p in c.ring.placement], (s.kv for s in c.ring.kv.stages)))
+    assert by_node == {"a": measured, "b": KVProfile(token_bytes=SIZE.kv_bytes_per_token * 3)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from contextvars import copy_context
 
 from zmqinfer.gateway.admission import Lanes
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.prefixes import MIN_PREFIX_TOKENS, PrefixCache, enter
 from zmqinfer.gateway.sequences import Seq
 from zmqinfer.protocol.wire import Epoch, Keep, SamplingParams, SeqId
@@ -112,7 +113,7 @@ def test_a_failed_start_forgets_its_prefix_and_a_new_ring_forgets_all() -> None:
 
 class _Ring:
     n_devices = 1
-    kv_tokens: int | None = 256
+    kv: KVRoom | None = KVRoom.of_tokens(256)
 
 
 def test_prefixes_are_evicted_lru_before_a_request_waits() -> None:

@@ -12,6 +12,7 @@ import pytest
 from zmqinfer.gateway.admission import PREFILL_BATCH
 from zmqinfer.gateway.admission import groups as sched_groups
 from zmqinfer.gateway.errors import RingUnavailable
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.gateway.sequences import PREFILL_CHUNK
 from zmqinfer.protocol.wire import (
@@ -33,7 +34,7 @@ class MemoryRing:
     def __init__(self, n_stages: int = 3) -> None:
         self.epoch = Epoch(1)
         self.n_stages = self.n_devices = n_stages  # a device per stage
-        self.kv_tokens: int | None = None
+        self.kv: KVRoom | None = None
         self.sent: list[Forward | Release] = []
         self.unanswered: list[Forward] = []
         self.max_in_flight = 0

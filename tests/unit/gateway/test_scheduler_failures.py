@@ -18,6 +18,7 @@ from tests.unit.gateway.test_scheduler import (
     settle,
 )
 from zmqinfer.gateway.errors import Overloaded, RingUnavailable
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.scheduler import MAX_REPLAYS, Scheduler
 from zmqinfer.gateway.sequences import PREFILL_CHUNK
 from zmqinfer.protocol.wire import (
@@ -135,7 +136,7 @@ async def test_a_queued_prompt_waits_its_turn_without_timing_out() -> None:
 
 async def test_admission_respects_the_kv_budget_and_429s_when_the_queue_is_full() -> None:
     ring = MemoryRing(n_stages=1)
-    ring.kv_tokens = 600  # room for two sequences of 10 + 100 tokens (a 256-position step each), not three
+    ring.kv = KVRoom.of_tokens(600)  # room for two sequences of 10 + 100 tokens (a 256-position step each), not three
     sched = Scheduler(ring, {EOS}, max_queued=2)
     outs: list[list[int]] = [[] for _ in range(4)]
     async with asyncio.timeout(TEST_DEADLINE_S), running(sched):

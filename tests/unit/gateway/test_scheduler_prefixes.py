@@ -8,6 +8,7 @@ import asyncio
 
 from tests.unit.gateway.test_scheduler import EOS, MemoryRing, collect, drive, running, settle
 from zmqinfer.gateway import prefixes
+from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.protocol.wire import Release, SamplingParams
 
@@ -50,7 +51,7 @@ async def test_turn_two_starts_from_turn_one_and_a_needy_request_evicts_it() -> 
         assert first.params is not None and all(c.prefix is None for f in ring.forwards()[n + 1:] for c in f.chunks)
         assert sched.prefixes.entries == 1  # turn 2's tokens replaced turn 1's (they extend them)
         # A request that needs the whole budget: the prefix gives way at once, no wait.
-        ring.kv_tokens = 512
+        ring.kv = KVRoom.of_tokens(512)
         task = asyncio.create_task(collect(sched.generate([3] * 10, SamplingParams(), 500), []))
         await settle()
         assert sched.queued == 0 and sched.prefixes.entries == 0 and sched.prefixes.stats.evictions == 1

@@ -27,7 +27,7 @@ def test_a_dense_model_counts_every_parameter_and_none_active(tmp_path: Path) ->
     info = model_info(path)
     assert info["family"] == "qwen3" and info["params_active"] is None
     assert info["params_total"] == _count(path)[0]
-    assert model_info(make_family_model(tmp_path / "q", "qwen3", bits=4))["quantization"] == "4-bit"
+    assert model_info(make_family_model(tmp_path / "q", "qwen3", bits=4))["quantization"] == "4-bit, group 32"
     assert model_info(make_family_model(tmp_path / "m", "qwen3", bits=4, mixed=True))["params_total"] == \
         info["params_total"]
     assert info["context_length"] == json.loads((path / "config.json").read_text())["max_position_embeddings"]
@@ -40,8 +40,8 @@ def test_quantized_counts_unpack_to_the_same_parameters(tmp_path: Path) -> None:
     active = total - experts + experts * cfg["num_experts_per_tok"] // cfg["num_experts"]
     assert active < total
     # mlx-lm's own recipe keeps an MoE's router at 8 bits: mixed even when asked for 4 alone.
-    for bits, mixed, label in ((4, False, "4-bit (mixed: 4, 8)"), (8, False, "8-bit"),
-                               (4, True, "4-bit (mixed: 4, 8)")):
+    for bits, mixed, label in ((4, False, "4-bit, group 32 (mixed: 4, 8)"), (8, False, "8-bit, group 32"),
+                               (4, True, "4-bit, group 32 (mixed: 4, 8)")):
         q = make_family_model(tmp_path / f"q{bits}{mixed}", "qwen3_moe", bits=bits, mixed=mixed)
         info = model_info(q)
         assert info["quantization"] == label

@@ -476,4 +476,4 @@ def test_model_size_from_headers(tmp_path):
     assert size.head_bytes == weights["lm_head.weight"].nbytes + weights["model.norm.weight"].nbytes
     assert not size.tied and size.shared_bytes == 0
     assert size.kv_bytes_per_token == 2 * 2 * 16 * 4  # K+V, 2 kv heads, head_dim 16, float32
-    assert size.stage_bytes(SHARD_LAYERS, True, True) == sum(v.nbytes for v in weights.values())
+    assert size.stage_bytes(0, SHARD_LAYERS) == sum(v.nbytes for v in weights.values())

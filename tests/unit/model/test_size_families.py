@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from tests.families import make_family_model
@@ -28,3 +29,15 @@ def test_kv_per_token_follows_the_family(tmp_path: Path, family: str, expect: ob
     size = model_size(path)
     assert size.kv_bytes_per_token == expect(config)  # type: ignore[operator]
     assert size.n_layers == len(Stage(path, 0, 1)._driver.model.layers) and size.layer_bytes > 0
+
+
+def test_each_layer_is_weighed_on_its_own_deepseek_dense_first_layers(tmp_path: Path) -> None:
+    """deepseek_v3's first layer is dense, the others mixtures of experts: placement weighs each
+    layer by its own bytes, read from the weight files' headers, and they add up to the model."""
+    path = make_family_model(tmp_path / "ds", "deepseek_v3", first_k_dense_replace=1)
+    size = model_size(path)
+    assert len(size.layers) == size.n_layers == 4
+    assert size.layers[0] < size.layers[1] == size.layers[2] == size.layers[3] == size.layer_bytes
+    weights = mx.load(str(path / "model.safetensors"))
+    assert size.stage_bytes(0, 4) == sum(v.nbytes for v in weights.values())
+    assert size.weights(0, 1) == sum(v.nbytes for k, v in weights.items() if k.startswith("model.layers.0."))

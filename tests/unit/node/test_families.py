@@ -10,15 +10,14 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from tests.families import (CONFIGS, PROMPT, PROMPTS, agree, make_family_model, reference,
+from tests.families import (ALIASES, CONFIGS, PROMPT, PROMPTS, agree, make_family_model, reference,
                             run_batched, run_split, vocab_of)
+from zmqinfer.model.size import KV_STEP
 from zmqinfer.node.families import EXACT_FAMILIES, REFUSED_FAMILIES
 from zmqinfer.node.stage import Stage, StageError
 from zmqinfer.protocol.wire import SeqId
 
 STEPS = 8
-# mlx-lm's MODEL_REMAPPING loads these as another family's code: built from that family's config.
-ALIASES = {"mistral": "llama"}
 TESTED = sorted(EXACT_FAMILIES)
 
 
@@ -28,9 +27,7 @@ def bounds(n: int, k: int) -> list[int]:
 
 
 def build(tmp: Path, family: str, **kw: object) -> Path:
-    base = ALIASES.get(family, family)
-    return make_family_model(tmp / family, base, model_type=family, **kw) if base != family \
-        else make_family_model(tmp / family, family, **kw)
+    return make_family_model(tmp / family, family, **kw)
 
 
 def assert_split_exact(path: Path, cut: list[int]) -> None:
@@ -125,6 +122,35 @@ def test_an_ssm_state_counts_against_the_kv_budget(tmp_path: Path) -> None:
         stage.prefill_batch([SeqId(10), SeqId(11)], [mx.array([1], dtype=mx.int32)] * 2, None)
     stage.release([SeqId(0)])
     stage.forward(SeqId(9), 0, mx.array([1, 2, 3, 4], dtype=mx.int32), None, want_logits=False)
+
+
+def test_a_wrapper_config_with_its_vocabulary_in_text_config_loads(tmp_path: Path) -> None:
+    """qwen3_5 as published: model_type and text_config, no vocab_size of its own. Token ids are
+    bounded by the embedding's rows (mlx does not bounds-check a gather)."""
+    path = build(tmp_path, "qwen3_5", text_config=dict(CONFIGS["qwen3_5"]))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": config["text_config"]}))
+    assert [Stage(path, a, b).vocab_size for a, b in ((0, 2), (2, 4))] == [CONFIGS["qwen3_5"]["vocab_size"]] * 2
+    assert_split_exact(path, [0, 2, 4])
+
+
+def test_a_sliding_window_stops_what_a_sequence_counts_against_the_kv_budget(tmp_path: Path) -> None:
+    """A stage of sliding-window layers holds a window (and one chunk beyond it, while a chunk
+    is prefilled) of a long sequence: its room check counts that, not every position."""
+    path = build(tmp_path, "gemma3_text", sliding_window=16, num_hidden_layers=6)
+    stage = Stage(path, 0, 5)  # gemma3's first 5 of every 6 layers slide
+    assert stage.kv.token_bytes == 0 and len(stage.kv.windows) == 5
+    held = 16 + KV_STEP  # what one sequence of 400 positions holds, in tokens of KV
+    stage.max_kv_tokens = 2 * held  # two such sequences, where counting all 800 positions holds one
+    prompt = mx.array([(7 * x) % vocab_of(path) for x in range(400)], dtype=mx.int32)
+    for i in range(2):
+        stage.forward(SeqId(i), 0, prompt[:200], None, want_logits=False)
+        stage.forward(SeqId(i), 200, prompt[200:], None, want_logits=False)
+    with pytest.raises(StageError, match="KV cache full"):
+        stage.forward(SeqId(9), 0, prompt[:10], None, want_logits=False)
+    assert stage.kv_tokens() == 800  # positions seen; the caches hold their windows
+    stage.release([SeqId(0)])
+    stage.forward(SeqId(9), 0, prompt[:10], None, want_logits=False)
 
 
 def test_a_stage_of_layers_without_caches_nemotron_h_mlp_layers(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from zmqinfer.protocol.wire import (
     Epoch,
     Forward,
     Heartbeat,
+    KVProfile,
     Loaded,
     NodeId,
     Ping,
@@ -45,8 +46,9 @@ SAMPLED = Sampled(Epoch(3), 7, (Sample(SeqId(1), 42, -0.25, (TokenLogprob(42, -0
 # zmqinfer/3: Chunk's `prefix` (issue 22, the prefix cache); Release's `keep` and `drop`.
 # zmqinfer/4: SamplingParams' grammar, grammar_start, grammar_after, grammar_opener (after
 # top_logprobs; issue 20, merged beside issue 22's 3).
+# zmqinfer/5: Loaded's `kv` (issue 19; neither message here changed).
 GOLDEN_FORWARD = [
-    "7a6d71696e6665722f34",  # "zmqinfer/4"
+    "7a6d71696e6665722f35",  # "zmqinfer/5"
     "87a46b696e64a7666f7277617264a565706f636803a47374657007a66368756e6b739286a373657101a5737461727400"
     "a66c656e67746802a673616d706c65c2a6706172616d738fab74656d7065726174757265cb3fe0000000000000a5746f"
     "705f70cb3ff0000000000000a5746f705f6b00a56d696e5f70cb0000000000000000a4736565642ab272657065746974"
@@ -60,7 +62,7 @@ GOLDEN_FORWARD = [
     "0000003c0040004200440045",
 ]
 GOLDEN_SAMPLED = [
-    "7a6d71696e6665722f34",  # "zmqinfer/4"
+    "7a6d71696e6665722f35",  # "zmqinfer/5"
     "84a46b696e64a773616d706c6564a565706f636803a47374657007a773616d706c65739184a373657101a5746f6b656e"
     "2aa76c6f6770726f62cbbfd0000000000000a3746f709282a5746f6b656e2aa76c6f6770726f62cbbfd0000000000000"
     "82a5746f6b656e07a76c6f6770726f62cbbff8000000000000",
@@ -73,7 +75,7 @@ HEARTBEAT = Heartbeat(NodeId("n1"), 8110, 16 << 30, 8 << 30, "cpu", 123, Epoch(2
                       addresses=("10.0.0.2", "127.0.0.1"), steps=40, tokens=300, kv_bytes=1 << 21, layers=10,
                       accel_memory_bytes=None, gpu_utilization=0.25, stale_drops=2)
 GOLDEN_HEARTBEAT = [
-    "7a6d71696e6665722f34",
+    "7a6d71696e6665722f35",
     "de0015a46b696e64a9686561727462656174a46e6f6465a26e31a9646174615f706f7274cd1faea96d656d5f746f7461"
     "6ccf0000000400000000a86d656d5f66726565cf0000000200000000a6646576696365a3637075a37069647ba565706f"
     "636802a66c6f61646564c3a97273735f6279746573ce00100000ac627573795f7365636f6e6473cb3ff8000000000000"
@@ -124,6 +126,7 @@ ALL = [
     Assign(Epoch(2), "smollm2-135m", 0, 10, 30, "tcp://10.0.0.2:8111", 8102),
     Assign(Epoch(2), "smollm2-135m", 20, 30, 30, None, 8102),
     Loaded(Epoch(2), NodeId("n1"), True, "", "abc", 1000, 2000, 0.5),
+    Loaded(Epoch(2), NodeId("n1"), True, "", "abc", 1000, 2000, 0.5, KVProfile(4096, ((1024, 512),), 8192)),
     Ping(1), Pong(1, NodeId("n1")), Bye(NodeId("n1"), "shutdown"),
 ]
 

@@ -27,6 +27,7 @@ from zmqinfer.protocol.wire import (
     Epoch,
     Forward,
     Heartbeat,
+    KVProfile,
     Loaded,
     Message,
     NodeId,
@@ -186,6 +187,7 @@ MEANINGLESS: dict[str, Message] = {
     "layers past the model": Assign(Epoch(1), "m", 0, 31, 30, None, 8000),
     "a next hop that is not tcp": Assign(Epoch(1), "m", 0, 5, 30, "ipc:///tmp/x", 8000),
     "negative shard bytes": Loaded(Epoch(1), NodeId("n"), True, "", "f", -1, 1, 0.1),
+    "negative kv bytes": Loaded(Epoch(1), NodeId("n"), True, "", "f", 1, 1, 0.1, KVProfile(1, ((-4, 512),), 0)),
 }
 
 

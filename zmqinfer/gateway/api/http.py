@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from zmqinfer.clusterstatus import ClusterPing, ClusterStatus
+from zmqinfer.clusterstatus import ClusterPing, ClusterStatus, ModelInfo
 from zmqinfer.gateway.api.fields import RequestError
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
 from zmqinfer.protocol.wire import Sample, SamplingParams
@@ -44,6 +44,7 @@ class Backend(Protocol):
     model_id: str  # what /v1/models lists and responses echo as "model"
     tokenizer: TokenizerWrapper
     context_length: int  # max prompt + completion tokens
+    model_info: ModelInfo | None  # family, quantization, parameters (model/facts.py); None: unknown
 
     def generate(self, prompt: list[int], params: SamplingParams, max_tokens: int,
                  request_id: str) -> AsyncGenerator[Sample, None]: ...
@@ -61,6 +62,7 @@ class RingBackend:
     model_id: str
     tokenizer: TokenizerWrapper
     context_length: int
+    model_info: ModelInfo | None
     generate: Callable[[list[int], SamplingParams, int, str], AsyncGenerator[Sample, None]]
     cluster_status: Callable[[], ClusterStatus]
     cluster_ping: Callable[[], Awaitable[ClusterPing]]

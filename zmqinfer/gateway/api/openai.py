@@ -182,8 +182,11 @@ async def _stream(request: web.Request, samples: AsyncIterator[Sample], text: Te
 
 
 def _model_card(app: web.Application) -> dict[str, Any]:
+    """OpenAI's model object, and what the served model is (family, quantization, context
+    length, parameters) as extra fields, which OpenAI's clients keep and otherwise ignore."""
+    info = app[BACKEND].model_info
     return {"id": app[BACKEND].model_id, "object": "model", "created": app[STARTED],
-            "owned_by": "zmqinfer"}
+            "owned_by": "zmqinfer", **(info or {})}
 
 
 async def models(request: web.Request) -> web.Response:
