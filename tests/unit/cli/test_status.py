@@ -60,7 +60,7 @@ STATUS = {"model": "m", "n_layers": 30, "epoch": 3, "ready": True, "nodes": [
     {"name": "n4", "address": "10.1.0.2", "data_port": 8110, "layers": [15, 30], "health": "ok",
      "last_heartbeat_s": 0.1, "found_by": "static", "detail": "nodes.toml address"},
     {"name": "old", "address": "10.0.0.9", "data_port": 8110, "layers": None, "health": "idle",
-     "found_by": "mdns", "detail": "mdns ad", "refused": "speaks protocol 'zmqinfer/0', this gateway speaks 'zmqinfer/4'"},
+     "found_by": "mdns", "detail": "mdns ad", "refused": "speaks protocol 'zmqinfer/0', this gateway speaks 'zmqinfer/5'"},
 ]}
 
 
@@ -102,7 +102,7 @@ def test_discover_lists_nodes_and_gateways_and_refusals() -> None:
     assert rows[0] == {"id": "n1", "role": "node", "addresses": ["10.0.0.2"], "data_port": 8110,
                        "control_port": None, "mem_total": 16 * GIB, "mem_free": 12 * GIB,
                        "device": "cpu (Linux x86_64, 2 cores)", "fingerprint": "ab" * 8,
-                       "protocol": "zmqinfer/4", "host": "h1.local.", "refused": None}
+                       "protocol": "zmqinfer/5", "host": "h1.local.", "refused": None}
     assert rows[1]["role"] == "gateway" and rows[1]["control_port"] == 8101
     assert "protocol 'zmqinfer/0'" in rows[2]["refused"]
     out = text(discover_view(rows, {"junk._zmqinfer._tcp.local.": "malformed ad: id='x y'"}, 3))

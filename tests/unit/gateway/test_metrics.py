@@ -100,7 +100,7 @@ async def test_counters_and_histograms_equal_what_the_responses_reported() -> No
     assert buckets(got, "zmqinfer_request_queue_time_seconds") == VLLM_REQUEST
     assert build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)  # vLLM's docstring example
     assert buckets(got, "zmqinfer_request_prompt_tokens") == list(build_1_2_5_buckets(2048))  # context length
-    assert value(got, "zmqinfer_build_info", version=metrics.package_version(), protocol="zmqinfer/4") == 1
+    assert value(got, "zmqinfer_build_info", version=metrics.package_version(), protocol="zmqinfer/5") == 1
 
 
 async def test_a_client_that_leaves_is_an_abort_and_a_ring_error_no_success() -> None:

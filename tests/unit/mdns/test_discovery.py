@@ -46,7 +46,7 @@ def test_ad_round_trips_through_txt() -> None:
         txt = ad.to_txt()
         assert all(isinstance(v, str) for v in txt.values())
         assert NodeAd.from_txt(raw(txt)) == ad
-    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/4"
+    assert AD.to_txt()["proto"] == PROTOCOL == "zmqinfer/5"
 
 
 def test_the_ads_server_name_is_the_node_ids_not_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
