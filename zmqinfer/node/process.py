@@ -286,7 +286,8 @@ class Node:
                       seconds=round(time.monotonic() - t0, 2))
         await self.send_control(Loaded(
             epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
-            shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0))
+            shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0,
+            rollback=self.worker.stage.rollback))
 
 
     def _load(self, a: Assign) -> None:

@@ -26,6 +26,10 @@ per cache slot of the stage's layers. Three kinds of work:
   appearing in the group's steps. A group computes each sequence's logits to float rounding of
   decoding it alone: bit-identical with mlx's bundled BLAS, ~1e-6 apart with OpenBLAS (whose
   kernels depend on the batch size), which can only move a greedy pick between near-tied tokens.
+* `verify`: speculation (issue 23). A decode chunk carrying drafted tokens runs all its
+  positions on the sequence's own caches (taken out of its group first; it rejoins on its next
+  plain step), after dropping the `trim` positions its previous verify left that the last stage
+  rejected. Only caches that can always roll back (`rollback`: mlx-lm's `trim`) take drafts.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
@@ -129,6 +134,11 @@ class Stage:
         # A recurrent (SSM) state costs the same for any length: counted, per sequence, as the
         # tokens of KV it weighs, so a node's KV budget also bounds how many states it holds.
         self.state_tokens = -(-state_bytes // self.kv_bytes_per_token)
+        # Whether rejected drafts can be dropped from every cache at any length: not from an SSM
+        # state (no `trim`), nor from a sliding window once it has wrapped (mlx-lm's rotating
+        # cache trims only while it holds less than its window), so neither ever takes drafts.
+        fresh = [x for c in self._new_cache() for x in flat(c)]
+        self.rollback = can_trim_prompt_cache(fresh) and not any(isinstance(c, RotatingKVCache) for c in fresh)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, _SeqCache] = {}
         self._groups: dict[int, _Group] = {}
@@ -378,6 +388,48 @@ class Stage:
         for seq in seqs:
             g.offsets[seq] += 1
         return out[:, -1, :]
+
+    def verify(self, seq: SeqId, start: int, trim: int, tokens: mx.array, hidden: mx.array | None) -> mx.array:
+        """A decode chunk with drafted tokens, or the first chunk after one (`trim` > 0).
+
+        tokens: int32 [n] (the sequence's next token, then its drafts); hidden: [n, hidden_size]
+        (None on stage 0). Drops the `trim` newest positions of the sequence's caches (its last
+        verify's rejected drafts), then runs the chunk on them. Returns [n, hidden_size], or on
+        the last stage the logits of every position [n, vocab]. Raises StageError before
+        computing anything if the caches cannot roll back or do not hold `start + trim`.
+        """
+        if not self.rollback:
+            raise StageError(f"sequence {seq}: drafted tokens, but this stage's caches cannot roll back")
+        self._leave_group(seq)
+        c = self._caches.get(seq)
+        held = c.offset if c is not None else 0
+        if c is None or held != start + trim:
+            raise StageError(f"sequence {seq}: verify at position {start} after dropping {trim}, "
+                             f"cache holds {held}")
+        n = tokens.shape[0]
+        if not self.is_first and (hidden is None or hidden.shape != (n, self.hidden_size)):
+            raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {n} tokens x {self.hidden_size}")
+        if trim:
+            trim_prompt_cache(c.layers, trim)
+            c.offset -= trim
+        c.last_used = time.monotonic()
+        ids = tokens[None] if self.is_first else mx.zeros((1, n), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[None], c.layers, last_only=False)
+        c.offset += n
+        return out[0]
+
+    def _leave_group(self, seq: SeqId) -> None:
+        """Take `seq` out of its decode group onto caches of its own (a verify runs it alone)."""
+        g = next((g for g in self._groups.values() if seq in g.offsets), None)
+        if g is None:
+            return
+        if g.layers is not None:
+            i = g.order.index(seq)
+            self._caches[seq] = _SeqCache([c.extract(i) for c in g.layers], offset=g.offsets[seq])
+        g.keep([s for s in g.order if s != seq])
+        if not g.order:
+            self._groups = {gid: x for gid, x in self._groups.items() if x is not g}
 
     def _decode_each(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                      hidden: mx.array | None) -> mx.array:
