@@ -137,6 +137,9 @@ def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from its first token: no reuse of cached prompt prefixes "
                         "across requests (docs/prefix-cache.md)")
+    p.add_argument("--no-speculation", action="store_true",
+                   help="decode one token per step through the ring: no drafts looked up in the prompt "
+                        "and output (docs/speculation.md)")
 
 
 def _add_curve(p: argparse.ArgumentParser) -> None:

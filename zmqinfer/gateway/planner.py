@@ -243,7 +243,9 @@ class Planner:
         excluded = plan.excluded | members.load_refusals()
         self.ring.bring_up(placement, excluded, f"tcp://{first.address}:{first.beat.data_port}",
                            n_devices=len({_device(m) for m in ring}),
-                           kv_tokens=ring_kv_tokens(placement, capacity, self.size))
+                           kv_tokens=ring_kv_tokens(placement, capacity, self.size),
+                           # A Loaded lost (its beat stood in) leaves speculation off: unknown.
+                           rollback=all(m.loaded is not None and m.loaded.rollback for m in ring))
         self._planned_over = {m.name for m in usable}
         resumed = self.requests.resume()
         self._record(placement, resumed)
