@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmqinfer.bench import blasinfo, conversation
+from zmqinfer.bench import blasinfo, conversation, speculation
 
 Report = dict[str, Any]
 
@@ -156,7 +156,8 @@ def failures(r: Report) -> list[str]:
 def report_tables(r: Report) -> str:
     o = r["options"]
     parts = [_machine(r), _single(r), _aggregate(r), _cpu(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
-             _blas(r), conversation.table([x for x in r["rings"] if "conversation" in x]), _targets(r), _phases(r),
+             _blas(r), conversation.table([x for x in r["rings"] if "conversation" in x]),
+             speculation.table(r.get("speculation")), _targets(r), _phases(r),
              _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "
