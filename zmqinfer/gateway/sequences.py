@@ -27,12 +27,14 @@ PAUSED = Paused()
 @dataclass
 class Drafting:
     """A sequence's speculation state (the rules are gateway/speculation.py's): its draft
-    length, and its prompt-lookup index (each n-gram of its history -> where the tokens after
-    its latest occurrence start; positions below `indexed` are in it)."""
+    length, its prompt-lookup index (each n-gram of its history -> where the tokens after its
+    latest occurrence start; positions below `indexed` are in it) and its cooldown."""
 
     k: int
     after: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0
+    misses: int = 0  # steps in a row whose drafts were all rejected
+    wait: int = 0  # steps to go before it drafts again
 
 
 @dataclass

@@ -21,6 +21,7 @@ counted (`/metrics`), when it would only burn compute or cannot be verified exac
     grammar    a grammar-constrained request (its matcher would have to advance per draft)
     sampler    penalties, logit bias or top logprobs (their state would have to, too)
     no_match   no n-gram of the sequence's tail occurs earlier in its history
+    cooldown   its last drafts were all rejected: it waits a few steps before drafting again
 """
 
 from __future__ import annotations
@@ -34,22 +35,26 @@ from zmqinfer.protocol.limits import MAX_DRAFT_TOKENS
 from zmqinfer.protocol.wire import Sample, SamplingParams
 
 # Tail n-grams looked up, longest first: 3 tokens rarely match by accident (code and prose
-# alike), and falling back to 1 catches the start of a copied line; vLLM's n-gram drafter and
-# mlx-lm's prompt-lookup PR use 1..3 to 1..4.
+# alike). Not 1: a single token recurs all over prose, and on chat its drafts were rejected
+# every time in the first bench run (0 of 90 accepted); copied code matches 2 and 3 anyway.
 NGRAM_MAX = 3
-NGRAM_MIN = 1
+NGRAM_MIN = 2
 K_START = 4  # drafts a sequence's first speculative step carries
 K_GROW = 2  # added to k after a step whose drafts were all accepted
 # The most drafts one step carries: a longer verify costs every stage more rows, and n-gram
 # drafts of more than ~8 tokens are rarely all right outside verbatim copies.
 K_MAX = 8
+# After a step whose drafts were all rejected, this sequence drafts nothing for 1, 3, 7, 15 steps
+# (doubling per miss in a row, up to COOLDOWN_MAX): a verify of rejected drafts costs every
+# stage more rows for nothing, and open-ended text rarely repeats its own n-grams.
+COOLDOWN_MAX = 15
 # Decoding sequences above which no step drafts: a busy ring's stages already compute batches,
 # and rejected drafts would take rows from other sequences. docs/speculation.md has the
 # measured crossover.
 BUSY_SEQUENCES = 4
 
-Reason = Literal["busy", "rollback", "grammar", "sampler", "no_match"]
-REASONS: tuple[Reason, ...] = ("busy", "rollback", "grammar", "sampler", "no_match")
+Reason = Literal["busy", "rollback", "grammar", "sampler", "no_match", "cooldown"]
+REASONS: tuple[Reason, ...] = ("busy", "rollback", "grammar", "sampler", "no_match", "cooldown")
 
 assert K_MAX <= MAX_DRAFT_TOKENS
 
@@ -70,8 +75,11 @@ def propose(d: Drafting, history: list[int], k: int) -> list[int]:
 
 
 def adapt(d: Drafting, drafted: int, accepted: int) -> None:
-    """k after a step: grown when every draft held, else what held plus one."""
+    """k after a step: grown when every draft held, else what held plus one; none held, a
+    cooldown that doubles with each such step in a row."""
     d.k = min(K_MAX, d.k + K_GROW) if accepted == drafted else max(1, accepted + 1)
+    d.misses = d.misses + 1 if accepted == 0 else 0
+    d.wait = min(COOLDOWN_MAX, 2 ** d.misses - 1)
 
 
 class Speculator:
@@ -104,6 +112,8 @@ class Speculator:
         if not self.enabled or k < 1:
             return []
         reason = self.why_not(seq.params, rollback, decoding)
+        if reason is None and d.wait:
+            reason, d.wait = "cooldown", d.wait - 1
         drafts = [] if reason is not None else propose(d, seq.history, k)
         if reason is None and not drafts:
             reason = "no_match"

@@ -178,7 +178,7 @@ class Worker:
                 sampler = self._observe(chunk, toks[:1], out.failures)
                 if sampler is None:
                     continue
-                if chunk.length > 1 and not sampler.verifies_drafts:
+                if not sampler.verifies_drafts:  # the gateway never drafts for these
                     self.stage.release((chunk.seq,))
                     out.failures.append(((chunk.seq,), f"sequence {chunk.seq}: drafted tokens for a "
                                          "request with a grammar, penalties or logprobs"))

@@ -5,13 +5,14 @@ real scheduler against a ring that judges drafts as a greedy last stage does."""
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import numpy as np
 
 from tests.unit.gateway.test_scheduler import EOS, MemoryRing, collect, running, settle
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.gateway.sequences import Drafting
-from zmqinfer.gateway.speculation import BUSY_SEQUENCES, K_MAX, K_START, adapt, propose
+from zmqinfer.gateway.speculation import BUSY_SEQUENCES, COOLDOWN_MAX, K_MAX, K_START, adapt, propose
 from zmqinfer.protocol.limits import MAX_DRAFT_TOKENS, MAX_FORWARD_TOKENS
 from zmqinfer.protocol.wire import Epoch, Forward, Sample, Sampled, SamplingParams, SeqId, StepFailed
 
@@ -33,9 +34,9 @@ class JudgingRing(MemoryRing):
     """Judges drafts as the last stage does (greedy: the agreeing prefix and one more), and keeps
     each sequence's cache length as a stage would, checking every chunk's start and trim."""
 
-    def __init__(self, n_stages: int = 3, rollback: bool = True) -> None:
+    def __init__(self, n_stages: int = 3, rollback: bool = True, model: Callable[[int], int] = truth) -> None:
         super().__init__(n_stages)
-        self.rollback = rollback
+        self.rollback, self.truth = rollback, model
         self.held: dict[SeqId, int] = {}
 
     def answer(self, sched: Scheduler, eos_for: set[int] = frozenset()) -> int:
@@ -49,11 +50,11 @@ class JudgingRing(MemoryRing):
                 self.held[c.seq] = c.start + c.length
                 if c.sample:
                     fed = toks[at:at + c.length]
-                    out = [truth(c.start + 1)]
+                    out = [self.truth(c.start + 1)]
                     for i, d in enumerate(fed[1:], start=1):
                         if d != out[-1]:
                             break
-                        out.append(truth(c.start + i + 1))
+                        out.append(self.truth(c.start + i + 1))
                     samples += [Sample(c.seq, t, -0.1) for t in out]
                 at += c.length
             sched.on_sampled(Sampled(fwd.epoch, fwd.step, tuple(samples)))
@@ -145,6 +146,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
     assert propose(d, [1, 2, 3, 4, 5, 1, 2, 3, 9, 2, 3], 2) == [9, 2]  # latest "2 3", longest n-gram
     assert propose(d, [1, 2, 3, 4, 5, 1, 2, 3, 9, 2, 3, 4], 3) == [5, 1, 2]  # "2 3 4" beats "3 4"
     assert propose(Drafting(K_START), [1, 2, 3, 4, 5, 1, 2, 3, 9, 2, 3, 4], 3) == [5, 1, 2]  # built at once
+    assert propose(Drafting(K_START), [1, 2, 3, 4, 5, 7, 5], 3) == []  # one token alone is no match
 
 
 def test_k_adapts_to_acceptance() -> None:
@@ -156,9 +158,26 @@ def test_k_adapts_to_acceptance() -> None:
     assert d.k == K_MAX
     adapt(d, K_MAX, 1)
     assert d.k == 2
+    assert d.wait == 0
     adapt(d, 2, 0)
-    assert d.k == 1
+    assert d.k == 1 and d.wait == 1  # all rejected: a cooldown, doubling per miss in a row
+    adapt(d, 1, 0)
+    assert d.wait == 3
+    for _ in range(5):
+        adapt(d, 1, 0)
+    assert d.wait == COOLDOWN_MAX
+    adapt(d, 1, 1)
+    assert d.wait == 0 and d.misses == 0
 
+
+async def test_a_sequence_whose_drafts_all_miss_cools_down() -> None:
+    """Its output repeats "1 2" (so drafts are looked up) but then always says something new:
+    after each miss it waits longer before drafting again, so most of its steps are plain."""
+    ring = JudgingRing(model=lambda p: (1, 2, 1000 + p)[p % 3])
+    sched = Scheduler(ring, {EOS})
+    await run(ring, sched, [[7, 8, 9]], SamplingParams(), max_tokens=120)
+    st = sched.spec.status()
+    assert st["drafts"] > 2 and st["accepted_tokens"] == 0 and st["skipped"]["cooldown"] > st["drafts"]
 
 def test_a_speculating_group_fits_one_forward() -> None:
     assert K_MAX <= MAX_DRAFT_TOKENS
