@@ -39,11 +39,14 @@ from zmqinfer.protocol.wire import Sample, SamplingParams
 # every time in the first bench run (0 of 90 accepted); copied code matches 2 and 3 anyway.
 NGRAM_MAX = 3
 NGRAM_MIN = 2
-K_START = 4  # drafts a sequence's first speculative step carries
-K_GROW = 2  # added to k after a step whose drafts were all accepted
-# The most drafts one step carries: a longer verify costs every stage more rows, and n-gram
-# drafts of more than ~8 tokens are rarely all right outside verbatim copies.
-K_MAX = 8
+# Drafts per step. Verifying costs every stage a forward of k + 1 positions; measured here
+# (mlx CPU backend, the embedded 4-bit model, whole model, interleaved runs): 2 positions cost
+# 1.2x one, 3 about 1.1x, 5 1.7x, 9 2.85x. With ~0.8 of code-copy drafts holding, the expected
+# tokens per unit of compute peak at k of 2 to 4 (9 positions yield ~4.3 tokens for 2.85x the
+# cost, 5 yield ~3.4 for 1.7x). Metal's matmuls grow far less with rows: raise K_MAX there.
+K_START = 3  # drafts a sequence's first speculative step carries
+K_GROW = 1  # added to k after a step whose drafts were all accepted
+K_MAX = 4
 # After a step whose drafts were all rejected, this sequence drafts nothing for 1, 3, 7, 15 steps
 # (doubling per miss in a row, up to COOLDOWN_MAX): a verify of rejected drafts costs every
 # stage more rows for nothing, and open-ended text rarely repeats its own n-grams.

@@ -12,13 +12,13 @@ import numpy as np
 from tests.unit.gateway.test_scheduler import EOS, MemoryRing, collect, running, settle
 from zmqinfer.gateway.scheduler import Scheduler
 from zmqinfer.gateway.sequences import Drafting
-from zmqinfer.gateway.speculation import BUSY_SEQUENCES, COOLDOWN_MAX, K_MAX, K_START, adapt, propose
+from zmqinfer.gateway.speculation import BUSY_SEQUENCES, COOLDOWN_MAX, K_GROW, K_MAX, K_START, adapt, propose
 from zmqinfer.protocol.limits import MAX_DRAFT_TOKENS, MAX_FORWARD_TOKENS
 from zmqinfer.protocol.wire import Epoch, Forward, Sample, Sampled, SamplingParams, SeqId, StepFailed
 
 CODE = list(range(100, 160))  # a "code block": 60 distinct tokens
 PROMPT = [7, 8, *CODE, 9]
-EDIT = 35  # the one token the answer changes (mid-draft: a rejection)
+EDIT = 36  # the one token the answer changes (mid-draft: a rejection)
 
 
 def truth(p: int) -> int:
@@ -152,7 +152,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
 def test_k_adapts_to_acceptance() -> None:
     d = Drafting(K_START)
     adapt(d, K_START, K_START)
-    assert d.k == K_START + 2
+    assert d.k == K_START + K_GROW
     for _ in range(5):
         adapt(d, d.k, d.k)
     assert d.k == K_MAX
