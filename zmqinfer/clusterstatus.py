@@ -117,6 +117,16 @@ class PrefixCacheStatus(TypedDict):
     evictions: int  # prefixes evicted (least recently used) to make room
 
 
+class SpeculationStatus(TypedDict):
+    """The gateway's draft-free speculation (gateway/speculation.py), counted since it started."""
+
+    enabled: bool
+    drafts: int  # decode steps that carried drafted tokens
+    draft_tokens: int  # tokens drafted
+    accepted_tokens: int  # drafted tokens the last stage accepted
+    skipped: dict[str, int]  # decode steps that drafted nothing, by reason
+
+
 class ClusterStatus(TypedDict):
     ready: bool
     reason: str  # "" when ready
@@ -137,6 +147,7 @@ class ClusterStatus(TypedDict):
     nodes: list[NodeStatus]  # ring order first, then the others
     security: NotRequired[SecurityStatus]
     prefix_cache: NotRequired[PrefixCacheStatus]
+    speculation: NotRequired[SpeculationStatus]
     model_info: NotRequired[ModelInfo]
 
 

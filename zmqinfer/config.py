@@ -46,6 +46,7 @@ class GatewaySpec:
     result_port: int = DEFAULT_RESULT_PORT
     aliases: tuple[str, ...] = ()  # model names (globs) answered by the served model
     prefix_cache: bool = True  # reuse cached prompt prefixes across requests (--no-prefix-cache)
+    speculation: bool = True  # draft-free speculative decoding (--no-speculation)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ async def junk(a: argparse.Namespace) -> None:
     """A foreign service under our type with a TXT record no zmqinfer would send."""
     aiozc = AsyncZeroconf(interfaces=[a.ip])
     info = AsyncServiceInfo(SERVICE_TYPE, f"{a.id}.{SERVICE_TYPE}", port=a.port,
-                            properties={"id": "not a valid id!", "proto": "zmqinfer/4"},
+                            properties={"id": "not a valid id!", "proto": "zmqinfer/5"},
                             server="stranger.local.", parsed_addresses=[a.ip])
     try:
         await asyncio.wait_for(await aiozc.async_register_service(info), 10)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zmqinfer.bench import blasinfo, conversation, structured
+from zmqinfer.bench import blasinfo, conversation, speculation, structured
 
 Report = dict[str, Any]
 
@@ -171,7 +171,7 @@ def report_tables(r: Report) -> str:
     parts = [_machine(r), _single(r), _aggregate(r), _cpu(r), _pinned(r), _simulated(r), _hops(r), _wire(r), _memory(r),
              _blas(r), structured.table(r["rings"]),
              conversation.table([x for x in [*r["rings"], r.get("server") or {}] if "conversation" in x]),
-             _targets(r), _phases(r),
+             speculation.table(r.get("speculation")), _targets(r), _phases(r),
              _failures(r)]
     head = (f"Greedy; single stream {o['tokens']} tokens (median of {o['reps']} after a warm-up), time to "
             f"first token median of {o['reps']} (ring: a max_tokens=1 request through the HTTP API), aggregate "

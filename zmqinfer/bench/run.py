@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from zmqinfer import local
-from zmqinfer.bench import blasinfo, conversation, loadgen, server, simulate
+from zmqinfer.bench import blasinfo, conversation, loadgen, server, simulate, speculation
 from zmqinfer.bench.report import dig, targets
 from zmqinfer.bench.simulate import SimOptions
 from zmqinfer.local import ONE_BLAS_THREAD
@@ -84,11 +84,12 @@ class Options:
     simulate: SimOptions | None = SimOptions()  # simulated devices (simulate.py); None: skip
     conversation_turns: int = 10  # the prefix cache's conversation (bench/conversation.py); 0: skip
     conversation_growth: int = 300  # tokens each turn adds: 10 turns reach ~3,000
+    speculation: bool = True  # the speculation comparison (bench/speculation.py)
 
 
 # What `--quick` means: every size small enough for a smoke run of well under a minute.
 QUICK = dict(nodes=(2,), concurrency=(1, 4), tokens=8, batch_tokens=8, reps=1, prompt_lengths=(16, 64),
-             pings=3, level_timeout_s=60.0, conversation_turns=3, conversation_growth=24,
+             pings=3, level_timeout_s=60.0, conversation_turns=3, conversation_growth=24, speculation=False,
              simulate=SimOptions(stages=2, step_ms=5, concurrency=4, single_tokens=16, warm_s=0.3, window_s=0.5))
 
 
@@ -145,6 +146,9 @@ def run(opts: Options, log: typing.Callable[[str], None] = lambda s: None) -> di
         if opts.simulate is not None:
             sim = opts.simulate
             report["simulated"] = phase("simulated devices", lambda: simulate.run_safely(sim, t))
+        if opts.speculation:
+            report["speculation"] = phase("speculation", lambda: speculation.run(
+                model_path, tokenizer, t, run_baseline, extra, level_timeout_s=opts.level_timeout_s, log=log))
         report["baseline_after"] = phase("mlx-lm, single process (after)", lambda: run_baseline(work, t / "after"))
     report["machine"]["cpu_busy_after_pct"] = _others_load()
     report["baseline"] = _mean_baseline(report["baseline_before"], report["baseline_after"])

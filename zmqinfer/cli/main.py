@@ -137,6 +137,9 @@ def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from its first token: no reuse of cached prompt prefixes "
                         "across requests (docs/prefix-cache.md)")
+    p.add_argument("--no-speculation", action="store_true",
+                   help="decode one token per step through the ring: no drafts looked up in the prompt "
+                        "and output (docs/speculation.md)")
 
 
 def _add_curve(p: argparse.ArgumentParser) -> None:
@@ -174,6 +177,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--conversation-growth", type=int, default=None,
                        help="tokens each conversation turn adds (default 300)")
     bench.add_argument("--json", type=Path, default=None, help="also write the report here")
+    bench.add_argument("--speculation", action="store_true",
+                       help="only speculation: a code edit, chat and 16 chats on single-process mlx-lm and on "
+                            "3-node rings with and without speculation (docs/speculation.md)")
     bench.add_argument("--simulate", action="store_true", help="only the simulated devices: a ring of "
                        "--stages nodes that sleep --step-ms per step instead of computing, at c=1 and c=16")
     bench.add_argument("--stages", type=int, default=3, help="simulated devices (default 3)")
@@ -326,6 +332,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{what} {text!r}: every value must be at least 1")
         return vals
 
+    if args.speculation:
+        from zmqinfer.bench import speculation
+
+        found = speculation.standalone(args.model, bench.run_baseline, tokens=args.tokens or 160, reps=args.reps or 2,
+                                       log=lambda what: print(what, file=sys.stderr, flush=True))
+        return _report(speculation.table(found), found, args.json)
     if args.floor:
         from zmqinfer.bench import floor
 

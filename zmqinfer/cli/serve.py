@@ -97,7 +97,8 @@ def curve_keys(directory: Path | None, name: str, insecure: bool) -> Any:
 def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = load_cluster(args.config)
     gspec = cfg.gateway if args.port is None else GatewaySpec(**{**cfg.gateway.__dict__, "port": args.port})
-    gspec = GatewaySpec(**{**gspec.__dict__, "prefix_cache": not args.no_prefix_cache})
+    gspec = GatewaySpec(**{**gspec.__dict__, "prefix_cache": not args.no_prefix_cache,
+                           "speculation": not args.no_speculation})
     counts = parse_layer_counts(args.layers, len(cfg.nodes)) if args.layers else None
     interfaces = tuple(ip_literal(ip, "--interface") for ip in args.interface)
     files = [f for f in (cfg.api_key_file, args.api_key_file) if f is not None]
@@ -113,7 +114,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     memory_limit = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None
     counts = parse_layer_counts(args.layers, args.nodes) if args.layers else None
     host = ip_literal(args.host, "--host")
-    gspec = GatewaySpec(**{**local_gateway(args.port, bind=host).__dict__, "prefix_cache": not args.no_prefix_cache})
+    gspec = GatewaySpec(**{**local_gateway(args.port, bind=host).__dict__, "prefix_cache": not args.no_prefix_cache,
+                           "speculation": not args.no_speculation})
     nodes = [local_node(args.port, i) for i in range(args.nodes)]
     guard = api_guard(frozenset(), [args.api_key_file] if args.api_key_file else [], args.no_auth, False)
     model_path = resolve_or_exit(args.model)

@@ -143,6 +143,8 @@ class RingPort(RingSize, Protocol):
     def epoch(self) -> Epoch: ...
     @property
     def n_stages(self) -> int: ...
+    @property
+    def rollback(self) -> bool: ...  # every stage's caches can drop rejected drafts (Loaded.rollback)
 
     async def wait_ready(self, timeout: float) -> None: ...  # raises RingUnavailable
     async def send(self, msg: Forward | Release) -> None: ...
@@ -241,16 +243,27 @@ class Lanes:
 
     # ---- the next messages' chunks ----------------------------------------------------------
 
-    def decode_batches(self) -> list[tuple[int, Batch]]:
+    def decoding(self) -> int:
+        """Sequences in decode groups."""
+        return sum(len(g.members) for g in self.groups.values())
+
+    def decode_batches(self, draft: Callable[[Seq], list[int]] = lambda seq: []) -> list[tuple[int, Batch]]:
         """One decode step for every group with members and no step in the ring (each then has
-        one in flight until the scheduler settles it)."""
+        one in flight until the scheduler settles it). A member's chunk carries its next token
+        and the tokens `draft` proposes for it (speculation), and drops the rejected drafts its
+        previous step left (`trim`)."""
         out = []
         for gid, g in self.groups.items():
             if g.in_flight or not g.members:
                 continue
-            chunks = tuple(_chunk(seq, seq.pos, 1, sample=True) for seq in g.members)
+            chunks, toks = [], []
+            for seq in g.members:
+                drafts = draft(seq)
+                chunks.append(_chunk(seq, seq.pos, 1 + len(drafts), sample=True, trim=seq.trim))
+                toks += [seq.next_token, *drafts]
+                seq.drafted, seq.trim = len(drafts), 0
             g.in_flight = True
-            out.append((gid, (list(g.members), chunks, [seq.next_token for seq in g.members])))
+            out.append((gid, (list(g.members), tuple(chunks), toks)))
         return out
 
     def prefill_batch(self) -> Batch:
@@ -270,11 +283,11 @@ class Lanes:
         return members, chunks, [t for _, (_, ids) in taken for t in ids]
 
 
-def _chunk(seq: Seq, start: int, length: int, sample: bool) -> Chunk:
+def _chunk(seq: Seq, start: int, length: int, sample: bool, trim: int = 0) -> Chunk:
     """A chunk of `seq`; its sampling parameters (and the prefix it starts from) ride on its
     first chunk only."""
     chunk = Chunk(seq=seq.id, start=start, length=length, sample=sample,
                   params=None if seq.params_sent else seq.params,
-                  prefix=None if seq.params_sent else seq.prefix)
+                  prefix=None if seq.params_sent else seq.prefix, trim=trim)
     seq.params_sent = True
     return chunk

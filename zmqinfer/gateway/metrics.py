@@ -14,7 +14,9 @@ with vLLM's meanings and histogram buckets (vllm/v1/metrics/loggers.py):
       as they are and this one says who asked
     live, read from /cluster/status at scrape time (`_Live`, a custom Collector)
       zmqinfer_num_requests_running / _waiting, zmqinfer_ring_* (epoch, re-plans, replays,
-      micro-batches in flight, stale-epoch drops), zmqinfer_node_*{node} from the heartbeats
+      micro-batches in flight, stale-epoch drops), zmqinfer_node_*{node} from the heartbeats,
+      zmqinfer_spec_decode_* (speculation: drafts, draft and accepted tokens, acceptance rate,
+      skipped steps by reason; vLLM's spec_decode names)
     zmqinfer_build_info{version,protocol}, process_* (this process)
 
 One registry per `Metrics` (per gateway process, and per app in tests), never the global one.
@@ -320,6 +322,19 @@ class _Live(Collector):
                            pc["tokens_saved"])
             yield _counter("zmqinfer_prefix_cache_evictions", "Cached prefixes evicted to make room.",
                            pc["evictions"])
+        if (sp := st.get("speculation")) is not None:  # gateway/speculation.py, in vLLM's names
+            yield _counter("zmqinfer_spec_decode_num_drafts", "Decode steps that carried drafted tokens.", sp["drafts"])
+            yield _counter("zmqinfer_spec_decode_num_draft_tokens", "Tokens drafted (prompt lookup).",
+                           sp["draft_tokens"])
+            yield _counter("zmqinfer_spec_decode_num_accepted_tokens", "Drafted tokens the last stage accepted.",
+                           sp["accepted_tokens"])
+            yield _gauge("zmqinfer_spec_decode_draft_acceptance_rate", "Accepted over drafted tokens since start.",
+                         sp["accepted_tokens"] / sp["draft_tokens"] if sp["draft_tokens"] else 0.0)
+            skipped = CounterMetricFamily("zmqinfer_spec_decode_skipped_steps",
+                                          "Decode steps that drafted nothing, by reason.", labels=["reason"])
+            for reason, n in sp["skipped"].items():
+                skipped.add_metric([reason], n)
+            yield skipped
         yield from _node_series(nodes)
 
 

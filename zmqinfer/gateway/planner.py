@@ -244,7 +244,9 @@ class Planner:
         self.ring.bring_up(placement, excluded, f"tcp://{first.address}:{first.beat.data_port}",
                            n_devices=len({_device(m) for m in ring}),
                            kv=ring_room(placement, capacity, self.size,
-                                        {m.name: m.loaded.kv if m.loaded else None for m in ring}))
+                                        {m.name: m.loaded.kv if m.loaded else None for m in ring}),
+                           # A Loaded lost (its beat stood in) leaves speculation off: unknown.
+                           rollback=all(m.loaded is not None and m.loaded.rollback for m in ring))
         self._planned_over = {m.name for m in usable}
         resumed = self.requests.resume()
         self._record(placement, resumed)

@@ -104,7 +104,8 @@ class Gateway:
         if self.auth is not None:
             auth = self.auth
             self.members.ad_trusted = lambda d: auth.ad_trusted(d.ad.node_id, d.ad.pubkey)
-        self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids), prefix_cache=spec.prefix_cache)
+        self.scheduler = Scheduler(self.ring, set(self.tokenizer.eos_token_ids), prefix_cache=spec.prefix_cache,
+                                   speculation=spec.speculation)
         self.control = sockets.control_router(self.ctx, f"tcp://{spec.bind}:{spec.control_port}", keys)
         self.results = sockets.results_router(self.ctx, f"tcp://{spec.bind}:{spec.result_port}", keys)
         self.planner = Planner(self.ring, self.members, self.scheduler, self.send_control,

@@ -43,6 +43,7 @@ class Ring:
         self.rebuilding = False  # a ring existed and is being rebuilt: requests wait for it
         self.closing = False  # the gateway is shutting down: no new requests
         self.kv: KVRoom | None = None  # the KV cache its stages hold (kvroom.py); None: no limit known
+        self.rollback = False  # every stage said its caches can drop rejected drafts (speculation)
         self._push: zmq.asyncio.Socket | None = None
 
     @property
@@ -101,14 +102,15 @@ class Ring:
         self.reason, self.no_capacity = reason, True
 
     def bring_up(self, placement: list[Placement], excluded: dict[NodeId, str], first_data: str,
-                 n_devices: int, kv: KVRoom | None = None) -> None:
+                 n_devices: int, kv: KVRoom | None = None,
+                 rollback: bool = False) -> None:
         """Every stage of this epoch has loaded: connect to the first one's data port and serve."""
         curve = self._keys.toward(placement[0].node) if self._keys is not None else None
         old, self._push = self._push, sockets.data_push(self._ctx, first_data, curve)
         if old is not None:
             old.close(linger=0)
         self.placement, self.excluded = placement, dict(excluded)
-        self.n_devices, self.kv = n_devices, kv
+        self.n_devices, self.kv, self.rollback = n_devices, kv, rollback
         self.ready.set()
         self.reason, self.rebuilding = "", False
 

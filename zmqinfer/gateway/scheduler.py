@@ -47,6 +47,7 @@ from zmqinfer.gateway.admission import Batch, Lanes, RingPort, seq_bound
 from zmqinfer.gateway.errors import RingTimeout, RingUnavailable, StepNotSent
 from zmqinfer.gateway.prefixes import PrefixCache
 from zmqinfer.gateway.sequences import PAUSED, Paused, Seq, Step, StepBook
+from zmqinfer.gateway.speculation import Speculator
 from zmqinfer.protocol.codec import tokens_to_wire
 from zmqinfer.protocol.wire import (
     NO_GROUP,
@@ -86,7 +87,8 @@ MAX_QUEUED = 32
 class Scheduler:
     def __init__(self, ring: RingPort, eos_ids: set[int], *, step_timeout_s: float = STEP_TIMEOUT_S,
                  prefill_s_per_token: float = PREFILL_S_PER_TOKEN, max_queued: int = MAX_QUEUED,
-                 clock: Callable[[], float] = time.monotonic, prefix_cache: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefix_cache: bool = True,
+                 speculation: bool = True) -> None:
         self.ring, self.eos_ids = ring, eos_ids
         self.step_timeout_s, self.prefill_s_per_token, self.max_queued = step_timeout_s, prefill_s_per_token, max_queued
         self._clock = clock
@@ -95,6 +97,7 @@ class Scheduler:
         self._steps = itertools.count(1)
         self._wake = asyncio.Event()
         self.prefixes = PrefixCache(prefix_cache)  # what the stages hold for new prompts to reuse
+        self.spec = Speculator(speculation)  # what decode steps draft (gateway/speculation.py)
         self._lanes = Lanes(ring, self._seqs, self._wake.set, self.prefixes)  # admission, prefill, groups
         self._steps_out = StepBook()  # steps in flight, prefill credits taken
         self._releases: list[tuple[Epoch, SeqId]] = []
@@ -178,7 +181,7 @@ class Scheduler:
                 if isinstance(item, Exception):
                     raise item
                 yield item
-                if seq.done:
+                if seq.done and seq.queue.empty():  # a step with drafts may have queued several
                     return
         finally:
             self._end(seq)
@@ -224,6 +227,7 @@ class Scheduler:
         if rec.group != NO_GROUP:
             self.decode_steps += 1
         self._progress_at = self._clock()
+        self.spec.judged(rec, msg.samples)
         for s in msg.samples:
             seq = self._seqs.get(s.seq)
             if seq is None or seq.done or seq.epoch != msg.epoch:
@@ -387,7 +391,8 @@ class Scheduler:
                 out.append((Release(epoch, seqs, keep, drop), []))
         if self._paused:
             return out
-        out += [self._send_step(epoch, gid, b) for gid, b in self._lanes.decode_batches()]
+        out += [self._send_step(epoch, gid, b) for gid, b in self._lanes.decode_batches(
+            lambda seq: self.spec.draft(seq, self.ring.rollback, self._lanes.decoding()))]
         credits = max(1, PREFILL_CREDITS_PER_STAGE * self.ring.n_stages)
         while self._lanes.prefilling and self._steps_out.prefills < credits:
             out.append(self._send_step(epoch, NO_GROUP, self._lanes.prefill_batch()))

@@ -25,6 +25,19 @@ PAUSED = Paused()
 
 
 @dataclass
+class Drafting:
+    """A sequence's speculation state (the rules are gateway/speculation.py's): its draft
+    length, its prompt-lookup index (each n-gram of its history -> where the tokens after its
+    latest occurrence start; positions below `indexed` are in it) and its cooldown."""
+
+    k: int
+    after: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0
+    misses: int = 0  # steps in a row whose drafts were all rejected
+    wait: int = 0  # steps to go before it drafts again
+
+
+@dataclass
 class Seq:
     id: SeqId
     epoch: Epoch  # the ring it runs on; 0 while parked
@@ -47,6 +60,9 @@ class Seq:
     started: bool = False  # its first message on the current ring has been decided (running)
     queued: bool = True  # never started on any ring yet (queue time not yet observed)
     prefix: int | None = None  # the cached prefix its first chunk starts from (gateway/prefixes.py)
+    drafting: Drafting | None = None  # made when speculation first drafts for it
+    drafted: int = 0  # tokens drafted in its decode step in flight
+    trim: int = 0  # rejected drafts its caches hold past its history: its next step drops them
 
     def start(self) -> float | None:
         """Its next message is decided: it runs on this ring. Seconds since it arrived, the
@@ -66,6 +82,7 @@ class Seq:
         self.prefill = deque((a, head[a:a + PREFILL_CHUNK]) for a in range(cached, len(head), PREFILL_CHUNK))
         self.next_token, self.pos = self.history[-1], len(self.history) - 1
         self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False
+        self.drafted = self.trim = 0  # fresh caches hold no rejected drafts
 
 
 @dataclass

@@ -81,6 +81,7 @@ class ClusterView:
                 "decode_steps": s.decode_steps, "queued_requests": s.queued, "kv_tokens": ring.kv_tokens,
                 "replans": planner.history[-5:], "nodes": nodes, "security": security,
                 "prefix_cache": s.prefixes.status(planner.size.kv_bytes_per_token * self.n_layers),
+                "speculation": s.spec.status(),
                 **({"model_info": self.model_info} if self.model_info is not None else {})}  # type: ignore[typeddict-item]
 
     async def ping(self) -> ClusterPing:

@@ -62,6 +62,9 @@ class Slice(Protocol):
                       hidden: list[mx.array] | None) -> list[mx.array]: ...
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array: ...
+    rollback: bool  # its caches can drop positions at any length: drafts may run through it
+    def verify(self, seq: SeqId, start: int, trim: int, tokens: mx.array,
+               hidden: mx.array | None) -> mx.array: ...  # a decode chunk with drafted tokens
 
 
 @dataclass(frozen=True)

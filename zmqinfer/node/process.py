@@ -287,7 +287,7 @@ class Node:
         await self.send_control(Loaded(
             epoch=a.epoch, node=self.opts.name, ok=True, detail="", fingerprint=self.worker.fingerprint,
             shard_bytes=self.worker.shard_bytes, rss_bytes=rss, load_seconds=time.monotonic() - t0,
-            kv=self.worker.stage.kv))
+            kv=self.worker.stage.kv, rollback=self.worker.stage.rollback))
 
 
     def _load(self, a: Assign) -> None:

@@ -67,6 +67,31 @@ class SeqSampler:
         return (p.temperature < GREEDY_TEMPERATURE and not self._processors and p.top_logprobs == 0
                 and self._grammar is None)
 
+    @property
+    def verifies_drafts(self) -> bool:
+        """Drafted tokens can be judged on logits alone (speculation, node/drafts.py): no
+        grammar or penalty (their state would have to advance through each draft) and no
+        alternatives to report. The gateway drafts only for such requests."""
+        return not self._processors and self._grammar is None and self.params.top_logprobs == 0
+
+    def scaled(self, logprobs: mx.array) -> mx.array:
+        """The logits a sampled request draws from: top_p, min_p and top_k applied to
+        `logprobs` (mlx-lm's `make_sampler` order), over the temperature."""
+        p = self.params
+        filtered = logprobs
+        if 0 < p.top_p < 1.0:
+            filtered = apply_top_p(filtered, p.top_p)
+        if p.min_p != 0.0:
+            filtered = apply_min_p(filtered, p.min_p)
+        if 0 < p.top_k < logprobs.shape[-1]:
+            filtered = apply_top_k(filtered, p.top_k)
+        return filtered * (1.0 / p.temperature)
+
+    def draw_key(self) -> mx.array:
+        """A fresh key for one random draw, from the sequence's own stream."""
+        self._key, draw = mx.random.split(self._key)
+        return draw
+
     def sample(self, logits: mx.array) -> Sample:
         """logits: [1, vocab] of the sequence's newest position."""
         p = self.params
@@ -80,15 +105,7 @@ class SeqSampler:
         if p.temperature < GREEDY_TEMPERATURE:  # 1/T would overflow the logits to inf and NaN
             token = mx.argmax(logprobs, axis=-1)
         else:
-            filtered = logprobs
-            if 0 < p.top_p < 1.0:
-                filtered = apply_top_p(filtered, p.top_p)
-            if p.min_p != 0.0:
-                filtered = apply_min_p(filtered, p.min_p)
-            if 0 < p.top_k < logprobs.shape[-1]:
-                filtered = apply_top_k(filtered, p.top_k)
-            self._key, draw = mx.random.split(self._key)
-            token = mx.random.categorical(filtered * (1.0 / p.temperature), key=draw)
+            token = mx.random.categorical(self.scaled(logprobs), key=self.draw_key())
         tok = _ints(token.reshape(-1))[0]
         lp = logprobs[0]
         top: tuple[TokenLogprob, ...] = ()

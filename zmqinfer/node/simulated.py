@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from zmqinfer.model.resolve import layer_count, read_config
+from zmqinfer.node.stage import StageError
 from zmqinfer.protocol.wire import KVProfile, SeqId
 
 # Simulated tokens stay clear of the low ids, where tokenizers keep EOS and other specials.
@@ -83,6 +84,9 @@ class SimulatedStage:
     kv_bytes_per_token = 0
     kv: KVProfile | None = None  # its caches hold nothing: the gateway counts config.json's
     max_kv_tokens: int | None = None
+    # Its greedy picks follow positions, not text, so prompt lookup would never draft anything
+    # they accept: a simulated ring does not speculate.
+    rollback = False
 
     def kv_tokens(self) -> int:
         return sum(self._offsets.values())
@@ -121,6 +125,10 @@ class SimulatedStage:
         if self.is_last:
             return [mx.zeros((0,), dtype=mx.float32) for _ in seqs]
         return [mx.zeros((t.shape[0], self.hidden_size), dtype=mx.float32) for t in tokens]
+
+    def verify(self, seq: SeqId, start: int, trim: int, tokens: mx.array,
+               hidden: mx.array | None) -> mx.array:
+        raise StageError(f"sequence {seq}: a simulated stage takes no drafted tokens")
 
     def decode(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                hidden: mx.array | None) -> mx.array:

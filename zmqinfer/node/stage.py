@@ -26,23 +26,27 @@ per cache slot of the stage's layers. Three kinds of work:
   appearing in the group's steps. A group computes each sequence's logits to float rounding of
   decoding it alone: bit-identical with mlx's bundled BLAS, ~1e-6 apart with OpenBLAS (whose
   kernels depend on the batch size), which can only move a greedy pick between near-tied tokens.
+* `verify` (speculation): a decode chunk with drafted tokens runs on the sequence's own caches
+  (out of its group; a plain step rejoins), after dropping the positions the last stage
+  rejected (`trim`). Only caches that can always roll back (`rollback`) take drafts.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
 from zmqinfer.model.size import sequence_bytes
 from zmqinfer.model.shards import load_shard_model
-from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, refusal
+from zmqinfer.node.caches import Group, SeqCache
+from zmqinfer.node.families import SOLO_PREFILL, ModelDriver, flat, refusal
 from zmqinfer.node.prefixes import PrefixStore
 from zmqinfer.protocol.limits import MAX_HIDDEN_SIZE
 from zmqinfer.protocol.wire import SeqId
@@ -58,37 +62,6 @@ MAX_SEQUENCES = 256
 
 class StageError(Exception):
     """A Forward this stage cannot run (unknown sequence, position mismatch, bad shapes)."""
-
-
-@dataclass
-class _SeqCache:
-    layers: list[Any]
-    offset: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Group:
-    """A micro-batch's sequences in batch order, with one merged batch cache per cache slot."""
-
-    order: list[SeqId] = field(default_factory=list)
-    offsets: dict[SeqId, int] = field(default_factory=dict)
-    layers: list[Any] | None = None
-    last_used: float = field(default_factory=time.monotonic)
-
-    def keep(self, seqs: list[SeqId]) -> None:
-        """Keep (and order) just `seqs`, all already members."""
-        if seqs == self.order:
-            return
-        if self.layers is not None:
-            if seqs:
-                idx = mx.array([self.order.index(s) for s in seqs])
-                for c in self.layers:
-                    c.filter(idx)
-            else:
-                self.layers = None
-        self.offsets = {s: self.offsets[s] for s in seqs}
-        self.order = list(seqs)
 
 
 class Stage:
@@ -135,9 +108,14 @@ class Stage:
         # A recurrent (SSM) state costs the same for any length: counted, per sequence, as the
         # tokens of KV it weighs, so a node's KV budget also bounds how many states it holds.
         self.state_tokens = -(-self.kv.state_bytes // self.kv_bytes_per_token)
+        # Whether rejected drafts can be dropped from every cache at any length: not from an SSM
+        # state (no `trim`), nor from a sliding window once it has wrapped (mlx-lm's rotating
+        # cache trims only while it holds less than its window), so neither ever takes drafts.
+        fresh = [x for c in self._new_cache() for x in flat(c)]
+        self.rollback = can_trim_prompt_cache(fresh) and not any(isinstance(c, RotatingKVCache) for c in fresh)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
-        self._caches: dict[SeqId, _SeqCache] = {}
-        self._groups: dict[int, _Group] = {}
+        self._caches: dict[SeqId, SeqCache] = {}
+        self._groups: dict[int, Group] = {}
         self.prefixes = PrefixStore()  # cached prefixes (issue 22): counted in kv_tokens/kv_bytes
 
     def _tokens(self, positions: int) -> int:
@@ -177,14 +155,14 @@ class Stage:
             raise StageError(f"sequence {seq}: KV cache full ({held} of {self.max_kv_tokens} tokens "
                              "held under this node's memory limit)")
 
-    def _cache_for(self, seq: SeqId, start: int, length: int = 0) -> _SeqCache:
+    def _cache_for(self, seq: SeqId, start: int, length: int = 0) -> SeqCache:
         c = self._caches.get(seq)
         if c is None:
             if start != 0:
                 raise StageError(f"sequence {seq}: chunk at position {start} but no cache here "
                                  "(released, expired or never started)")
             self._check_room(seq, [length])
-            c = self._caches[seq] = _SeqCache(self._new_cache())
+            c = self._caches[seq] = SeqCache(self._new_cache())
         elif c.offset != start:
             raise StageError(f"sequence {seq}: chunk at position {start}, cache holds {c.offset}")
         c.last_used = time.monotonic()
@@ -198,7 +176,7 @@ class Stage:
         if layers is None:
             raise StageError(f"sequence {seq}: prefix {prefix} of {start} positions is not held here")
         self._check_room(seq, [start])
-        self._caches[seq] = _SeqCache(layers, offset=start)
+        self._caches[seq] = SeqCache(layers, offset=start)
 
     def keep(self, seq: SeqId, prefix: int, length: int) -> bool:
         """Keep the first `length` positions of a live sequence's caches as `prefix` (its
@@ -329,7 +307,7 @@ class Stage:
             for bc in batch:
                 bc.finalize()
         for i, (seq, n) in enumerate(zip(seqs, lengths)):
-            self._caches[seq] = _SeqCache([bc.extract(i) for bc in batch], offset=n)
+            self._caches[seq] = SeqCache([bc.extract(i) for bc in batch], offset=n)
         if self.is_last:
             mx.eval([c.state for seq in seqs for c in self._caches[seq].layers])
             return [mx.zeros((0,), dtype=self._driver.dtype) for _ in seqs]
@@ -347,7 +325,7 @@ class Stage:
         """
         if self.solo:
             return self._decode_each(group, seqs, starts, tokens, hidden)
-        g = self._groups.setdefault(group, _Group())
+        g = self._groups.setdefault(group, Group())
         joining = [s for s in seqs if s not in g.offsets]
         for seq, start in zip(seqs, starts):
             held = g.offsets.get(seq)
@@ -361,16 +339,7 @@ class Stage:
                              f" does not match {len(seqs)} sequences x {self.hidden_size}")
         g.keep([s for s in g.order if s in set(seqs)])
         for seq in joining:  # merge each newcomer's prefill cache into the group's batch cache
-            own = self._caches.pop(seq, None)
-            layers = own.layers if own is not None else self._new_cache()
-            merged = [type(c).merge([c]) for c in layers]
-            if g.layers is None:
-                g.layers = merged
-            else:
-                for mine, theirs in zip(g.layers, merged):
-                    mine.extend(theirs)
-            g.order.append(seq)
-            g.offsets[seq] = own.offset if own is not None else 0
+            g.join(seq, self._caches.pop(seq) if seq in self._caches else SeqCache(self._new_cache()))
         g.keep(list(seqs))
         g.last_used = time.monotonic()
         assert g.layers is not None
@@ -379,6 +348,42 @@ class Stage:
         for seq in seqs:
             g.offsets[seq] += 1
         return out[:, -1, :]
+
+    def verify(self, seq: SeqId, start: int, trim: int, tokens: mx.array, hidden: mx.array | None) -> mx.array:
+        """A decode chunk with drafted tokens, or the first after one: drops the `trim` newest
+        positions of the sequence's own caches (rejected drafts), then runs tokens [n] (its
+        next token and drafts; hidden [n, hidden_size] after stage 0) on them. Returns
+        [n, hidden_size], or the logits of every position [n, vocab] on the last stage. Raises
+        StageError first if the caches cannot roll back or do not hold `start + trim`."""
+        if not self.rollback:
+            raise StageError(f"sequence {seq}: drafted tokens, but this stage's caches cannot roll back")
+        self._leave_group(seq)
+        c = self._caches.get(seq)
+        held = c.offset if c is not None else 0
+        if c is None or held != start + trim:
+            raise StageError(f"sequence {seq}: verify at position {start} after dropping {trim}, "
+                             f"cache holds {held}")
+        n = tokens.shape[0]
+        if not self.is_first and (hidden is None or hidden.shape != (n, self.hidden_size)):
+            raise StageError(f"sequence {seq}: hidden state {None if hidden is None else hidden.shape}"
+                             f" does not match {n} tokens x {self.hidden_size}")
+        if trim:
+            trim_prompt_cache(c.layers, trim)
+            c.offset -= trim
+        c.last_used = time.monotonic()
+        ids = tokens[None] if self.is_first else mx.zeros((1, n), dtype=mx.int32)
+        out = self._driver.run(ids, None if hidden is None else hidden[None], c.layers, last_only=False)
+        c.offset += n
+        return out[0]
+
+    def _leave_group(self, seq: SeqId) -> None:
+        """Take `seq` out of its decode group onto caches of its own (a verify runs it alone)."""
+        for gid, g in list(self._groups.items()):
+            if seq in g.offsets:
+                if (own := g.take_out(seq)) is not None:
+                    self._caches[seq] = own
+                if not g.order:
+                    del self._groups[gid]
 
     def _decode_each(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
                      hidden: mx.array | None) -> mx.array:

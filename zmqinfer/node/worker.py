@@ -10,9 +10,11 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 
+from zmqinfer.node.drafts import judge
 from zmqinfer.node.loading import Shard, Slice
 from zmqinfer.node.memory import give_back_memory
 from zmqinfer.node.sampling import SeqSampler, sample_batch
@@ -101,19 +103,21 @@ class Worker:
         """The message to send on, and the chunks that failed (dropped from it).
 
         New sequences' first prefill chunks run as one batch, other prefill chunks one by one on
-        their sequences' own caches; the decode chunks run as one batch of the Forward's group.
-        The outgoing Forward lists the prefill chunks first, then the decode chunks, with tokens
-        and hidden rows in that same order.
+        their sequences' own caches; decode chunks with drafted tokens (or a `trim`) one by one
+        on their own caches (speculation); the plain decode chunks as one batch of the Forward's
+        group. The outgoing Forward lists the chunks in that order, with tokens and hidden rows
+        in that same order.
         """
         assert self.stage is not None
         t0 = time.perf_counter()
         step = _unpack(fwd)                     # 1. frames -> arrays, chunks by kind
         out = _Out()
         self._prefill(step, out)                # 2. each prefill chunk on its own cache
-        decoded = self._decode(fwd.group, step, out)  # 3. the group's decode chunks as one batch
+        self._verify(step, out)                 # 3. drafted decode chunks, each on its own cache
+        decoded = self._decode(fwd.group, step, out)  # 4. the group's decode chunks as one batch
         if decoded is not None and self.stage.is_last:
-            self._sample(step, decoded, out)    # 4. last stage: tokens for the gateway
-        msg = self._pack(fwd, out)              # 5. the next stage's Forward, or the Sampled
+            self._sample(step, decoded, out)    # 5. last stage: tokens for the gateway
+        msg = self._pack(fwd, out)              # 6. the next stage's Forward, or the Sampled
         self._publish()
         self.busy_seconds += time.perf_counter() - t0
         self.steps += 1
@@ -153,13 +157,40 @@ class Worker:
             self._observe(chunk, step.tokens[sl], out.failures)
             out.add(chunk, step.tokens[sl], h)
 
+    def _verify(self, step: _Step, out: _Out) -> None:
+        """Decode chunks with drafted tokens or a `trim` (speculation): each alone on its own
+        caches, before the group's batch (a verify takes its sequence out of the group first).
+        The last stage judges the drafts (node/drafts.py) into 1 to k + 1 samples."""
+        assert self.stage is not None
+        for chunk, at in step.verify:
+            sl = slice(at, at + chunk.length)
+            toks = step.tokens[sl]
+            try:
+                h = self.stage.verify(chunk.seq, chunk.start, chunk.trim, toks,
+                                      step.hidden[sl] if step.hidden is not None else None)
+            except StageError as e:
+                self.stage.release((chunk.seq,))
+                out.failures.append(((chunk.seq,), str(e)))
+                continue
+            if self.stage.is_last:
+                # Only the chunk's first token is the sequence's; the drafts are guesses, and a
+                # sampler that verifies drafts keeps no history they would have to enter.
+                sampler = self._observe(chunk, toks[:1], out.failures)
+                if sampler is None:
+                    continue
+                if not sampler.verifies_drafts:  # the gateway never drafts for these
+                    self.stage.release((chunk.seq,))
+                    out.failures.append(((chunk.seq,), f"sequence {chunk.seq}: drafted tokens for a "
+                                         "request with a grammar, penalties or logprobs"))
+                    continue
+                drafts = [int(t) for t in cast(list[int], toks[1:].tolist())]
+                out.samples += judge(sampler, h, drafts, self.token_limit)
+            out.add(chunk, toks, h)
+
     def _decode(self, group: int, step: _Step, out: _Out) -> mx.array | None:
         """The group's step: hidden rows (or logits on the last stage) in `step.decode` order;
         None when there is nothing to decode or the group failed."""
         assert self.stage is not None
-        bad = [c for c, _ in step.decode if c.length != 1]
-        out.failures += [((c.seq,), f"sequence {c.seq}: a decode chunk must be 1 token") for c in bad]
-        step.decode = [(c, at) for c, at in step.decode if c.length == 1]
         if not step.decode:
             return None
         rows = mx.array([at for _, at in step.decode], dtype=mx.int32)
@@ -226,6 +257,7 @@ class _Step:
     hidden: mx.array | None  # [rows, hidden] from the previous stage; None on the first
     prefill: list[tuple[Chunk, int]]
     decode: list[tuple[Chunk, int]]
+    verify: list[tuple[Chunk, int]]  # decode chunks with drafted tokens or a trim
     decode_tokens: mx.array = field(default_factory=lambda: mx.zeros((0,), dtype=mx.int32))
 
 
@@ -247,6 +279,8 @@ class _Out:
 
 def _unpack(fwd: Forward) -> _Step:
     starts = list(itertools.accumulate((c.length for c in fwd.chunks), initial=0))
+    drafted = [c.sample and (c.length > 1 or c.trim > 0) for c in fwd.chunks]
     return _Step(from_wire(fwd.tokens), from_wire(fwd.hidden) if fwd.hidden is not None else None,
                  [(c, starts[i]) for i, c in enumerate(fwd.chunks) if not c.sample],
-                 [(c, starts[i]) for i, c in enumerate(fwd.chunks) if c.sample])
+                 [(c, starts[i]) for i, c in enumerate(fwd.chunks) if c.sample and not drafted[i]],
+                 [(c, starts[i]) for i, c in enumerate(fwd.chunks) if drafted[i]])

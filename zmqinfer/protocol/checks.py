@@ -14,6 +14,7 @@ from zmqinfer.protocol.limits import (
     GREEDY_TEMPERATURE,
     MAX_GRAMMAR_AFTER,
     MAX_GRAMMAR_BYTES,
+    MAX_DRAFT_TOKENS,
     MAX_FORWARD_TOKENS,
     MAX_HIDDEN_SIZE,
     MAX_PENALTY_CONTEXT,
@@ -89,6 +90,10 @@ def _check_forward(msg: Forward) -> None:
         if c.sample:
             _need(c.seq not in decoding, "forward.chunks", "a sequence decodes twice in one step")
             decoding.add(c.seq)
+        _need(c.length <= 1 + MAX_DRAFT_TOKENS or not c.sample, "forward.chunks",
+              f"a decode chunk carries at most {MAX_DRAFT_TOKENS} drafted tokens")
+        _need(0 <= c.trim <= MAX_DRAFT_TOKENS and (c.trim == 0 or (c.sample and c.prefix is None)),
+              "forward.chunks", f"trim must be 0..{MAX_DRAFT_TOKENS}, on decode chunks only")
         if c.params is not None:
             _check_params(c.params)
         _need(c.prefix is None or (c.prefix >= 0 and c.start >= 1), "forward.chunks",

@@ -45,4 +45,8 @@ MAX_DATA_FRAME_BYTES = max(MAX_TENSOR_BYTES, MAX_HEADER_BYTES)
 # outputs cap a schema at 5000 properties and 10 levels. Compiling happens on the gateway first
 # under a deadline, so a grammar that gets here is known to compile.
 MAX_GRAMMAR_BYTES = 64 << 10
+# Drafted tokens one decode chunk may carry (speculation, issue 23): acceptance of prompt-lookup
+# drafts falls off quickly with length (mlx-lm's and vLLM's n-gram drafters stop around 5-10),
+# and a verify forward of more positions only burns compute.
+MAX_DRAFT_TOKENS = 16
 MAX_GRAMMAR_AFTER = 16  # tokens of the marker that starts a grammar (</think> is 1 to a few)

@@ -43,8 +43,11 @@ from typing import Any, ClassVar, NewType, Union
 # 4: SamplingParams gained `grammar`, `grammar_start`, `grammar_after` and `grammar_opener`
 # (issue 20: enforced structured output); a 3 node would accept a grammar-constrained
 # request and ignore the grammar. (Issue 20 was written as a 3 beside issue 22's; merged, 4.)
-# 5: Loaded gained `kv` (issue 19: what one sequence's caches cost on the stage, by cache type,
-# for the gateway's admission); a 4 gateway would refuse the field.
+# 5: both unreleased when merged, one version: Loaded gained `kv` (issue 19: what one
+# sequence's caches cost on the stage, by cache type, for the gateway's admission) and
+# `rollback`; a decode Chunk may carry drafted tokens (`length` > 1) and `trim`, the
+# rejected positions to drop first (issue 23: speculative decoding). A 4 peer would refuse
+# the fields, or take a drafted decode chunk and never roll back: they refuse each other.
 PROTOCOL_VERSION = b"zmqinfer/5"
 
 SeqId = NewType("SeqId", int)
@@ -117,6 +120,12 @@ class Chunk:
     last stage keeps it). `sample=False` is a prefill chunk (any length, on the sequence's own
     cache); `sample=True` is a decode step (length 1) of the Forward's micro-batch group, run
     batched with the group's other sequences, after which the last stage samples a token.
+
+    Speculation (issue 23): a decode chunk of length 1 + k carries the sequence's next token and
+    k drafted ones; every stage runs it on the sequence's own cache, and the last stage answers
+    with the drafts it accepts plus one token of its own (1 to k + 1 Samples, in order). The
+    positions it rejected stay in every stage's cache until the sequence's next chunk, whose
+    `trim` says how many to drop first (the cache must then hold `start + trim`).
     """
 
     seq: SeqId
@@ -127,6 +136,7 @@ class Chunk:
     # A sequence's first chunk may start past 0 from a cached prefix (node/prefixes.py): every
     # stage seeds its cache with that prefix's first `start` positions. None: from its own cache.
     prefix: int | None = None
+    trim: int = 0  # positions of rejected drafts to drop from the end of its caches first
 
 
 NO_GROUP = -1  # Forward.group of a message with no decode chunks (a prefill chunk, a probe)
@@ -279,6 +289,9 @@ class Loaded:
     rss_bytes: int
     load_seconds: float
     kv: KVProfile | None = None  # one sequence's caches on this stage, as measured; None: not measured
+    # Its caches can drop positions from their end (mlx-lm `trim`) at any length: speculation
+    # may run through it. False for SSM states and sliding windows (node/stage.py).
+    rollback: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class MemoryRing:
         self.epoch = Epoch(1)
         self.n_stages = self.n_devices = n_stages  # a device per stage
         self.kv: KVRoom | None = None
+        self.rollback = False  # no speculation: these tests are about plain decode steps
         self.sent: list[Forward | Release] = []
         self.unanswered: list[Forward] = []
         self.max_in_flight = 0

@@ -163,6 +163,12 @@ MEANINGLESS: dict[str, Message] = {
                                   tokens_to_wire([1, 1])),
     "too many tokens": fwd((Chunk(SeqId(1), 0, limits.MAX_FORWARD_TOKENS + 1, False),),
                            tokens_to_wire([1] * (limits.MAX_FORWARD_TOKENS + 1))),
+    "more drafts than the limit": fwd((Chunk(SeqId(1), 3, limits.MAX_DRAFT_TOKENS + 2, True),),
+                                      tokens_to_wire([1] * (limits.MAX_DRAFT_TOKENS + 2))),
+    "trim past the limit": fwd((Chunk(SeqId(1), 3, 1, True, trim=limits.MAX_DRAFT_TOKENS + 1),),
+                               tokens_to_wire([1])),
+    "a negative trim": fwd((Chunk(SeqId(1), 3, 1, True, trim=-1),), tokens_to_wire([1])),
+    "trim on a prefill chunk": fwd((Chunk(SeqId(1), 3, 1, False, trim=1),), tokens_to_wire([1])),
     "hidden rows differ": fwd(C2, TOK2, hidden(3, 8)),
     "hidden rank 1": fwd(C2, TOK2, Tensor("float32", (16,), b"\0" * 64)),
     "hidden int32": fwd(C2, TOK2, Tensor("int32", (2, 8), b"\0" * 64)),
@@ -208,7 +214,9 @@ def test_messages_that_mean_nothing_are_refused(name: str) -> None:
         tokens_to_wire([1] * limits.MAX_FORWARD_TOKENS)),
     Heartbeat(NodeId("n"), 65535, 0, 0, "cpu", 1, Epoch(0), False, 1, 0.0, 0),
     Sampled(Epoch(1), 1, ()),
-], ids=["bf16 hidden", "probe", "a full chunk", "port 65535", "empty sampled"])
+    fwd((Chunk(SeqId(1), 3, 1 + limits.MAX_DRAFT_TOKENS, True, trim=limits.MAX_DRAFT_TOKENS),),
+        tokens_to_wire([1] * (1 + limits.MAX_DRAFT_TOKENS))),
+], ids=["bf16 hidden", "probe", "a full chunk", "port 65535", "empty sampled", "most drafts and trim"])
 def test_messages_at_the_limits_are_accepted(msg: Any) -> None:
     check(msg)
     assert Inbox("any", Lines()).read(encode(msg)) == msg
