@@ -1,9 +1,8 @@
 """One node's slice of the model: layers [start, end), their caches per sequence, the forward.
 
-The first stage also owns the token embedding; the last owns the final norm and the head (and
-the embedding again when the head is tied to it). Everything else is swapped out before a single
-weight is read: mlx-lm loads lazily, so weights that nobody evaluates are never read from disk
-and a node's memory is its shard plus its caches, never the whole model.
+The first stage also owns the token embedding; the last the final norm and the head (and the
+embedding when tied). Everything else is swapped out before a weight is read (mlx-lm loads
+lazily): a node's memory is its shard plus its caches, never the whole model.
 
 The forward is the model's own: `families.ModelDriver` runs mlx-lm's `Model.__call__` with the
 other stages' layers passing their input through, so every family's masks, embedding scale,
