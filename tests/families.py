@@ -139,15 +139,22 @@ def run_split(stages: list[Any], seq: SeqId, prompt: list[int], steps: int) -> t
 
 def run_batched(stages: list[Any], prompts: list[list[int]], steps: int,
                 forced: list[list[int]]) -> dict[int, list[mx.array]]:
-    """All prompts prefilled as one batch (prefill_batch), then decoded as one group, one
-    leaving half-way: each sequence's logits per step. Each is fed `forced[i]` (the unsplit
-    model's greedy tokens), so a near-tie picked the other way cannot move later steps."""
+    """All prompts prefilled in two batches (prefill_batch: first chunks, then the rest at
+    their positions, each sequence's cache merged in), then decoded as one group, one leaving
+    half-way: each sequence's logits per step. Each is fed `forced[i]` (the unsplit model's
+    greedy tokens), so a near-tie picked the other way cannot move later steps."""
     seqs = [SeqId(100 + i) for i in range(len(prompts))]
     # A one-token prompt has nothing to prefill: it joins the group with an empty cache.
-    pre = [i for i, p in enumerate(prompts) if len(p) > 1]
-    h: list[mx.array] | None = None
-    for st in stages:
-        h = st.prefill_batch([seqs[i] for i in pre], [mx.array(prompts[i][:-1], dtype=mx.int32) for i in pre], h)
+    cut = {i: max(1, (len(p) - 1) // 2) for i, p in enumerate(prompts) if len(p) > 1}
+    rest = [i for i, c in cut.items() if c < len(prompts[i]) - 1]
+    for chunk in ({i: (0, prompts[i][:c]) for i, c in cut.items()},
+                  {i: (cut[i], prompts[i][cut[i]:-1]) for i in rest}):
+        if not chunk:
+            continue
+        h: list[mx.array] | None = None
+        for st in stages:
+            h = st.prefill_batch([seqs[i] for i in chunk], [mx.array(ids, dtype=mx.int32) for _, ids in chunk.values()],
+                                 h, [at for at, _ in chunk.values()])
     members = list(range(len(prompts)))
     toks = {i: p[-1] for i, p in enumerate(prompts)}
     pos = {i: len(p) - 1 for i, p in enumerate(prompts)}

@@ -96,19 +96,19 @@ class PrefillQueue:
 
     def take(self) -> list[tuple[Seq, PromptChunk]]:
         """The next message's chunks, each taken off its sequence (queue not empty): the first
-        waiting chunk and, when it starts a sequence, the other sequences' first chunks that fit
-        beside it (up to PREFILL_BATCH, padded size within PREFILL_CHUNK)."""
+        waiting chunk and the other sequences' next chunks that fit beside it (up to
+        PREFILL_BATCH, padded size within PREFILL_CHUNK). Chunks past position 0 (a prompt's
+        later chunks, or its first after a cached prefix) batch too: the stages merge their
+        caches in, as mlx-lm's BatchGenerator processes cached prompts (node/stage.py)."""
         seq = self._seqs.popleft()
         first = seq.prefill.popleft()
         batch = [(seq, first)]
-        if first[0] != 0:
-            return batch
         width = len(first[1])
         for other in list(self._seqs):
             if len(batch) >= PREFILL_BATCH:
                 break
-            start, ids = other.prefill[0]
-            if start == 0 and max(width, len(ids)) * (len(batch) + 1) <= PREFILL_CHUNK:
+            _, ids = other.prefill[0]
+            if max(width, len(ids)) * (len(batch) + 1) <= PREFILL_CHUNK:
                 width = max(width, len(ids))
                 self._seqs.remove(other)
                 batch.append((other, other.prefill.popleft()))

@@ -116,12 +116,12 @@ class SimulatedStage:
             return mx.zeros((0,), dtype=mx.float32)
         return mx.zeros((n, self.hidden_size), dtype=mx.float32)
 
-    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
-                      hidden: list[mx.array] | None) -> list[mx.array]:
-        """Several new sequences' first chunks: the cost of their tokens, slept once."""
+    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array], hidden: list[mx.array] | None,
+                      starts: list[int] | None = None) -> list[mx.array]:
+        """Several sequences' prefill chunks: the cost of their tokens, slept once."""
         time.sleep(self.cost.prefill_token_ms * sum(t.shape[0] for t in tokens) / 1000)
-        for s, t in zip(seqs, tokens):
-            self._offsets[s] = t.shape[0]
+        for s, at, t in zip(seqs, starts or [0] * len(seqs), tokens):
+            self._offsets[s] = at + t.shape[0]
         if self.is_last:
             return [mx.zeros((0,), dtype=mx.float32) for _ in seqs]
         return [mx.zeros((t.shape[0], self.hidden_size), dtype=mx.float32) for t in tokens]

@@ -13,11 +13,12 @@ by name. Only the mlx thread may touch a Stage.
 Caches are the model's own kinds (`make_cache`: KV, rotating, SSM arrays, lists of them), one
 per cache slot of the stage's layers. Three kinds of work:
 * `forward`: one chunk of one sequence (prefill), on that sequence's own caches.
-* `prefill_batch`: the first chunks of several new sequences in one forward, right-padded into
-  merged batch caches told each length, as mlx-lm's `BatchGenerator` prefills, then extracted
-  into each sequence's own. Its hidden states agree with prefilling each alone to float
-  rounding (as a group's decode does); a sequence alone goes through `forward`, bit-identical
-  to mlx-lm. (Families whose recurrent layers ignore the lengths prefill one by one.)
+* `prefill_batch`: several sequences' prefill chunks in one forward, right-padded into merged
+  batch caches told each length (a sequence's own cache merged in left-padded), as mlx-lm's
+  `BatchGenerator` prefills, then extracted into each sequence's own. Its hidden states agree
+  with prefilling each alone to float rounding (as a group's decode does); a sequence alone goes
+  through `forward`, bit-identical to mlx-lm. (Families whose recurrent layers ignore the
+  lengths prefill one by one; so do chunks past 0 of caches other than plain KV.)
 * `decode`: one new token for each sequence of a micro-batch group, all at once: the group keeps
   one merged (left-padded) batch cache per slot, so the weights are read once for the whole
   group. A sequence joins its group on its first decode step (its prefill caches are merged in
@@ -38,7 +39,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from zmqinfer.model.resolve import read_config
 from zmqinfer.model.facts import ONE_AT_A_TIME
@@ -112,6 +113,9 @@ class Stage:
         # cache trims only while it holds less than its window), so neither ever takes drafts.
         fresh = [x for c in self._new_cache() for x in flat(c)]
         self.rollback = can_trim_prompt_cache(fresh) and not any(isinstance(c, RotatingKVCache) for c in fresh)
+        # Only plain KV caches are merged with contents for a batched prefill (chunks past 0);
+        # the other kinds' chunks past 0 run one by one.
+        self._plain_kv = all(type(c) is KVCache for c in fresh)
         self.max_kv_tokens: int | None = None  # set from the node's memory limit (cap_kv)
         self._caches: dict[SeqId, SeqCache] = {}
         self._groups: dict[int, Group] = {}
@@ -255,34 +259,39 @@ class Stage:
             return mx.zeros((0,), dtype=self._driver.dtype)
         return out[:, -1, :]
 
-    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array],
-                      hidden: list[mx.array] | None) -> list[mx.array]:
-        """The first chunk (position 0) of each of several new sequences, in one forward.
-
-        tokens: int32 [n_i] per sequence; hidden: [n_i, hidden_size] per sequence from the
-        previous stage (None on stage 0). Returns each sequence's hidden states [n_i, hidden_size],
-        or on the last stage an empty array each (a prefill chunk is never sampled). The chunks
-        are left-padded to the longest; the padding is masked out of attention and cut away from
-        the caches and the results. Raises StageError before computing anything on a bad chunk.
-        """
+    def prefill_batch(self, seqs: list[SeqId], tokens: list[mx.array], hidden: list[mx.array] | None,
+                      starts: list[int] | None = None) -> list[mx.array]:
+        """A prefill chunk of each of several sequences, in one forward. tokens: int32 [n_i];
+        hidden: [n_i, hidden_size] from the previous stage (None on stage 0); starts: each
+        chunk's position (None: all 0; past 0 continues the sequence's own caches, a later chunk
+        or one seeded from a prefix). Returns each sequence's hidden states [n_i, hidden_size],
+        or on the last stage an empty array each (a prefill chunk is never sampled). Raises
+        StageError before computing anything on a bad chunk."""
+        starts = [0] * len(seqs) if starts is None else starts
         if len(set(seqs)) != len(seqs):
             raise StageError(f"sequences {seqs}: one sequence twice in a batched prefill")
-        if len(tokens) != len(seqs) or (hidden is not None and len(hidden) != len(seqs)):
-            raise StageError(f"sequences {seqs}: a chunk's tokens or hidden states are missing")
+        if (len(tokens) != len(seqs) or len(starts) != len(seqs)
+                or (hidden is not None and len(hidden) != len(seqs))):
+            raise StageError(f"sequences {seqs}: a chunk's tokens, position or hidden states are missing")
         lengths = [int(t.shape[0]) for t in tokens]
-        for seq in seqs:
-            if seq in self._caches or any(seq in g.offsets for g in self._groups.values()):
-                raise StageError(f"sequence {seq}: chunk at position 0 but a cache already holds it")
-        self._check_room(seqs[0], lengths)
-        if len(self.seq_ids) + len(seqs) > self.max_sequences:
+        for seq, start in zip(seqs, starts):
+            own = self._caches.get(seq)
+            if any(seq in g.offsets for g in self._groups.values()) or (start == 0 and own is not None):
+                raise StageError(f"sequence {seq}: chunk at position {start} but a cache already holds it")
+            if start != 0 and (own is None or own.offset != start):
+                raise StageError(f"sequence {seq}: chunk at position {start}, cache holds "
+                                 f"{own.offset if own is not None else 'nothing'}")
+        new = [n for n, start in zip(lengths, starts) if start == 0]
+        if new:
+            self._check_room(seqs[0], new)
+        if len(self.seq_ids) + len(new) > self.max_sequences:
             raise StageError(f"sequences {seqs}: this stage already holds {len(self.seq_ids)} of "
                              f"{self.max_sequences} sequences")
-        if self.family in SOLO_PREFILL or self.solo:
-            return [self.forward(seq, 0, t, None if hidden is None else hidden[i], want_logits=False)
-                    for i, (seq, t) in enumerate(zip(seqs, tokens))]
-        # Right-padded, as mlx-lm's BatchGenerator prefills: each cache kind is told the real
-        # lengths (an SSM state stops at its own; attention caches roll the padding to the left
-        # when finalized), then each sequence's own cache is extracted.
+        if self.family in SOLO_PREFILL or self.solo or (any(starts) and not self._plain_kv):
+            return [self.forward(seq, start, t, None if hidden is None else hidden[i], want_logits=False)
+                    for i, (seq, start, t) in enumerate(zip(seqs, starts, tokens))]
+        # Right-padded: each cache kind is told the real lengths (an SSM state stops at its own;
+        # attention caches roll the padding to the left when finalized).
         width = max(lengths)
         pads = [width - n for n in lengths]
         if self.is_first:
@@ -296,8 +305,8 @@ class Stage:
             ids = mx.zeros((len(seqs), width), dtype=mx.int32)
             h = mx.stack([mx.concatenate([x, mx.zeros((p, self.hidden_size), dtype=x.dtype)])
                           for p, x in zip(pads, hidden)])
-        fresh = [self._new_cache() for _ in seqs]
-        batch = [type(cs[0]).merge(list(cs)) for cs in zip(*fresh)]
+        held = [self._caches.pop(seq).layers if start else self._new_cache() for seq, start in zip(seqs, starts)]
+        batch = [type(cs[0]).merge(list(cs)) for cs in zip(*held)]
         if max(pads) > 0:
             for bc in batch:
                 bc.prepare(lengths=lengths, right_padding=pads)
@@ -305,8 +314,8 @@ class Stage:
         if max(pads) > 0:
             for bc in batch:
                 bc.finalize()
-        for i, (seq, n) in enumerate(zip(seqs, lengths)):
-            self._caches[seq] = SeqCache([bc.extract(i) for bc in batch], offset=n)
+        for i, (seq, start, n) in enumerate(zip(seqs, starts, lengths)):
+            self._caches[seq] = SeqCache([bc.extract(i) for bc in batch], offset=start + n)
         if self.is_last:
             mx.eval([c.state for seq in seqs for c in self._caches[seq].layers])
             return [mx.zeros((0,), dtype=self._driver.dtype) for _ in seqs]
@@ -322,20 +331,20 @@ class Stage:
         missing from `seqs` have left and are dropped. Raises StageError before computing
         anything if a position does not match.
         """
-        if self.solo:
-            return self._decode_each(group, seqs, starts, tokens, hidden)
-        g = self._groups.setdefault(group, Group())
-        joining = [s for s in seqs if s not in g.offsets]
+        g = self._groups.get(group) or Group()
         for seq, start in zip(seqs, starts):
-            held = g.offsets.get(seq)
-            if held is None:
-                c = self._caches.get(seq)
-                held = c.offset if c is not None else 0
-            if held != start:
+            c = self._caches.get(seq)
+            if (held := g.offsets.get(seq, c.offset if c is not None else 0)) != start:
                 raise StageError(f"sequence {seq}: decode at position {start}, cache holds {held}")
         if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
             raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
                              f" does not match {len(seqs)} sequences x {self.hidden_size}")
+        if self.solo:  # mlx-lm cannot batch the family: each sequence on its own caches
+            return mx.concatenate([self.forward(seq, start, tokens[i:i + 1], None if hidden is None else
+                                                hidden[i:i + 1], want_logits=True)
+                                   for i, (seq, start) in enumerate(zip(seqs, starts))])
+        self._groups[group] = g
+        joining = [s for s in seqs if s not in g.offsets]
         g.keep([s for s in g.order if s in set(seqs)])
         for seq in joining:  # merge each newcomer's prefill cache into the group's batch cache
             g.join(seq, self._caches.pop(seq) if seq in self._caches else SeqCache(self._new_cache()))
@@ -383,18 +392,3 @@ class Stage:
                     self._caches[seq] = own
                 if not g.order:
                     del self._groups[gid]
-
-    def _decode_each(self, group: int, seqs: list[SeqId], starts: list[int], tokens: mx.array,
-                     hidden: mx.array | None) -> mx.array:
-        """`decode` for a family served one sequence at a time: each on its own caches."""
-        for seq, start in zip(seqs, starts):
-            c = self._caches.get(seq)
-            if (c.offset if c is not None else 0) != start:
-                raise StageError(f"sequence {seq}: decode at position {start}, cache holds "
-                                 f"{c.offset if c is not None else 0}")
-        if not self.is_first and (hidden is None or hidden.shape != (len(seqs), self.hidden_size)):
-            raise StageError(f"group {group}: hidden state {None if hidden is None else hidden.shape}"
-                             f" does not match {len(seqs)} sequences x {self.hidden_size}")
-        return mx.concatenate([self.forward(seq, start, tokens[i:i + 1], None if hidden is None else hidden[i:i + 1],
-                                            want_logits=True) for i, (seq, start) in enumerate(zip(seqs, starts))])
-

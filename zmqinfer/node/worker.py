@@ -125,37 +125,47 @@ class Worker:
         return msg, out.failures
 
     def _prefill(self, step: _Step, out: _Out) -> None:
-        """New sequences' first chunks in one batched forward (as batch_generate prefills);
-        later chunks, and all of them should the batch be refused, one by one."""
+        """The prefill chunks in one batched forward (as mlx-lm's BatchGenerator prefills, cached
+        prompts too: a chunk starting from a cached prefix is seeded from it first); all of them
+        one by one should the batch be refused, so that a bad chunk fails alone."""
         assert self.stage is not None
-        fresh = [(c, at) for c, at in step.prefill if c.start == 0]
-        rest = [(c, at) for c, at in step.prefill if c.start != 0]
-        if len(fresh) > 1:
-            sls = [slice(at, at + c.length) for c, at in fresh]
-            try:
-                hs = self.stage.prefill_batch([c.seq for c, _ in fresh], [step.tokens[sl] for sl in sls],
-                                              [step.hidden[sl] for sl in sls] if step.hidden is not None else None)
-            except StageError:  # one bad chunk must fail alone: each on its own says which
-                rest = fresh + rest
-            else:
-                for (chunk, _), sl, h in zip(fresh, sls, hs):
-                    self._observe(chunk, step.tokens[sl], out.failures)
-                    out.add(chunk, step.tokens[sl], h)
-        else:
-            rest = fresh + rest
-        for chunk, at in rest:
-            sl = slice(at, at + chunk.length)
-            hidden = step.hidden[sl] if step.hidden is not None else None
+        todo: list[tuple[Chunk, int]] = []
+        for chunk, at in step.prefill:
             try:
                 if chunk.prefix is not None:
                     self.stage.seed(chunk.seq, chunk.prefix, chunk.start)
-                h = self.stage.forward(chunk.seq, chunk.start, step.tokens[sl], hidden, want_logits=False)
             except StageError as e:
-                self.stage.release((chunk.seq,))  # a sequence out of step is unrecoverable here
-                out.failures.append(((chunk.seq,), str(e)))
+                self._fail(chunk, e, out)
+            else:
+                todo.append((chunk, at))
+        sls = [slice(at, at + c.length) for c, at in todo]
+        if len(todo) > 1:
+            try:
+                hs = self.stage.prefill_batch([c.seq for c, _ in todo], [step.tokens[sl] for sl in sls],
+                                              [step.hidden[sl] for sl in sls] if step.hidden is not None else None,
+                                              [c.start for c, _ in todo])
+            except StageError:
+                pass
+            else:
+                for (chunk, _), sl, h in zip(todo, sls, hs):
+                    self._observe(chunk, step.tokens[sl], out.failures)
+                    out.add(chunk, step.tokens[sl], h)
+                return
+        for (chunk, _), sl in zip(todo, sls):
+            try:
+                h = self.stage.forward(chunk.seq, chunk.start, step.tokens[sl],
+                                       step.hidden[sl] if step.hidden is not None else None, want_logits=False)
+            except StageError as e:
+                self._fail(chunk, e, out)
                 continue
             self._observe(chunk, step.tokens[sl], out.failures)
             out.add(chunk, step.tokens[sl], h)
+
+    def _fail(self, chunk: Chunk, e: StageError, out: _Out) -> None:
+        """A sequence out of step is unrecoverable here: its caches go, the gateway replays it."""
+        assert self.stage is not None
+        self.stage.release((chunk.seq,))
+        out.failures.append(((chunk.seq,), str(e)))
 
     def _verify(self, step: _Step, out: _Out) -> None:
         """Decode chunks with drafted tokens or a `trim` (speculation): each alone on its own
@@ -169,8 +179,7 @@ class Worker:
                 h = self.stage.verify(chunk.seq, chunk.start, chunk.trim, toks,
                                       step.hidden[sl] if step.hidden is not None else None)
             except StageError as e:
-                self.stage.release((chunk.seq,))
-                out.failures.append(((chunk.seq,), str(e)))
+                self._fail(chunk, e, out)
                 continue
             if self.stage.is_last:
                 # Only the chunk's first token is the sequence's; the drafts are guesses, and a
@@ -179,9 +188,8 @@ class Worker:
                 if sampler is None:
                     continue
                 if not sampler.verifies_drafts:  # the gateway never drafts for these
-                    self.stage.release((chunk.seq,))
-                    out.failures.append(((chunk.seq,), f"sequence {chunk.seq}: drafted tokens for a "
-                                         "request with a grammar, penalties or logprobs"))
+                    self._fail(chunk, StageError(f"sequence {chunk.seq}: drafted tokens for a request "
+                                                 "with a grammar, penalties or logprobs"), out)
                     continue
                 drafts = [int(t) for t in cast(list[int], toks[1:].tolist())]
                 out.samples += judge(sampler, h, drafts, self.token_limit)

@@ -136,8 +136,8 @@ async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
 
 
 async def test_short_prompts_waiting_together_share_a_prefill_message() -> None:
-    """New prompts waiting for a credit go out together (at most PREFILL_BATCH, padded size
-    within PREFILL_CHUNK), each a first chunk of its own; a long prompt's chunk travels alone,
+    """Prompts waiting for a credit go out together (at most PREFILL_BATCH, padded size within
+    PREFILL_CHUNK), a later chunk beside first ones; a long prompt's full chunk travels alone,
     and a request alone in the ring gets a message of its own (as mlx-lm prefills it)."""
     ring = MemoryRing(n_stages=1)  # one prefill credit: the rest wait and are packed
     sched = Scheduler(ring, {EOS})
@@ -159,12 +159,15 @@ async def test_short_prompts_waiting_together_share_a_prefill_message() -> None:
         lengths = [c.length for c in f.chunks]
         assert len({c.seq for c in f.chunks}) == len(f.chunks)
         if len(f.chunks) > 1:
-            assert all(c.start == 0 for c in f.chunks)
             assert max(lengths) * len(lengths) <= PREFILL_CHUNK
-            assert all(c.params is not None for c in f.chunks)  # each a new sequence's first chunk
+            # a sequence's parameters ride on its first chunk only
+            assert all((c.params is not None) == (c.start == 0) for c in f.chunks)
         assert f.tokens.shape == (sum(lengths),)  # one token row per chunk token, in chunk order
     long_chunks = [f for f in prefills if any(c.length >= PREFILL_CHUNK for c in f.chunks)]
     assert long_chunks and all(len(f.chunks) == 1 for f in long_chunks)
+    # the long prompt's last 39 tokens (a chunk at PREFILL_CHUNK) went beside short prompts
+    tail = next(f for f in prefills if any(c.start == PREFILL_CHUNK for c in f.chunks))
+    assert len(tail.chunks) > 1
     assert sum(len(f.chunks) for f in prefills) == 12 + 2  # every chunk sent once
 
 

@@ -239,6 +239,67 @@ def test_batched_prefill_equals_prefilling_each_alone(tiny: Path) -> None:
         assert mx.argmax(a, axis=-1).tolist() == mx.argmax(b, axis=-1).tolist(), f"step {k}"
 
 
+def test_batched_prefill_continues_sequences_and_prefix_starts_as_each_alone(tiny: Path) -> None:
+    """Chunks past position 0 batch beside a new sequence's first chunk: a prompt's later
+    chunk (its own cache merged in, left-padded) and one seeded from a cached prefix. Each
+    sequence is left the cache it gets prefilled alone: its decode logits agree to float
+    rounding and its greedy picks do not move."""
+    long, other, fresh = PROMPT + [9, 8, 7], [200, 100, 50, 25, 12, 6, 3, 1, 5, 4], [7, 7, 3, 11]
+    solo = [Stage(tiny, 0, 2), Stage(tiny, 2, N_LAYERS)]
+    batch = [Stage(tiny, 0, 2), Stage(tiny, 2, N_LAYERS)]
+
+    def run(stages: list[Stage], seq: SeqId, start: int, ids: list[int]) -> None:
+        h = None
+        for st in stages:
+            h = st.forward(seq, start, mx.array(ids, dtype=mx.int32), h, want_logits=False)
+
+    # alone: each prompt but its last token, in the same cuts
+    run(solo, SeqId(1), 0, long[:5])
+    run(solo, SeqId(1), 5, long[5:-1])
+    run(solo, SeqId(2), 0, other[:-1])
+    run(solo, SeqId(3), 0, fresh[:-1])
+    # batched: sequence 1's first 5 tokens, and a finished sequence 9 of `other`'s first 6 kept
+    # as prefix 70, from which sequence 2 starts; then one batch of three chunks at 5, 6 and 0
+    run(batch, SeqId(1), 0, long[:5])
+    run(batch, SeqId(9), 0, other[:6])
+    for st in batch:
+        assert st.keep(SeqId(9), 70, 6)
+        st.release([SeqId(9)])
+        st.seed(SeqId(2), 70, 6)
+    seqs, starts = [SeqId(1), SeqId(2), SeqId(3)], [5, 6, 0]
+    chunks = [long[5:-1], other[6:-1], fresh[:-1]]
+    hs: list[mx.array] | None = None
+    for st in batch:
+        hs = st.prefill_batch(seqs, [mx.array(c, dtype=mx.int32) for c in chunks], hs, starts)
+    assert batch[0].kv_tokens() - batch[0].prefixes.tokens() == sum(len(p) - 1 for p in (long, other, fresh))
+
+    def decode(stages: list[Stage]) -> list[mx.array]:
+        toks, pos, out = [long[-1], other[-1], fresh[-1]], [len(long) - 1, len(other) - 1, len(fresh) - 1], []
+        for _ in range(5):
+            h = None
+            for st in stages:
+                h = st.decode(0, seqs, pos, mx.array(toks, dtype=mx.int32), h)
+            out.append(h)
+            toks, pos = mx.argmax(h, axis=-1).tolist(), [p + 1 for p in pos]
+        return out
+
+    for k, (a, b) in enumerate(zip(decode(batch), decode(solo))):
+        diff = mx.max(mx.abs(a - b)).item()
+        assert diff <= 1e-4 * max(1.0, mx.max(mx.abs(b)).item()), f"step {k}: {diff}"
+        assert mx.argmax(a, axis=-1).tolist() == mx.argmax(b, axis=-1).tolist(), f"step {k}"
+
+
+def test_batched_prefill_refuses_a_chunk_its_cache_does_not_end_at(tiny: Path) -> None:
+    st = Stage(tiny, 0, N_LAYERS)
+    st.forward(SeqId(1), 0, mx.array([1, 2, 3], dtype=mx.int32), None, want_logits=False)
+    one = [mx.array([4], dtype=mx.int32)] * 2
+    with pytest.raises(StageError, match="position 2, cache holds 3"):
+        st.prefill_batch([SeqId(1), SeqId(2)], one, None, [2, 0])
+    with pytest.raises(StageError, match="position 4, cache holds nothing"):
+        st.prefill_batch([SeqId(1), SeqId(2)], one, None, [3, 4])
+    assert st.seq_ids == (SeqId(1),) and st.kv_tokens() == 3  # nothing of a refused batch ran
+
+
 def test_batched_prefill_refuses_a_sequence_it_already_holds(tiny: Path) -> None:
     st = Stage(tiny, 0, N_LAYERS)
     st.forward(SeqId(1), 0, mx.array([1, 2, 3], dtype=mx.int32), None, want_logits=False)
