@@ -26,6 +26,15 @@ from zmqinfer.protocol.wire import SeqId
 CONFIGS: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "family_configs.json").read_text())
 # mlx-lm's MODEL_REMAPPING loads these as another family's code: built from that family's config.
 ALIASES = {"mistral": "llama"}
+# Families small() cannot cut by its generic keys, cut by their own: jamba's Mamba width is
+# mamba_expand x hidden_size (mlx-lm's test: 128 x 128), openelm's sizes are per-layer lists,
+# qwen's head width is kv_channels. Each took 40-60 s or more a test at mlx-lm's sizes.
+FITTED: dict[str, dict[str, Any]] = {
+    "jamba": {"mamba_expand": 2, "mamba_d_state": 16},
+    "openelm": {"model_dim": 128, "head_dim": 32, "num_transformer_layers": 4, "num_query_heads": [4] * 4,
+                "num_kv_heads": [2] * 4, "ffn_multipliers": [0.5, 1.0, 2.0, 4.0], "vocab_size": 1000},
+    "qwen": {"kv_channels": 32},
+}
 PROMPT = [3, 17, 250, 9, 41, 77, 5, 128, 64, 2, 199]
 PROMPTS = [[5, 9, 2, 44, 17, 3], [8], [31, 7, 19, 25, 2, 61, 90, 12, 4, 33, 70], [12, 6, 3]]
 
@@ -68,7 +77,8 @@ def make_family_model(dest: Path, family: str, *, bits: int | None = None, mixed
     """A tiny random `family` model at `dest`, quantized to `bits` (mlx affine, group 32) if
     given; `mixed`: mlx-community's mixed recipe shape, the first and last layers at 8 bits and
     the rest at `bits`, recorded per layer in config.json as mlx_lm.convert writes it."""
-    config = {**small(CONFIGS[ALIASES.get(family, family)]), "model_type": family, **overrides}
+    config = {**small(CONFIGS[ALIASES.get(family, family)]), **FITTED.get(family, {}), "model_type": family,
+              **overrides}
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))

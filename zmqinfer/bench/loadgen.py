@@ -63,13 +63,13 @@ async def _post_json(session: aiohttp.ClientSession, url: str, body: dict[str, A
         return json.loads(text)
 
 
-async def stream_once(session: aiohttp.ClientSession, url: str, prompt: list[int],
-                      tokens: int) -> tuple[float, float]:
-    """(decode tokens/s, time to first text) of one streaming completion."""
-    t0 = time.perf_counter()
-    first, n = 0.0, 0
-    async with session.post(url + "/v1/completions", json=_body(prompt, tokens, True),
-                            timeout=_timeout(tokens)) as r:
+async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                 timeout: aiohttp.ClientTimeout) -> tuple[float, float, int, str]:
+    """One streamed completion (legacy or chat, `body` says which, with usage included): when
+    its first text arrived and the stream ended (perf_counter), its completion tokens and text.
+    LoadError on an HTTP error or an error mid-stream."""
+    first, n, text = 0.0, 0, ""
+    async with session.post(url, json=body, timeout=timeout) as r:
         if r.status != 200:
             raise LoadError(f"HTTP {r.status}: {(await r.text())[:300]}")
         async for line in r.content:
@@ -80,9 +80,20 @@ async def stream_once(session: aiohttp.ClientSession, url: str, prompt: list[int
                 raise LoadError(f"error mid-stream: {chunk['error']}")
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-            elif chunk.get("choices") and chunk["choices"][0].get("text") and not first:
-                first = time.perf_counter()
-    end = time.perf_counter()
+            elif chunk.get("choices"):
+                choice = chunk["choices"][0]
+                if piece := choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    text += piece
+                    first = first or time.perf_counter()
+    return first, time.perf_counter(), n, text
+
+
+async def stream_once(session: aiohttp.ClientSession, url: str, prompt: list[int],
+                      tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, time to first text) of one streaming completion."""
+    t0 = time.perf_counter()
+    first, end, n, _ = await stream(session, url + "/v1/completions", _body(prompt, tokens, True),
+                                    _timeout(tokens))
     if n != tokens or not first:
         raise LoadError(f"expected {tokens} tokens, got {n}: the prompt must not stop early")
     return (n - 1) / (end - first), first - t0
@@ -211,7 +222,7 @@ async def measure(url: str, work: dict[str, Any], level_timeout_s: float, pings:
         if work.get("structured"):
             w = work["structured"]
             try:
-                out["structured"] = await structured.measure(s, url, w["tokens"], w["reps"])
+                out["structured"] = await structured.measure(s, url, w["tokens"], w["reps"], stream)
             except FAILURES as e:
                 out["structured"] = {"error": why(e)}
         if work.get("conversation"):  # before the batch levels: their prompts would not evict it

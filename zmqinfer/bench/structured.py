@@ -6,14 +6,15 @@ The last stage masks each step's logits with the sequence's llguidance matcher (
 and samples that sequence on its own; this measures what that costs a stream end to end. Decode
 tokens/s = (completion tokens - 1) / time from the first content chunk to the end of the stream.
 A schema lets the model stop once its JSON closes (then it must be whole); the tokens each run
-produced are reported beside its rate. A failed run raises ValueError (loadgen's FAILURES).
+produced are reported beside its rate. A failed run raises ValueError or loadgen's LoadError
+(both in loadgen's FAILURES).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -26,8 +27,13 @@ SCHEMA = {"type": "object", "required": ["novels"], "properties": {"novels": {
 REQUEST_BASE_S, REQUEST_PER_TOKEN_S = 60.0, 2.0  # as loadgen's: slower is broken, not slow
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, tokens: int,
-                      grammar: bool) -> tuple[float, int]:
+# loadgen.stream: (first text at, end at, completion tokens, text) of one streamed request.
+Stream = Callable[[aiohttp.ClientSession, str, dict[str, Any], aiohttp.ClientTimeout],
+                  Awaitable[tuple[float, float, int, str]]]
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, tokens: int, grammar: bool,
+                      stream: Stream) -> tuple[float, int]:
     """(decode tokens/s, completion tokens) of one streamed chat completion."""
     body: dict[str, Any] = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}],
                             "max_tokens": tokens, "temperature": 0, "stream": True,
@@ -35,23 +41,8 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, tokens: int,
     if grammar:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "novels", "schema": SCHEMA, "strict": True}}
-    first, n, text = 0.0, 0, ""
-    async with session.post(url + "/v1/chat/completions", json=body,
-                            timeout=aiohttp.ClientTimeout(total=REQUEST_BASE_S + REQUEST_PER_TOKEN_S * tokens)) as r:
-        if r.status != 200:
-            raise ValueError(f"HTTP {r.status}: {(await r.text())[:300]}")
-        async for line in r.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise ValueError(f"error mid-stream: {chunk['error']}")
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-            elif chunk.get("choices") and (piece := chunk["choices"][0]["delta"].get("content")):
-                text += piece
-                first = first or time.perf_counter()
-    end = time.perf_counter()
+    first, end, n, text = await stream(session, url + "/v1/chat/completions", body,
+                                       aiohttp.ClientTimeout(total=REQUEST_BASE_S + REQUEST_PER_TOKEN_S * tokens))
     if n < 2 or not first:
         raise ValueError(f"{n} token(s): too few to time a decode")
     if grammar and n < tokens:
@@ -59,14 +50,15 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, tokens: int,
     return (n - 1) / (end - first), n
 
 
-async def measure(session: aiohttp.ClientSession, url: str, tokens: int, reps: int) -> dict[str, Any]:
+async def measure(session: aiohttp.ClientSession, url: str, tokens: int, reps: int,
+                  stream: Stream) -> dict[str, Any]:
     """A warm-up of each, then `reps` alternating pairs; medians and their ratio."""
-    await stream_chat(session, url, tokens, False)
-    await stream_chat(session, url, tokens, True)
+    await stream_chat(session, url, tokens, False, stream)
+    await stream_chat(session, url, tokens, True, stream)
     plain, forced = [], []
     for _ in range(reps):
-        plain.append(await stream_chat(session, url, tokens, False))
-        forced.append(await stream_chat(session, url, tokens, True))
+        plain.append(await stream_chat(session, url, tokens, False, stream))
+        forced.append(await stream_chat(session, url, tokens, True, stream))
     p, f = statistics.median(r[0] for r in plain), statistics.median(r[0] for r in forced)
     return {"plain_tps": p, "grammar_tps": f, "ratio": round(f / p, 3),
             "plain_runs": [{"tps": t, "tokens": n} for t, n in plain],

@@ -155,7 +155,7 @@ class Scheduler:
         seq = Seq(SeqId(next(self._ids)), self.ring.epoch, max_tokens, params, list(prompt),
                   bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
         self._lanes.check(seq, self.max_queued)
-        seq.restart(self.ring.epoch)
+        seq.restart(self.ring.epoch, stages=self.ring.n_stages)
         if params.grammar is None:  # a grammar's matcher is rebuilt from the whole history on the
             self.prefixes.start(seq)  # last stage: a prefix start would leave it short (issue 20 x 22)
         seq.deadline = self._clock() + self.step_timeout_s
@@ -283,7 +283,7 @@ class Scheduler:
         self._seqs.pop(seq.id, None)
         seq.id = SeqId(next(self._ids))
         self._seqs[seq.id] = seq
-        seq.restart(self.ring.epoch)
+        seq.restart(self.ring.epoch, stages=self.ring.n_stages)
         seq.deadline = self._clock() + self.step_timeout_s
         self._lanes.enqueue(seq)
 
@@ -311,7 +311,7 @@ class Scheduler:
         parked, self._parked, self._paused = self._parked, [], False
         self._progress_at = self._clock()
         for seq in parked:
-            seq.restart(self.ring.epoch)
+            seq.restart(self.ring.epoch, stages=self.ring.n_stages)
             seq.replays = 0
             self._lanes.admit(seq)
         self._wake.set()

@@ -43,12 +43,12 @@ EXACT_FAMILIES: frozenset[str] = frozenset({
     "exaone", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2", "gemma3_text", "glm",
     "glm4", "glm4_moe", "glm4_moe_lite", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_oss", "granite",
     "granitemoe", "granitemoehybrid", "helium", "hunyuan_v1_dense", "internlm2", "internlm3",
-    "kimi_linear", "laguna", "lfm2", "lfm2_moe", "lille-130m", "llama", "llama4_text",
+    "jamba", "kimi_linear", "laguna", "lfm2", "lfm2_moe", "lille-130m", "llama", "llama4_text",
     "longcat_flash", "mamba", "mamba2", "mimo", "mimo_v2_flash", "minicpm", "minimax",
     "ministral3", "mistral", "mixtral", "nanochat", "nemotron", "nemotron_h", "olmo2", "olmo3",
-    "olmoe", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe",
-    "qwen3_next", "recurrent_gemma", "smollm3", "stablelm", "starcoder2", "step3p5", "telechat3",
-    "youtu_llm"
+    "olmoe", "openelm", "phi3", "qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe",
+    "qwen3_moe", "qwen3_next", "recurrent_gemma", "smollm3", "stablelm", "starcoder2", "step3p5",
+    "telechat3", "youtu_llm"
 })
 
 # Families tried and refused, with why (what a user sees when a node refuses to load one).
@@ -57,10 +57,7 @@ _CROSS = ("its layers pass more than the hidden state between them (shared KV or
           "which a cut between layers would drop")
 _DIFFERS = "split, its output differs from the unsplit model's (state shared across layers)"
 _EMBED = "its embedding is not one token embedding (per-token inputs only the first stage sees)"
-_SLOW = ("exact in a one-off run, but its tiny model from mlx-lm's tests takes 40-60 s on CPU: "
-         "not proven in the suite")
 _WRAP = "a multimodal wrapper with no text-only tiny model in mlx-lm's tests to prove it on"
-_SHRINK = "mlx-lm's test config for it is full-size and does not shrink to a test's size: not proven"
 REFUSED_FAMILIES: dict[str, str] = {
     "afm7": _NOT_A_LIST,
     "bailing_moe_linear": _DIFFERS,
@@ -69,14 +66,11 @@ REFUSED_FAMILIES: dict[str, str] = {
     "gemma4_text": _CROSS,
     "hunyuan": _CROSS,
     "iquestloopcoder": _DIFFERS,
-    "jamba": _SLOW,
     "llama4": _WRAP + "; its chunked-attention cache cannot be batched by mlx-lm",
     "longcat_flash_ngram": _EMBED,
-    "openelm": _SLOW,
     "phi3small": "its tiny model crashes mlx's CPU build (segfault): not proven",
-    "plamo": _SHRINK,
+    "plamo": "its layers are a list inside a module below the one holding its embedding",
     "plamo2": _EMBED,
-    "qwen": _SHRINK,
     "rwkv7": _CROSS,
     "seed_oss": "its model code reads the embedding's weights on every stage",
 }

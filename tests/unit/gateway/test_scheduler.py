@@ -14,7 +14,7 @@ from zmqinfer.gateway.admission import groups as sched_groups
 from zmqinfer.gateway.errors import RingUnavailable
 from zmqinfer.gateway.kvroom import KVRoom
 from zmqinfer.gateway.scheduler import Scheduler
-from zmqinfer.gateway.sequences import PREFILL_CHUNK
+from zmqinfer.gateway.sequences import MIN_CHUNK, PREFILL_CHUNK, Seq
 from zmqinfer.protocol.wire import (
     Epoch,
     Forward,
@@ -22,6 +22,7 @@ from zmqinfer.protocol.wire import (
     Sample,
     Sampled,
     SamplingParams,
+    SeqId,
 )
 
 EOS = 0
@@ -109,6 +110,24 @@ async def test_tokens_flow_and_positions_advance() -> None:
     decode = [f.chunks[0] for f in fwds[1:]]
     assert [c.start for c in decode] == [2, 3, 4, 5] and all(c.params is None for c in decode)
     assert isinstance(ring.sent[-1], Release)
+
+
+@pytest.mark.parametrize(("cached", "rest", "stages", "chunks"), [
+    (2400, 300, 3, [100, 100, 100]),  # a cached turn's new tokens: a chunk per stage, pipelined
+    (2400, 300, 1, [256, 44]),
+    (2400, 40, 3, [MIN_CHUNK, 40 - MIN_CHUNK]),  # a short turn: not cut below MIN_CHUNK
+    (2400, 3 * PREFILL_CHUNK + 10, 3, [PREFILL_CHUNK] * 3 + [10]),  # PREFILL_CHUNK at most
+    (0, 300, 3, [256, 44]),  # a cold prompt is cut as mlx-lm cuts it
+    (PREFILL_CHUNK - 1, 300, 3, [256, 44]),  # a short held context (a template's head) too
+])
+def test_a_prefill_after_a_long_cached_prefix_is_cut_into_a_chunk_per_stage(
+        cached: int, rest: int, stages: int, chunks: list[int]) -> None:
+    seq = Seq(SeqId(1), Epoch(1), 1, SamplingParams(), list(range(cached + rest + 1)))
+    seq.restart(Epoch(1), stages=stages)
+    assert seq.stages == stages and seq.prefill[0][0] == 0
+    seq.restart(Epoch(1), cached=cached)  # a prefix start keeps the ring's stage count
+    assert [len(t) for _, t in seq.prefill] == chunks
+    assert [a for a, _ in seq.prefill] == [cached + sum(chunks[:i]) for i in range(len(chunks))]
 
 
 async def test_credits_are_never_exceeded_and_long_prompts_share() -> None:
