@@ -180,8 +180,9 @@ class PrefixCache:
 
     # ---- the scheduler's hooks --------------------------------------------------------------
 
-    def start(self, seq: Seq) -> None:
-        """A new request: start it from the longest prefix its scope holds, if any."""
+    def start(self, seq: Seq, stages: int = 1) -> None:
+        """A new request on a ring of `stages` stages: start it from the longest prefix its
+        scope holds, if any."""
         scope = SCOPE.get() or Scope()
         if not self.enabled:
             return
@@ -190,7 +191,7 @@ class PrefixCache:
         if hit is None:
             return
         pid, n = hit
-        seq.restart(seq.epoch, cached=n)
+        seq.restart(seq.epoch, cached=n, stages=stages)
         seq.prefix = pid
         self._started[seq.id] = (scope, n < len(self._entries[pid].tokens))
         scope.cached_tokens = n

@@ -81,7 +81,6 @@ class Seq:
     drafting: Drafting | None = None  # made when speculation first drafts for it
     drafted: int = 0  # tokens drafted in its decode step in flight
     trim: int = 0  # rejected drafts its caches hold past its history: its next step drops them
-    stages: int = 1  # of the ring it runs on (how a prefill after a cached prefix is cut)
 
     def start(self) -> float | None:
         """Its next message is decided: it runs on this ring. Seconds since it arrived, the
@@ -92,16 +91,14 @@ class Seq:
         self.queued = False
         return time.monotonic() - self.arrived
 
-    def restart(self, epoch: Epoch, cached: int = 0, stages: int | None = None) -> None:
-        """Start over on a fresh ring of `stages` stages (None: as before): prefill all but the
-        last token of the history (cut as mlx-lm cuts a prompt), which is then the first decode
-        step. `cached`: the first so many come from a cached prefix (the caller names it in
-        `prefix`); a restart uses none."""
+    def restart(self, epoch: Epoch, cached: int = 0, stages: int = 1) -> None:
+        """Start over on a fresh ring of `stages` stages: prefill all but the last token of the
+        history (cut as mlx-lm cuts a prompt), which is then the first decode step. `cached`:
+        the first so many come from a cached prefix (the caller names it in `prefix`); a
+        restart uses none."""
         head = self.history[:-1]
         self.prefix = None
-        if stages is not None:
-            self.stages = stages
-        step = chunk_size(len(head) - cached, self.stages, cached)
+        step = chunk_size(len(head) - cached, stages, cached)
         self.prefill = deque((a, head[a:a + step]) for a in range(cached, len(head), step))
         self.next_token, self.pos = self.history[-1], len(self.history) - 1
         self.epoch, self.params_sent, self.group, self.started = epoch, False, None, False

@@ -124,8 +124,8 @@ def test_a_prefill_after_a_long_cached_prefix_is_cut_into_a_chunk_per_stage(
         cached: int, rest: int, stages: int, chunks: list[int]) -> None:
     seq = Seq(SeqId(1), Epoch(1), 1, SamplingParams(), list(range(cached + rest + 1)))
     seq.restart(Epoch(1), stages=stages)
-    assert seq.stages == stages and seq.prefill[0][0] == 0
-    seq.restart(Epoch(1), cached=cached)  # a prefix start keeps the ring's stage count
+    assert seq.prefill[0][0] == 0
+    seq.restart(Epoch(1), cached=cached, stages=stages)
     assert [len(t) for _, t in seq.prefill] == chunks
     assert [a for a, _ in seq.prefill] == [cached + sum(chunks[:i]) for i in range(len(chunks))]
 
