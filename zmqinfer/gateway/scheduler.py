@@ -156,10 +156,8 @@ class Scheduler:
                   bound=seq_bound(len(prompt), max_tokens), arrived=arrived)
         self._lanes.check(seq, self.max_queued)
         seq.restart(self.ring.epoch, stages=self.ring.n_stages)
-        # A grammar's matcher is rebuilt from the whole history on the last stage: a prefix
-        # start would leave it short (issue 20 x 22).
-        if params.grammar is None:
-            self.prefixes.start(seq, self.ring.n_stages)
+        if params.grammar is None:  # a grammar's matcher is rebuilt from the whole history on the
+            self.prefixes.start(seq, self.ring.n_stages)  # last stage: a prefix start leaves it short
         seq.deadline = self._clock() + self.step_timeout_s
         self._seqs[seq.id] = seq
         if self._paused:
